@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make run` (the proxy on 127.0.0.1:8080) and `make test`.
+# Both build .venv from the Python that .python-version selects (3.12, through pyenv).
+
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat .python-version)
+CONFIG ?= $(if $(wildcard config.yaml),config.yaml,config.example.yaml)
+
+# The example config reads provider keys from these; empty means "no stored key" (pass-through still works).
+export OPENAI_API_KEY ?=
+export ANTHROPIC_API_KEY ?=
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml .python-version
+	@python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "python3 is %s; Metrion needs 3.12+ (pyenv reads .python-version)" % sys.version.split()[0])'
+	rm -rf $(VENV)
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/mitmdump -s metrion_addon/addon.py --set metrion_config=$(CONFIG) \
+		--listen-host 127.0.0.1 --listen-port 8080 --set connection_strategy=lazy
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,376 @@
+"""Metrion's mitmproxy hooks: route, authenticate, limit and forward; meter the answer into SQLite.
+
+Run with `mitmdump -s metrion_addon/addon.py --set metrion_config=config.yaml` (or mitmweb).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+
+from mitmproxy import ctx, exceptions, hooks, http
+from mitmproxy.proxy import server_hooks
+
+from metrion_addon import store
+from metrion_addon.auth import Identity, authenticate, identify_forward, requester
+from metrion_addon.clock import Clock, clock_from_env
+from metrion_addon.config import Config, ConfigError, find_config, load_config
+from metrion_addon.errors import MetrionError, error_body, error_headers, provider_error_message
+from metrion_addon.limits import MonthlyQuota, RateLimiter
+from metrion_addon.metering import Exchange, StreamTap, build_record, metadata, summary
+from metrion_addon.pricing import Pricer
+from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
+from metrion_addon.routes import PROVIDER_HOSTS, Route, is_metrion_path, route_metrion_path, route_provider_host
+from metrion_addon.upstream import IdleTimer, answer_upstream_failures, cancel_upstream
+from metrion_addon.usage import StreamUsage
+
+log = logging.getLogger(__name__)
+
+_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-metrion-token", "proxy-authorization")
+_REJECTED_MARK = ":no_entry:"
+
+
+class Metrion:
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock = clock or clock_from_env()
+        self.config: Config | None = None
+        self.writer: store.Writer | None = None
+        self.rates = RateLimiter(1)
+        self.quota = MonthlyQuota()
+        self._tokens: dict = {}
+        self._exchanges: dict[str, Exchange] = {}
+        self._timers: dict[str, IdleTimer] = {}
+        self._flows: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
+        self._tunnels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client conn -> Identity
+        self._upstream_hosts: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # lifecycle
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "metrion_config",
+            str | None,
+            None,
+            "Path of Metrion's YAML config (tokens, plans, limits, provider URLs, database). "
+            "Default: ./config.yaml, else ./config.example.yaml.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "metrion_config" not in updated:
+            return
+        try:
+            config = load_config(find_config(ctx.options.metrion_config))
+        except ConfigError as e:
+            raise exceptions.OptionsError(f"metrion: {e}") from e
+        self._close_writer()
+        conn = store.connect(config.database)
+        store.create_schema(conn)
+        buckets, months = store.load_counters(conn)
+        pricer = Pricer(config.prices)
+        pricer.warm()
+        self.writer = store.Writer(conn, price=pricer, on_written=self._priced)
+        self.writer.start()
+        self.config = config
+        self.rates = RateLimiter(config.rate_limit, buckets)
+        self.quota = MonthlyQuota(months)
+        self._tokens = config.token_by_hash()
+        self._upstream_hosts = {Route(p, "", url).upstream_url.split("/")[2].split(":")[0]
+                                for p, url in config.providers.items()}
+        answer_upstream_failures(self._answer_upstream_failure)
+
+    def running(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.config is not None:
+            log.info("metrion: metering %d token(s) into %s", len(self.config.tokens), self.config.database)
+
+    def done(self) -> None:
+        for flow_id, exchange in list(self._exchanges.items()):
+            self._record(None, exchange, status=None, body=None, error="Metrion shut down before the request finished",
+                         flow_id=flow_id)
+        self._exchanges.clear()
+        answer_upstream_failures(None)
+        self._close_writer()
+
+    def _close_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    # forward-proxy tunnels
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or self.config is None:
+            return
+        if flow.request.host.lower() in PROVIDER_HOSTS:
+            try:
+                self._tunnels[flow.client_conn] = identify_forward(
+                    flow.request.headers.get("proxy-authorization"), self._tokens
+                )
+            except MetrionError as e:
+                flow.response = self._error_response(None, e)
+                flow.marked = _REJECTED_MARK
+        elif self.config.block_other_hosts:
+            flow.response = self._error_response(None, MetrionError(403, "host_blocked", _blocked(flow.request.host)))
+            flow.marked = _REJECTED_MARK
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        # One upstream connection per flow (HTTP/1.1) lets a timeout close exactly one request.
+        address = data.server.address
+        if address and address[0] in self._upstream_hosts and not data.server.alpn_offers:
+            data.server.alpn_offers = (b"http/1.1",)
+
+    # the request's way up
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or self.config is None:
+            return
+        route = self._route(flow)
+        if route is None:
+            return
+        exchange = Exchange(route, flow.request.path, flow.request.method, started=self.clock())
+        self._exchanges[flow.id] = exchange
+        try:
+            self._admit(flow, exchange)
+        except MetrionError as e:
+            exchange.failure = e
+            flow.response = self._error_response(route.provider, e, exchange)
+            flow.marked = _REJECTED_MARK
+            _redact(flow.request.headers)
+            return
+        self._forward(flow, exchange)
+
+    def _route(self, flow: http.HTTPFlow) -> Route | None:
+        assert self.config is not None
+        providers = self.config.providers
+        if route := route_provider_host(flow.request.host, flow.request.path, providers):
+            return route
+        if not is_metrion_path(flow.request.path):
+            if self.config.block_other_hosts and flow.request.host.lower() not in ("127.0.0.1", "localhost"):
+                error = MetrionError(403, "host_blocked", _blocked(flow.request.host))
+                flow.response = self._error_response(None, error)
+            return None
+        route = route_metrion_path(flow.request.path, providers)
+        if route is None:
+            error = MetrionError(404, "unknown_route", f"Metrion has no route {flow.request.path.split('?')[0]!r}: "
+                                 "use /api/proxy/v1/messages or /api/proxy/{openai,gemini,mistral,grok}/v1/...")
+            flow.response = self._error_response(None, error)
+        return route
+
+    def _admit(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+        """Authenticate, validate and count the request; raise MetrionError to refuse it."""
+        assert self.config is not None and self.writer is not None
+        headers, route = flow.request.headers, exchange.route
+        if route_is_forward := flow.request.host.lower() in PROVIDER_HOSTS:
+            identity = self._tunnels.get(flow.client_conn) or identify_forward(
+                headers.get("proxy-authorization"), self._tokens
+            )
+            credentials = None
+        else:
+            identity, credentials = authenticate(route.provider, headers, self._tokens)
+        exchange.identity = identity
+        exchange.requester = requester(headers)
+        exchange.request = inspect_body(
+            route, flow.request.method, headers.get("content-type", ""), flow.request.raw_content or b""
+        )
+        if not self.writer.healthy:
+            raise MetrionError(503, "metering_unavailable", "Metrion cannot record usage right now "
+                               f"(database write failed: {self.writer.error}); request not forwarded.")
+        self._check_limits(identity, exchange)
+        for name in [name for name in headers if name.lower().startswith("x-metrion-")]:
+            del headers[name]
+        if route_is_forward:
+            headers.pop("proxy-authorization", None)
+        elif credentials is not None:
+            for name in credentials.drop_headers:
+                headers.pop(name, None)
+            headers.update(credentials.set_headers or {})
+
+    def _check_limits(self, identity: Identity, exchange: Exchange) -> None:
+        assert self.config is not None and self.writer is not None
+        now = self.clock()
+        cap = self.config.plans[identity.plan].monthly_requests
+        quota = self.quota.check(identity.token_name, cap, now)
+        if not quota.allowed:
+            wait = max(1, int(quota.resets_at - now + 0.999))
+            raise MetrionError(429, "monthly_quota_exceeded", (
+                f"Monthly request cap reached: {cap} requests for plan '{identity.plan}' of Metrion token "
+                f"'{identity.token_name}'. The cap resets at the start of next month (UTC), in {wait} s."
+            ), {"retry-after": str(wait), "x-should-retry": "false", **_quota_headers(cap, 0)})
+        rate = self.rates.take(identity.token_name, now)
+        self.writer.put(self.rates.state(identity.token_name))
+        limit_headers = {
+            "x-metrion-ratelimit-limit": str(rate.limit),
+            "x-metrion-ratelimit-remaining": str(rate.remaining),
+            "x-metrion-ratelimit-reset": str(max(0, int(rate.reset_seconds + 0.999))),
+        }
+        if not rate.allowed:
+            retry_ms = max(1, int(rate.retry_after * 1000 + 0.999))
+            raise MetrionError(429, "rate_limit_exceeded", (
+                f"Rate limit reached: {rate.limit} requests per minute for Metrion token '{identity.token_name}'. "
+                f"Retry in {retry_ms / 1000:.2f} s."
+            ), {"retry-after": str(max(1, int(rate.retry_after + 0.999))), "retry-after-ms": str(retry_ms),
+                **limit_headers})
+        quota, count = self.quota.count(identity.token_name, cap, now)
+        self.writer.put(count)
+        exchange.limit_headers = {**limit_headers, **_quota_headers(cap, quota.remaining)}
+
+    def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+        assert self.config is not None
+        request, route = flow.request, exchange.route
+        request.headers["accept-encoding"] = "identity"  # the meter must read plain text
+        if exchange.request and exchange.request.parsed is not None and needs_stream_usage(route, exchange.request):
+            request.content = with_stream_usage(request.raw_content or b"", exchange.request.parsed)
+            exchange.hide_usage_chunk = True
+        request.url = route.upstream_url
+        self._timers[flow.id] = IdleTimer(self.config.timeout, lambda: self._time_out(flow))
+        token = exchange.identity.token_name if exchange.identity else None
+        flow.metadata["metrion"] = {"provider": route.provider, "token": token}
+
+    # the answer's way down
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        exchange = self._exchanges.get(flow.id)
+        if exchange is None or flow.response is None:
+            return
+        _redact(flow.request.headers)
+        flow.response.headers.update(exchange.limit_headers)
+        timer = self._timers.get(flow.id)
+        if timer is None:
+            return
+        timer.touch()
+        if flow.response.headers.get("content-type", "").lower().startswith("text/event-stream"):
+            exchange.stream = StreamUsage(exchange.route.provider, exchange.route.api)
+            flow.response.stream = StreamTap(exchange.stream, exchange.hide_usage_chunk, timer.touch)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        exchange = self._exchanges.pop(flow.id, None)
+        if exchange is None or flow.response is None:
+            return
+        self._stop_timer(flow.id)
+        _redact(flow.request.headers)
+        response = flow.response
+        body = None if exchange.stream is not None else _plain_body(response)
+        if exchange.failure is not None:
+            error = exchange.failure.message
+        elif response.status_code >= 400:
+            error = f"provider: {provider_error_message(body) or response.reason}"
+        else:
+            error = None
+        start = flow.request.timestamp_start
+        self._record(
+            flow, exchange, status=response.status_code, body=body, error=error,
+            latency_ms=((response.timestamp_end or time.time()) - start) * 1000,
+            ttfb_ms=None if exchange.failure else (response.timestamp_start - start) * 1000,
+        )
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        exchange = self._exchanges.pop(flow.id, None)
+        if exchange is None:
+            return
+        self._stop_timer(flow.id)
+        _redact(flow.request.headers)
+        message = flow.error.msg if flow.error else "unknown error"
+        if exchange.timed_out:
+            message = f"upstream silent for {self.config.timeout:g} s; connection closed" if self.config else message
+        elif message == "Client disconnected.":
+            message = "client disconnected before the response finished"
+        response = flow.response
+        start = flow.request.timestamp_start
+        self._record(
+            flow, exchange, status=response.status_code if response else None, body=None,
+            error=message, latency_ms=(time.time() - start) * 1000,
+            ttfb_ms=(response.timestamp_start - start) * 1000 if response and response.timestamp_start else None,
+        )
+
+    # timeouts and upstream failures
+
+    def _time_out(self, flow: http.HTTPFlow) -> None:
+        exchange = self._exchanges.get(flow.id)
+        if exchange is None:
+            return
+        exchange.timed_out = True
+        if not cancel_upstream(flow):
+            log.warning("metrion: flow %s timed out but had no upstream connection to close", flow.id)
+
+    def _answer_upstream_failure(self, flow: http.HTTPFlow, message: str) -> http.Response | None:
+        exchange = self._exchanges.get(flow.id)
+        if exchange is None or self.config is None:
+            return None
+        if exchange.timed_out:
+            error = MetrionError(504, "upstream_timeout",
+                                 f"The provider did not respond within {self.config.timeout:g} s.")
+        else:
+            error = MetrionError(502, "upstream_unreachable", f"Metrion could not reach the provider: {message}")
+        exchange.failure = error
+        flow.marked = _REJECTED_MARK
+        return self._error_response(exchange.route.provider, error, exchange)
+
+    def _stop_timer(self, flow_id: str) -> None:
+        if timer := self._timers.pop(flow_id, None):
+            timer.cancel()
+
+    # rows and annotations
+
+    def _record(self, flow: http.HTTPFlow | None, exchange: Exchange, *, status: int | None, body: bytes | None,
+                error: str | None, latency_ms: float | None = None, ttfb_ms: float | None = None,
+                flow_id: str | None = None) -> None:
+        record = build_record(exchange, status=status, body=body, latency_ms=latency_ms, ttfb_ms=ttfb_ms,
+                              error=error, flow_id=flow.id if flow else flow_id)
+        if flow is not None:
+            flow.metadata["metrion"] = metadata(record)
+            flow.comment = summary(record)
+            self._flows[flow.id] = flow
+        if self.writer is not None:
+            self.writer.put(record)
+
+    def _priced(self, records: list[store.RequestRecord]) -> None:
+        """Called on the writer thread once rows are written: show their cost in mitmweb."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._annotate, records)
+
+    def _annotate(self, records: list[store.RequestRecord]) -> None:
+        flows = []
+        for record in records:
+            flow = self._flows.pop(record.flow_id, None) if record.flow_id else None
+            if flow is not None:
+                flow.metadata["metrion"] = metadata(record)
+                flow.comment = summary(record)
+                flows.append(flow)
+        if flows:
+            ctx.master.addons.trigger(hooks.UpdateHook(flows))
+
+    def _error_response(self, provider: str | None, error: MetrionError, exchange: Exchange | None = None
+                        ) -> http.Response:
+        headers = {**(exchange.limit_headers if exchange else {}), **error_headers(error)}
+        return http.Response.make(error.status, error_body(provider, error), headers)
+
+
+def _quota_headers(cap: int | None, remaining: int | None) -> dict[str, str]:
+    if cap is None:
+        return {}
+    return {"x-metrion-quota-limit": str(cap), "x-metrion-quota-remaining": str(remaining)}
+
+
+def _plain_body(response: http.Response) -> bytes | None:
+    try:
+        return response.content  # decoded, should the provider have ignored accept-encoding: identity
+    except ValueError:
+        return response.raw_content
+
+
+def _redact(headers: http.Headers) -> None:
+    """Keep secrets out of mitmweb, saved flows and logs once they have been used."""
+    for name in _CREDENTIAL_HEADERS:
+        if name in headers:
+            scheme, _, value = headers[name].partition(" ")
+            headers[name] = f"{scheme} [redacted]" if value and scheme.lower() in ("bearer", "basic") else "[redacted]"
+
+
+def _blocked(host: str) -> str:
+    return f"Metrion: {host} is not an AI provider host, and this proxy blocks other hosts."
+
+
+addons = [Metrion()]

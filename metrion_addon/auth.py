@@ -1,0 +1,114 @@
+"""Who is calling: resolve the Metrion token (stored or pass-through mode) and the key to send upstream.
+
+Tokens are looked up by their SHA-256; no secret ever appears in an error message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .config import TOKEN_RE, Token, hash_token
+from .errors import MetrionError
+
+METRION_PREFIX = "sk-metrion-"
+MAX_REQUESTER = 200
+
+
+@dataclass(frozen=True)
+class Identity:
+    token_name: str
+    plan: str
+    mode: str  # "stored" | "pass-through" | "forward"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The credential headers to set on the forwarded request (None: leave the client's as they are)."""
+
+    set_headers: Mapping[str, str] | None = None
+    drop_headers: tuple[str, ...] = ()
+
+
+def _unauthorized(message: str, code: str = "invalid_metrion_token") -> MetrionError:
+    return MetrionError(401, code, message)
+
+
+def _lookup(token: str, tokens: Mapping[str, Token]) -> Token:
+    if not TOKEN_RE.fullmatch(token):
+        raise _unauthorized("Malformed Metrion token: expected sk-metrion- followed by 32 lowercase hex digits.")
+    entry = tokens.get(hash_token(token))
+    if entry is None:
+        raise _unauthorized("Unknown Metrion token.")
+    return entry
+
+
+def _credential_slot(provider: str, headers: Mapping[str, str]) -> str | None:
+    """The provider credential the client sent: x-api-key for Anthropic, else the Bearer token."""
+    if provider == "anthropic" and (key := headers.get("x-api-key")):
+        return key.strip()
+    scheme, _, value = headers.get("authorization", "").strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def authenticate(provider: str, headers: Mapping[str, str], tokens: Mapping[str, Token]) -> tuple[Identity, Upstream]:
+    """Resolve the caller from request headers; raise MetrionError(401) when they can't be metered."""
+    credential = _credential_slot(provider, headers)
+    if credential and credential.startswith(METRION_PREFIX):
+        entry = _lookup(credential, tokens)
+        key = entry.keys.get(provider)
+        if key is None:
+            raise _unauthorized(
+                f"Stored mode: no {provider} key is stored for Metrion token '{entry.name}'. "
+                f"Add one under keys: in the Metrion config, or send your own key with x-metrion-token.",
+                "no_stored_key",
+            )
+        secret = key.get_secret_value()
+        if provider == "anthropic":
+            upstream = Upstream({"x-api-key": secret}, ("authorization",))
+        else:
+            upstream = Upstream({"authorization": f"Bearer {secret}"})
+        return Identity(entry.name, entry.plan, "stored"), upstream
+    token = headers.get("x-metrion-token", "").strip()
+    if not token:
+        raise _unauthorized(
+            "Missing Metrion token: send it as the API key (stored mode), "
+            "or your provider key plus an x-metrion-token header (pass-through mode).",
+            "missing_metrion_token",
+        )
+    entry = _lookup(token, tokens)
+    return Identity(entry.name, entry.plan, "pass-through"), Upstream()
+
+
+def proxy_authorization_token(value: str | None) -> str | None:
+    """The password of a `Proxy-Authorization: Basic` header, where forward-proxy clients put their token."""
+    if not value:
+        return None
+    scheme, _, encoded = value.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    _, sep, password = decoded.partition(":")
+    return password if sep else None
+
+
+def identify_forward(value: str | None, tokens: Mapping[str, Token]) -> Identity:
+    """Identity of a forward-proxy client from its Proxy-Authorization header; 407 when missing or wrong."""
+    token = proxy_authorization_token(value)
+    if not token:
+        raise MetrionError(407, "proxy_auth_required", "Metrion: send your Metrion token as the proxy password.")
+    try:
+        entry = _lookup(token, tokens)
+    except MetrionError as e:
+        raise MetrionError(407, "proxy_auth_invalid", f"Metrion: {e.message}") from None
+    return Identity(entry.name, entry.plan, "forward")
+
+
+def requester(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("x-metrion-user", "").strip()[:MAX_REQUESTER]
+    return value or None

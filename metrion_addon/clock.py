@@ -1,0 +1,42 @@
+"""The wall clock limits and timestamps use, and a settable one for tests that cross a month boundary.
+
+METRION_CLOCK_FILE=path makes the time whatever ISO 8601 instant that file holds (re-read when it changes).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+
+Clock = Callable[[], float]
+
+
+class FileClock:
+    """A frozen clock whose time is read from a file, so a test can move it while the proxy runs."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stamp: float | None = None
+        self._now = 0.0
+
+    def __call__(self) -> float:
+        stamp = self._path.stat().st_mtime_ns
+        if stamp != self._stamp:
+            text = self._path.read_text().strip().replace("Z", "+00:00")
+            self._now = datetime.fromisoformat(text).timestamp()
+            self._stamp = stamp
+        return self._now
+
+
+def clock_from_env(environ: Mapping[str, str] = os.environ) -> Clock:
+    path = environ.get("METRION_CLOCK_FILE")
+    return FileClock(Path(path)) if path else time.time
+
+
+def iso_utc(seconds: float) -> str:
+    """`2026-11-24T20:32:29.123Z`: fixed width, so text order is time order."""
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

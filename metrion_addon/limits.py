@@ -1,0 +1,115 @@
+"""The limits a Metrion token lives under: a token bucket per minute and a request cap per calendar month.
+
+Pure code: the caller passes the time; state is loaded from and saved to the store by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from .store import BucketState, MonthlyCount
+
+
+@dataclass
+class TokenBucket:
+    capacity: float
+    rate: float  # tokens added per second
+    tokens: float
+    updated: float
+
+    def refill(self, now: float) -> None:
+        if now > self.updated:
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+
+    def take(self, now: float) -> bool:
+        self.refill(now)
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    def seconds_until(self, tokens: float) -> float:
+        return max(0.0, (tokens - self.tokens) / self.rate)
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_seconds: float  # until the bucket is full again
+    retry_after: float  # until the next request would pass (0 if this one did)
+
+
+class RateLimiter:
+    """`per_minute` requests a minute per token name, bursting up to `per_minute`."""
+
+    def __init__(self, per_minute: int, saved: Iterable[BucketState] = ()) -> None:
+        self.per_minute = per_minute
+        self._buckets = {s.token_name: self._bucket(min(s.tokens, per_minute), s.updated_at) for s in saved}
+
+    def _bucket(self, tokens: float, now: float) -> TokenBucket:
+        return TokenBucket(self.per_minute, self.per_minute / 60, tokens, now)
+
+    def take(self, name: str, now: float) -> RateDecision:
+        bucket = self._buckets.get(name)
+        if bucket is None:
+            bucket = self._buckets[name] = self._bucket(self.per_minute, now)
+        allowed = bucket.take(now)
+        return RateDecision(
+            allowed=allowed,
+            limit=self.per_minute,
+            remaining=math.floor(bucket.tokens),
+            reset_seconds=bucket.seconds_until(bucket.capacity),
+            retry_after=0.0 if allowed else bucket.seconds_until(1),
+        )
+
+    def state(self, name: str) -> BucketState:
+        bucket = self._buckets[name]
+        return BucketState(name, bucket.tokens, bucket.updated)
+
+
+def month_of(now: float) -> str:
+    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m")
+
+
+def next_month_start(now: float) -> float:
+    moment = datetime.fromtimestamp(now, UTC)
+    year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
+    return datetime(year, month, 1, tzinfo=UTC).timestamp()
+
+
+@dataclass(frozen=True)
+class QuotaDecision:
+    allowed: bool
+    limit: int | None
+    used: int  # requests counted this month, this one included if allowed
+    resets_at: float
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.limit is None else max(0, self.limit - self.used)
+
+
+class MonthlyQuota:
+    """Requests forwarded per token name per calendar month (UTC); a cap of None means unlimited."""
+
+    def __init__(self, saved: Iterable[MonthlyCount] = ()) -> None:
+        self._counts = {(s.token_name, s.month): s.requests for s in saved}
+
+    def used(self, name: str, now: float) -> int:
+        return self._counts.get((name, month_of(now)), 0)
+
+    def check(self, name: str, cap: int | None, now: float) -> QuotaDecision:
+        used = self.used(name, now)
+        return QuotaDecision(cap is None or used < cap, cap, used, next_month_start(now))
+
+    def count(self, name: str, cap: int | None, now: float) -> tuple[QuotaDecision, MonthlyCount]:
+        """Count one forwarded request; the caller has checked that it is allowed."""
+        month = month_of(now)
+        used = self._counts[(name, month)] = self._counts.get((name, month), 0) + 1
+        return QuotaDecision(True, cap, used, next_month_start(now)), MonthlyCount(name, month, used)

@@ -1,0 +1,95 @@
+"""What a request cost: genai-prices' bundled (offline) data, overridden per model by the YAML's `prices:`.
+
+Runs on the store's writer thread; each row gets (cost_usd, price_source) so old rows can be re-priced later.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from datetime import datetime
+
+import genai_prices
+from genai_prices import Usage, calc_price
+
+from metrion_addon.config import ModelPrice
+from metrion_addon.store import RequestRecord
+
+log = logging.getLogger(__name__)
+
+PROVIDER_IDS = {
+    "anthropic": "anthropic",
+    "openai": "openai",
+    "gemini": "google",
+    "mistral": "mistral",
+    "grok": "x-ai",
+}
+CONFIG_SOURCE = "config"
+GENAI_PRICES_SOURCE = f"genai-prices {genai_prices.__version__}"
+_DATE_STAMP = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
+
+
+def base_model(model: str) -> str:
+    """The model id without a trailing date stamp: `gpt-4o-2024-08-06` and `gpt-4o-20240806` are `gpt-4o`."""
+    return _DATE_STAMP.sub("", model)
+
+
+def override_cost(price: ModelPrice, record: RequestRecord) -> float:
+    """USD for the row at a per-million-token config price; cache prices default to the input price."""
+    uncached = record.input_tokens - record.cache_read_tokens - record.cache_write_tokens
+    cache_read = price.input if price.cache_read is None else price.cache_read
+    cache_write = price.input if price.cache_write is None else price.cache_write
+    micro_usd = (
+        uncached * price.input
+        + record.cache_read_tokens * cache_read
+        + record.cache_write_tokens * cache_write
+        + record.output_tokens * price.output
+    )
+    return micro_usd / 1_000_000
+
+
+def _request_time(ts: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(ts)
+    except ValueError:
+        return None  # genai-prices then uses today's prices
+
+
+class Pricer:
+    """Prices rows: a config override for the model wins, else genai-prices; unknown models cost NULL."""
+
+    def __init__(self, overrides: Mapping[str, ModelPrice]) -> None:
+        self._overrides = dict(overrides)
+        self._unknown: set[tuple[str, str]] = set()  # a miss scans every model in genai-prices: remember it
+
+    def warm(self) -> None:
+        """Load the price data now, so the first real row is not the one that pays for it."""
+        calc_price(Usage(input_tokens=1, output_tokens=1), "gpt-4o", provider_id="openai")
+
+    def __call__(self, record: RequestRecord) -> tuple[float | None, str | None]:
+        model = record.model
+        if not model or record.cache_read_tokens + record.cache_write_tokens > record.input_tokens:
+            return None, None  # no model, or inconsistent counts: an unknown cost beats a wrong one
+        override = self._overrides.get(model) or self._overrides.get(base_model(model))
+        if override is not None:
+            return override_cost(override, record), CONFIG_SOURCE
+        provider_id = PROVIDER_IDS.get(record.provider)
+        if provider_id is None or (provider_id, model) in self._unknown:
+            return None, None
+        usage = Usage(
+            input_tokens=record.input_tokens,
+            cache_read_tokens=record.cache_read_tokens,
+            cache_write_tokens=record.cache_write_tokens,
+            output_tokens=record.output_tokens,
+        )
+        try:
+            when = _request_time(record.ts)
+            price = calc_price(usage, model, provider_id=provider_id, genai_request_timestamp=when)
+        except LookupError:
+            self._unknown.add((provider_id, model))
+            return None, None
+        except Exception:  # the writer thread must never die over a price: store the row unpriced
+            log.exception("metrion: could not price %s %s", record.provider, model)
+            return None, None
+        return float(price.total_price), GENAI_PRICES_SOURCE

@@ -1,0 +1,222 @@
+"""The SQLite request log and limit counters, written by one batched writer thread off the event loop.
+
+Everything else sends rows through a queue; a failed write keeps its rows and retries, and close() flushes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestRecord:
+    """One row of the `requests` table; cost_usd and price_source are filled in by the writer."""
+
+    ts: str
+    token_name: str | None
+    requester: str | None
+    provider: str
+    model: str | None
+    path: str
+    method: str
+    stream: bool
+    status: int | None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+    latency_ms: float | None = None
+    ttfb_ms: float | None = None
+    usage_source: str = "none"
+    error: str | None = None
+    auth_mode: str | None = None
+    cost_usd: float | None = None
+    price_source: str | None = None
+    flow_id: str | None = dataclasses.field(default=None, compare=False)  # for mitmweb, not stored
+
+
+@dataclass(frozen=True)
+class BucketState:
+    token_name: str
+    tokens: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class MonthlyCount:
+    token_name: str
+    month: str
+    requests: int
+
+
+COLUMNS = [f.name for f in dataclasses.fields(RequestRecord) if f.name != "flow_id"]
+_INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_UPSERT_BUCKET = (
+    "INSERT INTO rate_buckets (token_name, tokens, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT(token_name) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at"
+)
+_UPSERT_MONTH = (
+    "INSERT INTO monthly_usage (token_name, month, requests) VALUES (?, ?, ?) "
+    "ON CONFLICT(token_name, month) DO UPDATE SET requests = excluded.requests"
+)
+
+
+def connect(path: Path | str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    """Create the tables and indexes if they are missing (idempotent)."""
+    conn.execute("PRAGMA journal_mode = WAL")
+    db = sqlite_utils.Database(conn)
+    types = {f.name: f.type for f in dataclasses.fields(RequestRecord)}
+    sql_types: dict[str, type] = {}
+    for name in COLUMNS:
+        kind = str(types[name])
+        sql_types[name] = int if ("int" in kind or "bool" in kind) else float if "float" in kind else str
+    db["requests"].create(
+        {"id": int, **sql_types},
+        pk="id",
+        not_null={"ts", "provider", "path", "method", "stream", "usage_source"},
+        if_not_exists=True,
+    )
+    for columns in (["ts"], ["token_name", "ts"], ["provider", "ts"], ["model", "ts"]):
+        db["requests"].create_index(columns, if_not_exists=True)
+    db["rate_buckets"].create(
+        {"token_name": str, "tokens": float, "updated_at": float}, pk="token_name", if_not_exists=True
+    )
+    db["monthly_usage"].create(
+        {"token_name": str, "month": str, "requests": int}, pk=("token_name", "month"), if_not_exists=True
+    )
+
+
+def load_counters(conn: sqlite3.Connection) -> tuple[list[BucketState], list[MonthlyCount]]:
+    buckets = [BucketState(*row) for row in conn.execute("SELECT token_name, tokens, updated_at FROM rate_buckets")]
+    months = [MonthlyCount(*row) for row in conn.execute("SELECT token_name, month, requests FROM monthly_usage")]
+    return buckets, months
+
+
+Pricer = Callable[[RequestRecord], tuple[float | None, str | None]]
+_CLOSE = object()
+
+
+class Writer:
+    """Owns the SQLite connection on its own thread; rows arrive through a queue and are written in batches."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        price: Pricer | None = None,
+        on_written: Callable[[list[RequestRecord]], None] | None = None,
+        retry_seconds: float = 1.0,
+    ) -> None:
+        self._conn = conn
+        self._price = price
+        self._on_written = on_written
+        self._retry_seconds = retry_seconds
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="metrion-writer", daemon=True)
+        self.error: str | None = None  # the last write error, None while writes succeed
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, item: RequestRecord | BucketState | MonthlyCount) -> None:
+        self._queue.put(item)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write everything queued so far, then stop the thread and close the connection."""
+        if self._thread.is_alive():
+            self._queue.put(_CLOSE)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("metrion: the database writer did not finish within %.0f s", timeout)
+                return
+        self._conn.close()
+
+    def _run(self) -> None:
+        records: list[RequestRecord] = []
+        counters: dict[tuple[type, str, str], BucketState | MonthlyCount] = {}
+        closing = False
+        while True:
+            if not records and not counters and not closing:
+                closing = self._take(self._queue.get(), records, counters)
+            while not closing:  # drain whatever else is waiting: that is the batch
+                try:
+                    closing = self._take(self._queue.get_nowait(), records, counters)
+                except queue.Empty:
+                    break
+            if records or counters:
+                if self._write(records, counters):
+                    records, counters = [], {}
+                elif closing:
+                    log.error("metrion: %d request rows could not be written: %s", len(records), self.error)
+                    return
+                else:
+                    time.sleep(self._retry_seconds)
+                    continue
+            if closing:
+                return
+
+    @staticmethod
+    def _take(item: object, records: list[RequestRecord], counters: dict) -> bool:
+        if item is _CLOSE:
+            return True
+        if isinstance(item, RequestRecord):
+            records.append(item)
+        elif isinstance(item, BucketState):
+            counters[(BucketState, item.token_name, "")] = item
+        elif isinstance(item, MonthlyCount):
+            counters[(MonthlyCount, item.token_name, item.month)] = item
+        return False
+
+    def _write(self, records: list[RequestRecord], counters: dict) -> bool:
+        for record in records:
+            if self._price and record.price_source is None:
+                record.cost_usd, record.price_source = self._price(record)
+                time.sleep(0)  # pricing is pure Python: let the event loop have the GIL between rows
+        try:
+            with self._conn:
+                self._conn.execute("BEGIN")
+                self._conn.executemany(_INSERT, _rows(records))
+                for counter in counters.values():
+                    if isinstance(counter, BucketState):
+                        self._conn.execute(_UPSERT_BUCKET, (counter.token_name, counter.tokens, counter.updated_at))
+                    else:
+                        self._conn.execute(_UPSERT_MONTH, (counter.token_name, counter.month, counter.requests))
+        except sqlite3.Error as e:
+            if self.error is None:
+                log.error("metrion: database write failed, will retry: %s", e)
+            self.error = str(e)
+            return False
+        if self.error is not None:
+            log.warning("metrion: database writes work again")
+        self.error = None
+        if self._on_written and records:
+            self._on_written(records)
+        return True
+
+
+def _rows(records: Iterable[RequestRecord]) -> Iterable[tuple]:
+    for record in records:
+        yield tuple(getattr(record, name) for name in COLUMNS)

@@ -1,0 +1,203 @@
+"""What a request used: normalise each provider's usage object, from a JSON body or an SSE stream.
+
+Input counts all prompt tokens (cached included); output counts reasoning. Streams: last value wins, never sum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from .sse import Event
+
+_LARGE_BODY = 256 * 1024  # above this, read usage and model from the tail instead of parsing everything
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _sub(raw: dict, outer: str, inner: str) -> int:
+    details = raw.get(outer)
+    return _int(details.get(inner)) if isinstance(details, dict) else 0
+
+
+def normalize(provider: str, raw: dict) -> Usage:
+    """One provider usage object (Anthropic, Responses-style or chat-style) in Metrion's terms."""
+    if provider == "anthropic":
+        cache_read = _int(raw.get("cache_read_input_tokens"))
+        cache_write = _int(raw.get("cache_creation_input_tokens"))
+        return Usage(
+            input_tokens=_int(raw.get("input_tokens")) + cache_read + cache_write,
+            output_tokens=_int(raw.get("output_tokens")),
+            cache_read_tokens=cache_read,
+            cache_write_tokens=cache_write,
+            reasoning_tokens=_sub(raw, "output_tokens_details", "thinking_tokens"),
+        )
+    if "prompt_tokens" not in raw and "input_tokens" in raw:  # OpenAI Responses API
+        return Usage(
+            input_tokens=_int(raw.get("input_tokens")),
+            output_tokens=_int(raw.get("output_tokens")),
+            cache_read_tokens=_sub(raw, "input_tokens_details", "cached_tokens"),
+            cache_write_tokens=_sub(raw, "input_tokens_details", "cache_write_tokens"),
+            reasoning_tokens=_sub(raw, "output_tokens_details", "reasoning_tokens"),
+        )
+    prompt = _int(raw.get("prompt_tokens"))
+    completion = _int(raw.get("completion_tokens"))
+    total = _int(raw.get("total_tokens"))
+    reasoning = _sub(raw, "completion_tokens_details", "reasoning_tokens")
+    output = completion
+    if provider == "grok" and reasoning and total == prompt + completion + reasoning:
+        output = completion + reasoning  # xAI bills reasoning as output but leaves it out of completion
+    elif provider == "gemini" and total > prompt + completion:
+        output = total - prompt  # Gemini counts thoughts in the total only
+        reasoning = reasoning or total - prompt - completion
+    return Usage(
+        input_tokens=prompt,
+        output_tokens=output,
+        cache_read_tokens=_sub(raw, "prompt_tokens_details", "cached_tokens"),
+        cache_write_tokens=_sub(raw, "prompt_tokens_details", "cache_write_tokens"),
+        reasoning_tokens=reasoning,
+    )
+
+
+def estimate(prompt_chars: int, completion_chars: int, known: Usage | None = None) -> Usage:
+    """A rough count (4 characters a token) for what the provider did not report."""
+    output = max(math.ceil(completion_chars / 4), known.output_tokens if known else 0)
+    if known and known.input_tokens:
+        return Usage(known.input_tokens, output, known.cache_read_tokens, known.cache_write_tokens)
+    return Usage(input_tokens=math.ceil(prompt_chars / 4), output_tokens=output)
+
+
+def _tail_value(body: bytes, key: bytes) -> object:
+    at = body.rfind(b'"' + key + b'"')
+    if at < 0:
+        return None
+    colon = body.find(b":", at)
+    try:
+        value, _ = json.JSONDecoder().raw_decode(body[colon + 1 :].decode("utf-8").lstrip())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value
+
+
+def from_body(provider: str, body: bytes) -> tuple[str | None, Usage | None]:
+    """The model and usage of a non-streamed JSON response; (None, None) if it has neither."""
+    if len(body) > _LARGE_BODY:
+        model, raw = _tail_value(body, b"model"), _tail_value(body, b"usage")
+    else:
+        try:
+            parsed = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return None, None
+        if not isinstance(parsed, dict):
+            return None, None
+        model, raw = parsed.get("model"), parsed.get("usage")
+    return (model if isinstance(model, str) else None), (normalize(provider, raw) if isinstance(raw, dict) else None)
+
+
+class StreamUsage:
+    """Follows one SSE response event by event: model, usage so far, text length, in-stream errors."""
+
+    def __init__(self, provider: str, api: str) -> None:
+        self.provider = provider
+        self.api = api
+        self.model: str | None = None
+        self.final = False  # the provider's closing usage has been seen
+        self.completion_chars = 0
+        self.error: str | None = None
+        self._raw: dict = {}
+
+    @property
+    def usage(self) -> Usage | None:
+        return normalize(self.provider, self._raw) if self._raw else None
+
+    def feed(self, event: Event) -> bool:
+        """Take one event; True if it is a usage-only chunk (`choices: []` with usage)."""
+        if not event.data or event.data.startswith("[DONE]"):
+            return False
+        try:
+            data = json.loads(event.data)
+        except ValueError:
+            return False
+        if not isinstance(data, dict):
+            return False
+        if self.provider == "anthropic":
+            self._anthropic(data)
+            return False
+        if self.api == "responses":
+            self._responses(data)
+            return False
+        return self._chat(data)
+
+    def _anthropic(self, data: dict) -> None:
+        kind = data.get("type")
+        if kind == "message_start" and isinstance(message := data.get("message"), dict):
+            self.model = message.get("model") or self.model
+            if isinstance(usage := message.get("usage"), dict):
+                self._raw = dict(usage)
+        elif kind == "content_block_delta" and isinstance(delta := data.get("delta"), dict):
+            for key in ("text", "thinking", "partial_json"):
+                if isinstance(text := delta.get(key), str):
+                    self.completion_chars += len(text)
+        elif kind == "message_delta" and isinstance(usage := data.get("usage"), dict):
+            self._raw.update({key: value for key, value in usage.items() if value is not None})
+            self.final = True
+        elif kind == "error":
+            self.error = _message(data.get("error"))
+
+    def _responses(self, data: dict) -> None:
+        kind = data.get("type", "")
+        if kind == "response.output_text.delta" and isinstance(data.get("delta"), str):
+            self.completion_chars += len(data["delta"])
+        elif isinstance(response := data.get("response"), dict):
+            self.model = response.get("model") or self.model
+            if isinstance(usage := response.get("usage"), dict):
+                self._raw = usage
+                self.final = kind in ("response.completed", "response.incomplete", "response.failed")
+        elif kind == "error":
+            self.error = _message(data)
+
+    def _chat(self, data: dict) -> bool:
+        if isinstance(model := data.get("model"), str):
+            self.model = model
+        if "error" in data:
+            self.error = _message(data["error"])
+        choices = data.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict):
+                continue
+            for key in ("content", "reasoning_content"):
+                if isinstance(text := delta.get(key), str):
+                    self.completion_chars += len(text)
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(args := function.get("arguments"), str):
+                    self.completion_chars += len(args)
+        usage = data.get("usage")
+        if not isinstance(usage, dict):
+            return False
+        self._raw = usage
+        self.final = True
+        return choices == []
+
+
+def _message(error: object) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("type") or error)
+    return str(error)

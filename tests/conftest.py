@@ -1,0 +1,46 @@
+"""Shared fixtures: the mock upstream (one per session) and real mitmdump processes running the addon."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+
+import pytest
+from harness import Proxy, base_config
+from mock_upstream import MockUpstream
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def mock() -> Iterator[MockUpstream]:
+    upstream = MockUpstream()
+    upstream.start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="session")
+def proxy(mock: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    """The shared proxy: pro-plan tokens, generous rate limit, all five providers on the mock."""
+    workdir = tmp_path_factory.mktemp("proxy")
+    running = Proxy(workdir, base_config(mock.base_url, workdir / "metrion.db")).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def start_proxy(mock: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Proxy]]:
+    """Start a proxy of the test's own, with config overrides; stopped after the test."""
+    started: list[Proxy] = []
+
+    def start(env: dict[str, str] | None = None, **overrides: object) -> Proxy:
+        workdir = tmp_path_factory.mktemp(f"proxy{next(_names)}")
+        config = base_config(mock.base_url, workdir / "metrion.db", **overrides)
+        running = Proxy(workdir, config, env=env or {}).start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
