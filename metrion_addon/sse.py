@@ -51,7 +51,9 @@ class SSEDecoder:
 
         Forward `pending` before calling this: the raw bytes of events returned here are not exact.
         """
-        events = self.feed(b"\n")
+        if not self._buf:
+            return []
+        events = [event for event in self.feed(b"\n") if event.data is not None]
         if self._data:
             events.append(Event(self._buf, self._name, "\n".join(self._data)))
         self._buf, self._scan, self._name, self._data = b"", 0, None, []
