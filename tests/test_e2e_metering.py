@@ -149,8 +149,8 @@ def test_events_are_forwarded_one_by_one_without_waiting_for_the_next(
     path, body, headers = request_for(provider, stream=True)
     decoder = SSEDecoder()
     seen = 0
-    with httpx.stream("POST", f"{proxy.url}{path}", json=body, headers={**headers, "x-mock-scenario": f"lockstep:{key}"},
-                      timeout=10) as response:
+    headers = {**headers, "x-mock-scenario": f"lockstep:{key}"}
+    with httpx.stream("POST", f"{proxy.url}{path}", json=body, headers=headers, timeout=10) as response:
         for chunk in response.iter_raw():
             events = [e for e in decoder.feed(chunk) if e.data]
             seen += len(events)
@@ -216,7 +216,7 @@ def test_missing_usage_is_estimated(proxy: Proxy) -> None:
 def test_upstream_cut_mid_stream_leaves_a_row_with_partial_usage(proxy: Proxy, provider: str) -> None:
     who = label()
     path, body, headers = request_for(provider, stream=True)
-    with pytest.raises(httpx.HTTPError), httpx.stream(  # noqa: PT012
+    with pytest.raises(httpx.HTTPError), httpx.stream(
         "POST", f"{proxy.url}{path}", json=body,
         headers={**headers, "x-mock-scenario": "cut-after:3", "x-metrion-user": who},
     ) as response:
