@@ -163,6 +163,7 @@ class Metrion:
         """Authenticate, validate and count the request; raise MetrionError to refuse it."""
         assert self.config is not None and self.writer is not None
         headers, route = flow.request.headers, exchange.route
+        exchange.requester = requester(headers)
         if route_is_forward := flow.request.host.lower() in PROVIDER_HOSTS:
             identity = self._tunnels.get(flow.client_conn) or identify_forward(
                 headers.get("proxy-authorization"), self._tokens
@@ -171,7 +172,6 @@ class Metrion:
         else:
             identity, credentials = authenticate(route.provider, headers, self._tokens)
         exchange.identity = identity
-        exchange.requester = requester(headers)
         exchange.request = inspect_body(
             route, flow.request.method, headers.get("content-type", ""), flow.request.raw_content or b""
         )
