@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
-from click.testing import CliRunner  # noqa: E402
+from click.testing import CliRunner
 
-from metrion_addon import report, store  # noqa: E402
-from metrion_addon.cli import main  # noqa: E402
+from metrion_addon import report, store
+from metrion_addon.cli import main
 
 MODELS = [  # (provider, model, input $/M, output $/M)
     ("openai", "gpt-4o", 2.5, 10.0),
@@ -43,7 +43,6 @@ def seed(path: Path, rows: int, now: datetime, rng: random.Random) -> None:
     """Write `rows` requests spread evenly over the DAYS before `now`, oldest first, in one transaction."""
     conn = store.connect(path)
     store.create_schema(conn)
-    report.ensure_report_indexes(conn)
     tokens = [f"token-{i:02d}" for i in range(20)]
     requesters = [f"user-{i}" for i in range(50)]
     start = now - timedelta(days=DAYS)

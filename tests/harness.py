@@ -82,6 +82,7 @@ class Proxy:
         config_path = self.workdir / "config.yaml"
         config_path.write_text(yaml.safe_dump(self.config))
         self.port = self.port or free_port()
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [str(MITMDUMP), "-s", str(ROOT / "metrion_addon" / "addon.py"),
@@ -95,7 +96,7 @@ class Proxy:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"mitmdump exited with {self.process.returncode}:\n{self.log_path.read_text()}")
-            if b"metrion: metering" in self.log_path.read_bytes():
+            if b"metrion: metering" in self.log_path.read_bytes()[offset:]:
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"mitmdump did not listen:\n{self.log_path.read_text()}")
