@@ -33,7 +33,7 @@ def frozen_clock(path: Path, when: str) -> dict[str, str]:
 
 
 def post(proxy: Proxy, key: str = TINY, provider: str = "openai", **headers: str) -> httpx.Response:
-    path, body, base = request_for(provider, stream=False)
+    path, body, _ = request_for(provider, stream=False)
     auth = {"x-api-key": key} if provider == "anthropic" else {"authorization": f"Bearer {key}"}
     return httpx.post(f"{proxy.url}{path}", json=body, headers={**auth, **headers}, timeout=30)
 
