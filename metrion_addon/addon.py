@@ -13,7 +13,7 @@ import weakref
 from mitmproxy import ctx, exceptions, hooks, http
 from mitmproxy.proxy import server_hooks
 
-from metrion_addon import store
+from metrion_addon import contentview, store
 from metrion_addon.auth import Identity, authenticate, identify_forward, requester
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
@@ -373,4 +373,5 @@ def _blocked(host: str) -> str:
     return f"Metrion: {host} is not an AI provider host, and this proxy blocks other hosts."
 
 
+contentviews_registered = [contentview.LLMStreamContentview]  # importing contentview registers it for mitmweb
 addons = [Metrion()]

@@ -110,7 +110,7 @@ class Config(_Strict):
     rate_limit: Annotated[int, Field(gt=0)] = 100
     block_other_hosts: bool = False
     plans: dict[str, Plan] = {"free": Plan(monthly_requests=10000), "pro": Plan(monthly_requests=None)}
-    providers: dict[str, str] = {}
+    providers: dict[str, str] = Field(default_factory=dict, validate_default=True)
     tokens: list[Token] = []
     prices: dict[str, ModelPrice] = {}
 

@@ -1,0 +1,90 @@
+"""A bad config stops start-up with one line naming the file, the key and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from metrion_addon.config import ConfigError, find_config, hash_token, load_config
+
+TOKEN = "sk-metrion-" + "0" * 32
+GOOD = f"""
+database: m.db
+timeout: 5
+tokens:
+  - name: app
+    token: {TOKEN}
+    keys: {{openai: "${{KEY}}"}}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "metrion.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_config_keeps_only_the_token_hash(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD), {"KEY": "sk-openai"})
+    (token,) = config.tokens
+    assert token.token_hash == hash_token(TOKEN) and TOKEN not in repr(config)
+    assert token.keys["openai"].get_secret_value() == "sk-openai" and "sk-openai" not in repr(config)
+    assert config.database == tmp_path / "m.db"  # relative to the config file
+    assert config.timeout == 5.0 and config.rate_limit == 100
+    assert config.plans["free"].monthly_requests == 10000 and config.plans["pro"].monthly_requests is None
+    assert config.providers["gemini"] == "https://generativelanguage.googleapis.com/v1beta/openai"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("colour: blue\n", "colour: Extra inputs are not permitted"),
+        ("timeout: soon\n", "timeout: Input should be a valid number"),
+        ("rate_limit: -1\n", "rate_limit: Input should be greater than 0"),
+        ("providers: {cohere: http://x}\n", "providers: Value error, unknown provider 'cohere'"),
+        ("providers: {openai: ftp://x}\n", "providers: Value error, openai: not an http(s) URL"),
+        ("tokens: [{name: a, token: sk-metrion-123}]\n", "tokens[0].token: malformed token"),
+        (f"tokens: [{{name: a, token: {TOKEN}, plan: gold}}]\n", "tokens[0].plan: unknown plan 'gold'"),
+        (f"tokens: [{{name: a, token: {TOKEN}, keys: {{openai: '${{NOPE}}'}}}}]\n",
+         "tokens[0].keys: environment variable NOPE is not set"),
+        (f"tokens: [{{name: a, token: {TOKEN}}}, {{name: a, token: sha256:{'1' * 64}}}]\n",
+         "tokens[1].name: duplicate name 'a'"),
+        ("plans: {free: {monthly_requests: lots}}\n", "plans.free.monthly_requests: Input should be a valid integer"),
+        ("- just a list\n", "expected a mapping of settings at the top level"),
+        ("timeout: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    line = str(caught.value)
+    assert "\n" not in line and line.startswith(f"{path}: ")
+    assert message.replace("Value error, ", "") in line
+
+
+def test_missing_file_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
+        load_config(tmp_path / "nope.yaml", {})
+
+
+def test_empty_key_means_no_stored_key(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD), {"KEY": ""})
+    assert config.tokens[0].keys == {}
+
+
+def test_default_config_file_prefers_config_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no config file"):
+        find_config(None, tmp_path)
+    (tmp_path / "config.example.yaml").write_text("")
+    assert find_config(None, tmp_path).name == "config.example.yaml"
+    (tmp_path / "config.yaml").write_text("")
+    assert find_config(None, tmp_path).name == "config.yaml"
+    assert find_config("elsewhere.yaml", tmp_path) == Path("elsewhere.yaml")
+
+
+def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = Path(__file__).resolve().parent.parent
+    config = load_config(root / "config.example.yaml", {"OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": "x"})
+    assert [t.name for t in config.tokens] == ["demo-app"]
