@@ -148,7 +148,7 @@ class Metrion:
         if route := route_provider_host(flow.request.host, flow.request.path, providers):
             return route
         if not is_metrion_path(flow.request.path):
-            if self.config.block_other_hosts and flow.request.host.lower() not in ("127.0.0.1", "localhost"):
+            if self.config.block_other_hosts:
                 error = MetrionError(403, "host_blocked", _blocked(flow.request.host))
                 flow.response = self._error_response(None, error)
             return None

@@ -100,12 +100,14 @@ def proxy_authorization_token(value: str | None) -> str | None:
 def identify_forward(value: str | None, tokens: Mapping[str, Token]) -> Identity:
     """Identity of a forward-proxy client from its Proxy-Authorization header; 407 when missing or wrong."""
     token = proxy_authorization_token(value)
+    challenge = {"proxy-authenticate": 'Basic realm="metrion"'}
     if not token:
-        raise MetrionError(407, "proxy_auth_required", "Metrion: send your Metrion token as the proxy password.")
+        raise MetrionError(407, "proxy_auth_required", "Metrion: send your Metrion token as the proxy password.",
+                           challenge)
     try:
         entry = _lookup(token, tokens)
     except MetrionError as e:
-        raise MetrionError(407, "proxy_auth_invalid", f"Metrion: {e.message}") from None
+        raise MetrionError(407, "proxy_auth_invalid", f"Metrion: {e.message}", challenge) from None
     return Identity(entry.name, entry.plan, "forward")
 
 

@@ -98,7 +98,13 @@ class Token(_Strict):
                 raise ValueError(f"unknown provider {provider!r} (known: {', '.join(PROVIDERS)})")
             if not isinstance(key, str):
                 raise ValueError(f"{provider}: expected a string")
-            if expanded := _expand_env(key, info.context["environ"]).strip():  # empty means no key
+            try:
+                expanded = _expand_env(key, info.context["environ"]).strip()
+            except ValueError:
+                if info.context["need_keys"]:
+                    raise
+                continue
+            if expanded:  # empty means no key
                 keys[provider] = SecretStr(expanded)
         return keys
 
@@ -156,8 +162,11 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return text
 
 
-def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate the YAML file at `path`; raise ConfigError with one line on any problem."""
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, need_keys: bool = True) -> Config:
+    """Read and validate the YAML file at `path`; raise ConfigError with one line on any problem.
+
+    `need_keys=False` (the CLI, which never calls a provider) skips provider keys whose variables are unset.
+    """
     path = Path(path)
     environ = os.environ if environ is None else environ
     try:
@@ -178,7 +187,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     if isinstance(database, str):
         raw = {**raw, "database": path.parent / database}
     try:
-        return Config.model_validate({**raw, "path": path}, context={"environ": environ})
+        return Config.model_validate({**raw, "path": path}, context={"environ": environ, "need_keys": need_keys})
     except ValidationError as e:
         error = e.errors()[0]
         message = error["msg"].removeprefix("Value error, ")

@@ -68,7 +68,7 @@ class Pricer:
         calc_price(Usage(input_tokens=1, output_tokens=1), "gpt-4o", provider_id="openai")
 
     def __call__(self, record: RequestRecord) -> tuple[float | None, str | None]:
-        model = record.model
+        model = record.model.removeprefix("models/") if record.model else None  # Gemini's own id form
         if not model or record.cache_read_tokens + record.cache_write_tokens > record.input_tokens:
             return None, None  # no model, or inconsistent counts: an unknown cost beats a wrong one
         override = self._overrides.get(model) or self._overrides.get(base_model(model))

@@ -88,3 +88,8 @@ def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     root = Path(__file__).resolve().parent.parent
     config = load_config(root / "config.example.yaml", {"OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": "x"})
     assert [t.name for t in config.tokens] == ["demo-app"]
+
+
+def test_cli_can_read_a_config_whose_key_variables_are_unset(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD), {}, need_keys=False)
+    assert config.tokens[0].keys == {}

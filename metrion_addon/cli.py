@@ -1,0 +1,274 @@
+"""The `metrion` command: reports, logs and quotas read from the request database, and new tokens.
+
+Each subcommand is a thin shell over one report.py function; any problem is one `metrion: ...` line, exit 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import secrets
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from tabulate import tabulate
+
+from metrion_addon import report as queries
+from metrion_addon.config import DEFAULT_CONFIG_FILES, Config, ConfigError, find_config, hash_token, load_config
+
+FORMATS = ("table", "json", "csv")
+WIDTH = 100  # table output fits a terminal this wide: long names are cut to share what is left
+
+
+class Problem(click.ClickException):
+    """A problem the user can fix, shown as one line on stderr with exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"metrion: {self.format_message()}", err=True)
+
+
+class _Metrion(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:  # click would print the usage too: one line is clearer
+            raise Problem(e.format_message()) from e
+
+
+@dataclass(frozen=True)
+class Column:
+    """How a table shows one field of a row; a `name` column is cut short if the table is too wide."""
+
+    header: str
+    key: str
+    show: Callable[[Any], str] = str
+    right: bool = True
+    name: bool = False
+
+
+def _count(value: int) -> str:
+    for threshold, unit, suffix in ((1e9, 1e9, "G"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):
+        if value >= threshold:
+            return f"{value / unit:.1f}{suffix}"
+    return str(value)
+
+
+def _cost(value: float | None) -> str:
+    return "-" if value is None else f"${value:.4f}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else str(round(value))
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[Column]) -> str:
+    cells = [[column.show(row[column.key]) for column in columns] for row in rows]
+    widths = [max(len(column.header), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    names = sorted((i for i, column in enumerate(columns) if column.name), key=lambda i: widths[i])
+    room = WIDTH - sum(width for i, width in enumerate(widths) if i not in names) - 2 * (len(columns) - 1)
+    for left, i in enumerate(names):  # narrowest first, so what a short name leaves over goes to the longer ones
+        widths[i] = min(widths[i], max(8, room // (len(names) - left)))
+        room -= widths[i]
+    for line in cells:
+        for i in names:
+            line[i] = line[i] if len(line[i]) <= widths[i] else line[i][: widths[i] - 1] + "…"
+    headers = [column.header for column in columns]
+    align = ["right" if column.right else "left" for column in columns]
+    return tabulate([headers, *cells], tablefmt="plain", disable_numparse=True, colalign=align)
+
+
+def _emit(rows: list[dict[str, Any]], fields: list[str], fmt: str, columns: list[Column]) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        click.echo(out.getvalue(), nl=False)
+    elif not rows:
+        click.echo("(no rows)")
+    else:
+        click.echo(_table(rows, columns))
+
+
+def _load(config_path: str | None) -> Config:
+    try:
+        return load_config(find_config(config_path), need_keys=False)
+    except ConfigError as e:
+        raise Problem(str(e)) from e
+
+
+def _open(config: Config, table: str = "requests") -> sqlite3.Connection:
+    """The database read-only, so that the CLI never creates or changes it."""
+    path = config.database
+    if not path.is_file():
+        raise Problem(f"no database at {path} (start the proxy first, or set database: in {config.path})")
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+        empty = table == "requests" and found and not conn.execute("SELECT 1 FROM requests LIMIT 1").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise Problem(f"{path}: cannot read the database: {e}") from e
+    if not found:
+        raise Problem(f"{path}: no {table} table: not a Metrion database, or the proxy has not started yet")
+    if empty:
+        raise Problem(f"{path}: no requests recorded yet")
+    return conn
+
+
+def _time(text: str | None, now: datetime) -> str | None:
+    try:
+        return None if text is None else queries.parse_since(text, now)
+    except ValueError as e:
+        raise Problem(str(e)) from e
+
+
+def _options(command: Callable[..., None]) -> Callable[..., None]:
+    command = click.option(
+        "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True, help="Output format."
+    )(command)
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        help="Config file; the default is ./config.yaml, then ./config.example.yaml.",
+    )(command)
+
+
+@click.group(cls=_Metrion)
+def main() -> None:
+    """Metrion: reports, logs and quotas from the AI usage meter's database."""
+
+
+@main.command()
+@_options
+@click.option("--since", help="Start: 7d, 24h, 30m ago, a UTC date (2026-11-01) or an ISO time. Default: all.")
+@click.option("--until", help="End (exclusive), in the same forms as --since. Default: now.")
+@click.option("--by", "by", multiple=True, type=click.Choice(list(queries.GROUPS)), help="Group by; repeatable.")
+def report(config_path: str | None, fmt: str, since: str | None, until: str | None, by: tuple[str, ...]) -> None:
+    """Requests, errors, tokens, cost and latency (p50, p95) per group."""
+    config = _load(config_path)
+    now = datetime.now(UTC)
+    start, end = _time(since, now), _time(until, now)
+    rows = queries.report(_open(config), start, end, list(by))
+    names = list(dict.fromkeys(by))
+    columns = [Column(name, name, _text, right=name == "status", name=name not in ("day", "status")) for name in names]
+    columns += [
+        Column("req", "requests"),
+        Column("err", "errors"),
+        Column("err%", "error_rate", lambda rate: f"{rate:.1%}"),
+        Column("in", "input_tokens", _count),
+        Column("out", "output_tokens", _count),
+        Column("cached", "cached_tokens", _count),
+        Column("cost", "cost_usd", _cost),
+        Column("p50 ms", "latency_p50_ms", _ms),
+        Column("p95 ms", "latency_p95_ms", _ms),
+    ]
+    _emit(rows, [*names, *queries.REPORT_COLUMNS], fmt, columns)
+
+
+@main.command()
+@_options
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="How many rows.")
+@click.option("--token", help="Only this token's rows.")
+@click.option("--provider", help="Only this provider (anthropic, openai, gemini, mistral, grok).")
+@click.option("--model", help="Only this model.")
+@click.option("--status", help="Only this status: a code (429) or a class (4xx).")
+@click.option("--requester", help="Only this requester.")
+def logs(
+    config_path: str | None,
+    fmt: str,
+    limit: int,
+    token: str | None,
+    provider: str | None,
+    model: str | None,
+    status: str | None,
+    requester: str | None,
+) -> None:
+    """The latest requests, newest first."""
+    config = _load(config_path)
+    try:
+        codes = None if status is None else queries.parse_status(status)
+    except ValueError as e:
+        raise Problem(str(e)) from e
+    filters = queries.LogFilter(token=token, provider=provider, model=model, status=codes, requester=requester)
+    rows = queries.logs(_open(config), limit, filters)
+    columns = [
+        Column("time", "ts", lambda ts: ts[:19].replace("T", " "), right=False),
+        Column("token", "token_name", _text, right=False, name=True),
+        Column("model", "model", _text, right=False, name=True),
+        Column("st", "status", lambda code: "-" if code is None else str(code)),
+        Column("in", "input_tokens", _count),
+        Column("out", "output_tokens", _count),
+        Column("cost", "cost_usd", _cost),
+        Column("ms", "latency_ms", _ms),
+    ]
+    _emit(rows, queries.LOG_COLUMNS, fmt, columns)
+
+
+@main.command()
+@_options
+@click.argument("name", required=False)
+def quota(config_path: str | None, fmt: str, name: str | None) -> None:
+    """Each token's plan, requests this month, cap, remaining, and the reset date (UTC)."""
+    config = _load(config_path)
+    try:
+        rows = queries.quota(_open(config, "monthly_usage"), config, datetime.now(UTC), name)
+    except ValueError as e:
+        raise Problem(str(e)) from e
+    columns = [
+        Column("token", "token", right=False, name=True),
+        Column("plan", "plan", right=False, name=True),
+        Column("used", "requests"),
+        Column("cap", "cap", lambda cap: "unlimited" if cap is None else str(cap)),
+        Column("left", "remaining", lambda left: "-" if left is None else str(left)),
+        Column("resets", "resets", right=False),
+    ]
+    _emit(rows, queries.QUOTA_COLUMNS, fmt, columns)
+
+
+@main.group()
+def tokens() -> None:
+    """Metrion tokens: the sk-metrion- keys that apps send instead of provider keys."""
+
+
+@tokens.command("new")
+@_options
+@click.option("--name", required=True, help="What reports and the database call this token.")
+@click.option("--plan", default="free", show_default=True, help="Plan from the config's plans:.")
+def tokens_new(config_path: str | None, fmt: str, name: str, plan: str) -> None:
+    """Print a fresh token once, and the config entry that stores only its hash."""
+    if config_path is not None or any(Path(file).is_file() for file in DEFAULT_CONFIG_FILES):
+        config = _load(config_path)
+        if plan not in config.plans:
+            raise Problem(f"unknown plan {plan!r} (known in {config.path}: {', '.join(config.plans)})")
+        if any(token.name == name for token in config.tokens):
+            raise Problem(f"{config.path} already has a token named {name!r}")
+    token = f"sk-metrion-{secrets.token_hex(16)}"
+    stored = f"sha256:{hash_token(token)}"
+    snippet = yaml.safe_dump([{"name": name, "token": stored, "plan": plan}], sort_keys=False)
+    if fmt == "table":
+        click.echo(token)
+        click.echo("\nShown once: Metrion keeps only its hash. Add this under tokens: in your config:\n")
+        click.echo(snippet, nl=False)
+    else:
+        row = {"name": name, "plan": plan, "token": token, "token_hash": stored, "yaml": snippet}
+        _emit([row], list(row), fmt, [])
+
+
+if __name__ == "__main__":
+    main()
