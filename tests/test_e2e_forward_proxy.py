@@ -57,7 +57,8 @@ def test_sdks_calling_provider_hosts_are_metered_under_the_proxy_token(
             claude_text = "".join(events.text_stream)
     else:
         text = gpt.chat.completions.create(model="gpt-4o", messages=messages).choices[0].message.content
-        claude_text = claude.messages.create(model=MODELS["anthropic"], max_tokens=64, messages=messages).content[0].text
+        answer = claude.messages.create(model=MODELS["anthropic"], max_tokens=64, messages=messages)
+        claude_text = answer.content[0].text
     assert text == claude_text == reply_text({"messages": messages})
 
     rows = forward_proxy.rows("requester = ?", (who,), n=2)
@@ -77,7 +78,8 @@ def test_provider_traffic_without_a_valid_token_gets_407(
 ) -> None:
     before = len(mock.received)
     auth = (f"metrion:{password}@" if password else "")
-    with httpx.Client(proxy=f"http://{auth}127.0.0.1:{forward_proxy.port}", verify=ssl.create_default_context(cafile=forward_proxy.ca_cert)) as client:
+    trust = ssl.create_default_context(cafile=forward_proxy.ca_cert)
+    with httpx.Client(proxy=f"http://{auth}127.0.0.1:{forward_proxy.port}", verify=trust) as client:
         with pytest.raises(httpx.ProxyError, match="407"):
             client.post("https://api.openai.com/v1/chat/completions", json={"model": "gpt-4o", "messages": []})
         response = client.post("http://api.openai.com/v1/chat/completions", json={"model": "gpt-4o", "messages": []})
@@ -102,7 +104,8 @@ def test_other_hosts_pass_through_untouched(forward_proxy: Proxy, mock: MockUpst
 
 def test_other_hosts_can_be_blocked(start_proxy, mock: MockUpstream) -> None:
     proxy = start_proxy(block_other_hosts=True)
-    with httpx.Client(proxy=f"http://127.0.0.1:{proxy.port}", verify=ssl.create_default_context(cafile=proxy.ca_cert)) as client:
+    trust = ssl.create_default_context(cafile=proxy.ca_cert)
+    with httpx.Client(proxy=f"http://127.0.0.1:{proxy.port}", verify=trust) as client:
         response = client.get(f"http://127.0.0.1:{mock.port}/openai/v1/models")
         assert response.status_code == 403 and "blocks other hosts" in response.json()["error"]["message"]
         with pytest.raises(httpx.ProxyError, match="403"):
