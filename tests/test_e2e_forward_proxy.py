@@ -5,7 +5,9 @@ The proxy has its own confdir and CA; `providers:` sends the calls to the mock i
 
 from __future__ import annotations
 
+import json
 import ssl
+import subprocess
 
 import anthropic
 import httpx
@@ -110,3 +112,23 @@ def test_other_hosts_can_be_blocked(start_proxy, mock: MockUpstream) -> None:
         assert response.status_code == 403 and "blocks other hosts" in response.json()["error"]["message"]
         with pytest.raises(httpx.ProxyError, match="403"):
             client.get("https://example.com/")
+
+
+def test_timeouts_reach_tunnelled_clients_as_504_over_http1_and_http2(start_proxy) -> None:
+    proxy = start_proxy(timeout=1, tokens=[{"name": "zero-code", "token": FORWARD, "plan": "pro"}])
+    body = {"model": MODELS["anthropic"], "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    trust = ssl.create_default_context(cafile=proxy.ca_cert)
+    with httpx.Client(proxy=f"http://m:{FORWARD}@127.0.0.1:{proxy.port}", verify=trust) as client:
+        response = client.post("https://api.anthropic.com/v1/messages", json=body,
+                               headers={"x-mock-scenario": "slow-headers:4"})
+        assert response.status_code == 504 and response.json()["error"]["type"] == "timeout_error"
+        assert client.get("https://api.openai.com/v1/models").status_code == 200  # the connection carries on
+    # HTTP/2 to the proxy (curl negotiates h2 inside the tunnel; httpx prefers HTTP/1.1 there)
+    curl = subprocess.run(
+        ["curl", "-s", "--http2", "-x", f"http://m:{FORWARD}@127.0.0.1:{proxy.port}", "--cacert", str(proxy.ca_cert),
+         "-H", "x-mock-scenario: slow-headers:4", "-H", "content-type: application/json", "--data", json.dumps(body),
+         "-w", "\n%{http_version} %{http_code}", "https://api.anthropic.com/v1/messages"],
+        capture_output=True, text=True, timeout=20, check=True,
+    )
+    answer, _, status = curl.stdout.rpartition("\n")
+    assert status == "2 504" and json.loads(answer)["error"]["type"] == "timeout_error"
