@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mitmproxy import exceptions, http
+from mitmproxy import exceptions, flowfilter, http
 from mitmproxy.test import taddons, tflow, tutils
 
 from metrion_addon.addon import Metrion
@@ -82,6 +82,8 @@ def test_rejected_flow_is_marked_and_the_token_never_shown(tmp_path: Path) -> No
             assert flow.request.headers["authorization"] == "Bearer [redacted]"
             addon.response(flow)
             assert flow.metadata["metrion"]["status"] == 401 and "Unknown Metrion token" in flow.comment
+            for expression in ("~meta metrion", "~meta \"'status': 401\"", "~marker no_entry", "~comment Unknown"):
+                assert flowfilter.match(expression, flow), expression  # the filters the README suggests
             addon.done()
 
     run(scenario)
