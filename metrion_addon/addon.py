@@ -91,6 +91,9 @@ class Metrion:
             self._record(None, exchange, status=None, body=None, error="Metrion shut down before the request finished",
                          flow_id=flow_id)
         self._exchanges.clear()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         answer_upstream_failures(None)
         self._close_writer()
 
