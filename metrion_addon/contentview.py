@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from mitmproxy import contentviews
 
 from .sse import SSEDecoder
-from .usage import StreamUsage
+from .usage import StreamUsage, Usage
 
 _ANTHROPIC_TYPES = frozenset(
     {"message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta"}
@@ -22,14 +22,7 @@ _DIALECTS = {
     "responses": ("openai", "responses", "output", "status", "status"),
     "chat": ("openai", "chat", "choices", "finish_reason", "finish_reason"),
 }
-_USAGE_FIELDS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-)
+_USAGE_FIELDS = (*(f.name for f in fields(Usage)), "total_tokens")
 
 
 @dataclass
