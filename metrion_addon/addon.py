@@ -213,7 +213,7 @@ class Metrion:
             retry_ms = max(1, int(rate.retry_after * 1000 + 0.999))
             raise MetrionError(429, "rate_limit_exceeded", (
                 f"Rate limit reached: {rate.limit} requests per minute for Metrion token '{identity.token_name}'. "
-                f"Retry in {retry_ms / 1000:.2f} s."
+                f"Retry in {retry_ms / 1000:.3f} s."
             ), {"retry-after": str(max(1, int(rate.retry_after + 0.999))), "retry-after-ms": str(retry_ms),
                 **limit_headers})
         quota, count = self.quota.count(identity.token_name, cap, now)

@@ -112,3 +112,74 @@ def test_every_provider_model_answers_through_both_sdks(proxy: Proxy) -> None:
     # Sanity: all five routes answer for a plain call (a failing route would otherwise hide behind params).
     for provider in MODELS:
         assert ask(sdk(proxy, provider, "stored", label()), provider, "ping", stream=False).startswith("Echo")
+
+
+CASES = [  # (status, what to send) for each of Metrion's own answers
+    (400, {"body": {"model": "m"}}),
+    (401, {"key": UNKNOWN_TOKEN}),
+    (404, {"path": "/api/proxy/cohere/v1/chat"}),
+    (429, {"scenario": None, "rate_limited": True}),
+    (502, {"scenario": "reset"}),
+    (504, {"scenario": "slow-headers:3"}),
+]
+EXCEPTIONS = {
+    400: (anthropic.BadRequestError, openai.BadRequestError),
+    401: (anthropic.AuthenticationError, openai.AuthenticationError),
+    404: (anthropic.NotFoundError, openai.NotFoundError),
+    429: (anthropic.RateLimitError, openai.RateLimitError),
+    502: (anthropic.InternalServerError, openai.InternalServerError),
+    504: (anthropic.InternalServerError, openai.InternalServerError),
+}
+
+
+@pytest.fixture(scope="module")
+def strict_proxy(mock: MockUpstream, tmp_path_factory: pytest.TempPathFactory):
+    """Timeout 1 s, 3 requests a minute, and a token of its own for each case below."""
+    from harness import base_config, token
+
+    workdir = tmp_path_factory.mktemp("strict")
+    tokens = [{"name": f"case{n}", "token": token(100 + n), "plan": "pro", "keys": STORED_KEYS} for n in range(20)]
+    running = Proxy(workdir, base_config(mock.base_url, workdir / "metrion.db", timeout=1, rate_limit=3,
+                                         tokens=tokens)).start()
+    yield running
+    running.stop()
+
+
+_case_tokens = iter(range(100, 120))
+
+
+@pytest.mark.parametrize("flavour", ["anthropic", "openai"])
+@pytest.mark.parametrize(("status", "case"), CASES, ids=[str(status) for status, _ in CASES])
+def test_metrion_errors_surface_as_the_sdks_own_exceptions(strict_proxy: Proxy, flavour: str, status: int,
+                                                          case: dict) -> None:
+    from harness import token
+
+    anthropic_error, openai_error = EXCEPTIONS[status]
+    headers = {"x-mock-scenario": case["scenario"]} if case.get("scenario") else {}
+    key = case.get("key", token(next(_case_tokens)))
+    if flavour == "anthropic":
+        client = anthropic.Anthropic(base_url=f"{strict_proxy.url}/api/proxy", api_key=key, max_retries=0,
+                                     default_headers=headers)
+        path, expected = case.get("path", "/v1/messages"), anthropic_error
+        body = case.get("body", {"model": MODELS["anthropic"], "max_tokens": 5,
+                                 "messages": [{"role": "user", "content": "x"}]})
+    else:
+        client = openai.OpenAI(base_url=f"{strict_proxy.url}/api/proxy/openai/v1", api_key=key, max_retries=0,
+                               default_headers=headers)
+        path, expected = case.get("path", "/chat/completions"), openai_error
+        body = case.get("body", {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]})
+    if case.get("path"):
+        client = client.with_options(base_url=strict_proxy.url)
+    for _ in range(3 if case.get("rate_limited") else 0):  # empty this token's bucket
+        client.post(path, body=body, cast_to=object)
+    with pytest.raises(expected) as caught:
+        client.post(path, body=body, cast_to=object)
+    assert caught.value.status_code == status
+    assert caught.value.response.headers["x-metrion-error"]
+    error = caught.value.response.json()
+    if status == 404:  # no provider in the path, so no provider shape: the OpenAI-style one, which both SDKs read
+        assert error["error"]["code"] == "unknown_route"
+    elif flavour == "anthropic":
+        assert error["type"] == "error" and caught.value.body["error"]["message"]
+    else:
+        assert caught.value.code == error["error"]["code"] and caught.value.type == error["error"]["type"]
