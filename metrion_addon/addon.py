@@ -9,16 +9,17 @@ import asyncio
 import logging
 import time
 import weakref
+from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, hooks, http
 from mitmproxy.proxy import server_hooks
 
 from metrion_addon import contentview, store
-from metrion_addon.auth import Identity, authenticate, identify_forward, requester
+from metrion_addon.auth import authenticate, identify_forward, requester
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
 from metrion_addon.errors import MetrionError, error_body, error_headers, provider_error_message
-from metrion_addon.limits import MonthlyQuota, RateLimiter
+from metrion_addon.limits import Limits
 from metrion_addon.metering import Exchange, StreamTap, build_record, metadata, summary
 from metrion_addon.pricing import Pricer
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
@@ -37,8 +38,7 @@ class Metrion:
         self.clock = clock or clock_from_env()
         self.config: Config | None = None
         self.writer: store.Writer | None = None
-        self.rates = RateLimiter(1)
-        self.quota = MonthlyQuota()
+        self.limits = Limits(1, {})
         self._tokens: dict = {}
         self._exchanges: dict[str, Exchange] = {}
         self._timers: dict[str, IdleTimer] = {}
@@ -74,11 +74,10 @@ class Metrion:
         self.writer = store.Writer(conn, price=pricer, on_written=self._priced)
         self.writer.start()
         self.config = config
-        self.rates = RateLimiter(config.rate_limit, buckets)
-        self.quota = MonthlyQuota(months)
+        caps = {name: plan.monthly_requests for name, plan in config.plans.items()}
+        self.limits = Limits(config.rate_limit, caps, buckets, months)
         self._tokens = config.token_by_hash()
-        self._upstream_hosts = {Route(p, "", url).upstream_url.split("/")[2].split(":")[0]
-                                for p, url in config.providers.items()}
+        self._upstream_hosts = {urlsplit(url).hostname for url in config.providers.values()}
         answer_upstream_failures(self._answer_upstream_failure)
 
     def running(self) -> None:
@@ -181,7 +180,10 @@ class Metrion:
         if not self.writer.healthy:
             raise MetrionError(503, "metering_unavailable", "Metrion cannot record usage right now "
                                f"(database write failed: {self.writer.error}); request not forwarded.")
-        self._check_limits(identity, exchange)
+        admission = self.limits.admit(identity.token_name, identity.plan, self.clock())
+        exchange.limit_headers = admission.headers
+        for state in admission.saved:
+            self.writer.put(state)
         for name in [name for name in headers if name.lower().startswith("x-metrion-")]:
             del headers[name]
         if route_is_forward:
@@ -190,35 +192,6 @@ class Metrion:
             for name in credentials.drop_headers:
                 headers.pop(name, None)
             headers.update(credentials.set_headers or {})
-
-    def _check_limits(self, identity: Identity, exchange: Exchange) -> None:
-        assert self.config is not None and self.writer is not None
-        now = self.clock()
-        cap = self.config.plans[identity.plan].monthly_requests
-        quota = self.quota.check(identity.token_name, cap, now)
-        if not quota.allowed:
-            wait = max(1, int(quota.resets_at - now + 0.999))
-            raise MetrionError(429, "monthly_quota_exceeded", (
-                f"Monthly request cap reached: {cap} requests for plan '{identity.plan}' of Metrion token "
-                f"'{identity.token_name}'. The cap resets at the start of next month (UTC), in {wait} s."
-            ), {"retry-after": str(wait), "x-should-retry": "false", **_quota_headers(cap, 0)})
-        rate = self.rates.take(identity.token_name, now)
-        self.writer.put(self.rates.state(identity.token_name))
-        limit_headers = {
-            "x-metrion-ratelimit-limit": str(rate.limit),
-            "x-metrion-ratelimit-remaining": str(rate.remaining),
-            "x-metrion-ratelimit-reset": str(max(0, int(rate.reset_seconds + 0.999))),
-        }
-        if not rate.allowed:
-            retry_ms = max(1, int(rate.retry_after * 1000 + 0.999))
-            raise MetrionError(429, "rate_limit_exceeded", (
-                f"Rate limit reached: {rate.limit} requests per minute for Metrion token '{identity.token_name}'. "
-                f"Retry in {retry_ms / 1000:.3f} s."
-            ), {"retry-after": str(max(1, int(rate.retry_after + 0.999))), "retry-after-ms": str(retry_ms),
-                **limit_headers})
-        quota, count = self.quota.count(identity.token_name, cap, now)
-        self.writer.put(count)
-        exchange.limit_headers = {**limit_headers, **_quota_headers(cap, quota.remaining)}
 
     def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         assert self.config is not None
@@ -349,12 +322,6 @@ class Metrion:
                         ) -> http.Response:
         headers = {**(exchange.limit_headers if exchange else {}), **error_headers(error)}
         return http.Response.make(error.status, error_body(provider, error), headers)
-
-
-def _quota_headers(cap: int | None, remaining: int | None) -> dict[str, str]:
-    if cap is None:
-        return {}
-    return {"x-metrion-quota-limit": str(cap), "x-metrion-quota-remaining": str(remaining)}
 
 
 def _plain_body(response: http.Response) -> bytes | None:

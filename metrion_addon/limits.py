@@ -6,10 +6,11 @@ Pure code: the caller passes the time; state is loaded from and saved to the sto
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from .errors import MetrionError
 from .store import BucketState, MonthlyCount
 
 
@@ -113,3 +114,54 @@ class MonthlyQuota:
         month = month_of(now)
         used = self._counts[(name, month)] = self._counts.get((name, month), 0) + 1
         return QuotaDecision(True, cap, used, next_month_start(now)), MonthlyCount(name, month, used)
+
+
+def _whole_seconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds))
+
+
+@dataclass(frozen=True)
+class Admission:
+    headers: dict[str, str]  # x-metrion-ratelimit-* and x-metrion-quota-*, for the forwarded response
+    saved: tuple[BucketState, MonthlyCount]  # the new limit state, for the store
+
+
+class Limits:
+    """Both limits together, in the order that keeps them exact: cap checked, then bucket, then cap counted."""
+
+    def __init__(self, per_minute: int, caps: Mapping[str, int | None], buckets: Iterable[BucketState] = (),
+                 months: Iterable[MonthlyCount] = ()) -> None:
+        self.rates = RateLimiter(per_minute, buckets)
+        self.quota = MonthlyQuota(months)
+        self._caps = caps
+
+    def admit(self, name: str, plan: str, now: float) -> Admission:
+        """Count one request of token `name`; raise MetrionError(429) if a limit refuses it."""
+        cap = self._caps[plan]
+        quota = self.quota.check(name, cap, now)
+        if not quota.allowed:
+            wait = _whole_seconds(quota.resets_at - now)
+            raise MetrionError(429, "monthly_quota_exceeded", (
+                f"Monthly request cap reached: {cap} requests for plan '{plan}' of Metrion token '{name}'. "
+                f"The cap resets at the start of next month (UTC), in {wait} s."
+            ), {"retry-after": str(wait), "x-should-retry": "false", **quota_headers(cap, 0)})
+        rate = self.rates.take(name, now)
+        headers = {
+            "x-metrion-ratelimit-limit": str(rate.limit),
+            "x-metrion-ratelimit-remaining": str(rate.remaining),
+            "x-metrion-ratelimit-reset": str(math.ceil(rate.reset_seconds)),
+        }
+        if not rate.allowed:
+            retry_ms = max(1, math.ceil(rate.retry_after * 1000))
+            raise MetrionError(429, "rate_limit_exceeded", (
+                f"Rate limit reached: {rate.limit} requests per minute for Metrion token '{name}'. "
+                f"Retry in {retry_ms / 1000:.3f} s."
+            ), {"retry-after": str(_whole_seconds(rate.retry_after)), "retry-after-ms": str(retry_ms), **headers})
+        counted, month = self.quota.count(name, cap, now)
+        return Admission({**headers, **quota_headers(cap, counted.remaining)}, (self.rates.state(name), month))
+
+
+def quota_headers(cap: int | None, remaining: int | None) -> dict[str, str]:
+    if cap is None:
+        return {}
+    return {"x-metrion-quota-limit": str(cap), "x-metrion-quota-remaining": str(remaining)}

@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from metrion_addon.limits import MonthlyQuota, RateLimiter, month_of, next_month_start
+from metrion_addon.errors import MetrionError
+from metrion_addon.limits import Limits, MonthlyQuota, RateLimiter, month_of, next_month_start
 from metrion_addon.store import BucketState, MonthlyCount
 
 
@@ -71,3 +72,25 @@ def test_monthly_cap_resets_on_first_of_month_utc() -> None:
 def test_months_are_calendar_months_in_utc(now: str, month: str, next_start: str) -> None:
     assert month_of(at(now)) == month
     assert next_month_start(at(now)) == at(next_start)
+
+
+def test_admission_refuses_with_the_headers_sdks_need() -> None:
+    limits = Limits(2, {"free": 3, "pro": None})
+    now = at("2026-11-30T23:59:00")
+    first = limits.admit("a", "free", now)
+    assert first.headers == {"x-metrion-ratelimit-limit": "2", "x-metrion-ratelimit-remaining": "1",
+                             "x-metrion-ratelimit-reset": "30", "x-metrion-quota-limit": "3",
+                             "x-metrion-quota-remaining": "2"}
+    assert first.saved == (BucketState("a", 1.0, now), MonthlyCount("a", "2026-11", 1))
+    limits.admit("a", "free", now)
+    with pytest.raises(MetrionError) as rate:
+        limits.admit("a", "free", now)
+    assert (rate.value.status, rate.value.code) == (429, "rate_limit_exceeded")
+    assert rate.value.headers["retry-after"] == "30" and rate.value.headers["retry-after-ms"] == "30000"
+    limits.admit("a", "free", now + 30)
+    with pytest.raises(MetrionError) as cap:
+        limits.admit("a", "free", now + 45)  # the cap is checked before the bucket
+    assert cap.value.code == "monthly_quota_exceeded" and cap.value.headers["x-should-retry"] == "false"
+    assert cap.value.headers["retry-after"] == "15"  # until the month ends
+    assert limits.admit("a", "free", now + 60).headers["x-metrion-quota-remaining"] == "2"  # December
+    assert "x-metrion-quota-limit" not in limits.admit("b", "pro", now).headers
