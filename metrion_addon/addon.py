@@ -81,7 +81,8 @@ class Metrion:
         answer_upstream_failures(self._answer_upstream_failure)
 
     def running(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        # Only a UI (mitmweb's or the console's flow view) shows the cost once the writer has priced a row.
+        self._loop = asyncio.get_running_loop() if ctx.master.addons.get("view") is not None else None
         if self.config is not None:
             log.info("metrion: metering %d token(s) into %s", len(self.config.tokens), self.config.database)
 
@@ -298,7 +299,8 @@ class Metrion:
         if flow is not None:
             flow.metadata["metrion"] = metadata(record)
             flow.comment = summary(record)
-            self._flows[flow.id] = flow
+            if self._loop is not None:  # a UI will want the cost once the row is priced
+                self._flows[flow.id] = flow
         if self.writer is not None:
             self.writer.put(record)
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import genai_prices
-from genai_prices import Usage, calc_price
+from genai_prices import Usage, calc_price, data_snapshot
+from genai_prices import types as genai_types
 
 from metrion_addon.config import ModelPrice
 from metrion_addon.store import RequestRecord
@@ -56,12 +58,35 @@ def _request_time(ts: str) -> datetime | None:
         return None  # genai-prices then uses today's prices
 
 
+_MTOK = 1_000_000
+
+
+def _linear_rates(price: genai_types.ModelPrice) -> tuple[Decimal, ...] | None:
+    """genai-prices' own cost for a fixed fee and one million tokens of each kind, or None if it is tiered.
+
+    Without tiers the cost is affine in the four token counts, so these five numbers reproduce `calc_price`
+    exactly (in Decimal) at a fraction of its cost; tiered prices depend on the prompt size and go the slow way.
+    """
+    if any(isinstance(value, genai_types.TieredPrices) for value in vars(price).values()):
+        return None
+
+    def cost(input: int = 0, cache_read: int = 0, cache_write: int = 0, output: int = 0) -> Decimal:
+        usage = Usage(input_tokens=input, cache_read_tokens=cache_read, cache_write_tokens=cache_write,
+                      output_tokens=output)
+        return price.calc_price(usage)["total_price"]
+
+    fee, prompt = cost(), cost(input=_MTOK)
+    return fee, prompt - fee, cost(_MTOK, cache_read=_MTOK) - prompt, cost(_MTOK, cache_write=_MTOK) - prompt, \
+        cost(output=_MTOK) - fee
+
+
 class Pricer:
     """Prices rows: a config override for the model wins, else genai-prices; unknown models cost NULL."""
 
     def __init__(self, overrides: Mapping[str, ModelPrice]) -> None:
         self._overrides = dict(overrides)
         self._unknown: set[tuple[str, str]] = set()  # a miss scans every model in genai-prices: remember it
+        self._rates: dict[int, tuple[genai_types.ModelPrice, tuple[Decimal, ...] | None]] = {}
 
     def warm(self) -> None:
         """Load the price data now, so the first real row is not the one that pays for it."""
@@ -77,19 +102,29 @@ class Pricer:
         provider_id = PROVIDER_IDS.get(record.provider)
         if provider_id is None or (provider_id, model) in self._unknown:
             return None, None
-        usage = Usage(
-            input_tokens=record.input_tokens,
-            cache_read_tokens=record.cache_read_tokens,
-            cache_write_tokens=record.cache_write_tokens,
-            output_tokens=record.output_tokens,
-        )
+        when = _request_time(record.ts)
         try:
-            when = _request_time(record.ts)
-            price = calc_price(usage, model, provider_id=provider_id, genai_request_timestamp=when)
+            _, info = data_snapshot.get_snapshot().find_provider_model(model, None, provider_id, None)
         except LookupError:
             self._unknown.add((provider_id, model))
             return None, None
+        try:
+            return self._genai_cost(info, record, when), GENAI_PRICES_SOURCE
         except Exception:  # the writer thread must never die over a price: store the row unpriced
             log.exception("metrion: could not price %s %s", record.provider, model)
             return None, None
-        return float(price.total_price), GENAI_PRICES_SOURCE
+
+    def _genai_cost(self, info: genai_types.ModelInfo, record: RequestRecord, when: datetime | None) -> float:
+        price = info.get_prices(when or datetime.now(UTC))
+        cached = self._rates.get(id(price))
+        if cached is None or cached[0] is not price:
+            cached = self._rates[id(price)] = (price, _linear_rates(price))
+        rates = cached[1]
+        if rates is None:
+            usage = Usage(input_tokens=record.input_tokens, cache_read_tokens=record.cache_read_tokens,
+                          cache_write_tokens=record.cache_write_tokens, output_tokens=record.output_tokens)
+            return float(price.calc_price(usage)["total_price"])
+        fee, prompt, cache_read, cache_write, output = rates
+        tokens = (prompt * record.input_tokens + cache_read * record.cache_read_tokens
+                  + cache_write * record.cache_write_tokens + output * record.output_tokens)
+        return float(fee + tokens / _MTOK)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mitmproxy import exceptions, flowfilter, http
+from mitmproxy.addons.view import View
 from mitmproxy.test import taddons, tflow, tutils
 
 from metrion_addon.addon import Metrion
@@ -45,7 +46,7 @@ def run(coroutine_function) -> None:
 def test_metered_flow_is_annotated_for_mitmweb_and_its_secrets_redacted(tmp_path: Path) -> None:
     async def scenario() -> None:
         addon = Metrion(clock=lambda: 1_795_000_000.0)
-        with taddons.context(addon) as tctx:
+        with taddons.context(View(), addon) as tctx:  # mitmweb's flow view: the cost is shown once priced
             tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
             addon.running()
             flow = chat_flow()

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 
 import pytest
-from genai_prices import Usage, calc_price
+from genai_prices import Usage, calc_price, data_snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from metrion_addon import pricing
 from metrion_addon.config import ModelPrice
 from metrion_addon.pricing import CONFIG_SOURCE, GENAI_PRICES_SOURCE, Pricer, base_model, override_cost
 from metrion_addon.store import RequestRecord
@@ -79,18 +80,37 @@ def test_unknown_or_missing_model_costs_null_not_zero(provider: str, model: str 
 
 
 def test_unknown_model_is_looked_up_in_genai_prices_only_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshot = data_snapshot.get_snapshot()
     calls: list[str] = []
+    find = snapshot.find_provider_model
 
-    def counting_calc_price(usage: Usage, model: str, **kwargs: object) -> object:
+    def counting_find(model: str, *args: object) -> object:
         calls.append(model)
-        return calc_price(usage, model, **kwargs)  # type: ignore[arg-type]
+        return find(model, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pricing, "calc_price", counting_calc_price)
+    monkeypatch.setattr(snapshot, "find_provider_model", counting_find)
     pricer = Pricer({})
     for _ in range(3):
         assert pricer(record("openai", "no-such-model", input_tokens=5)) == (None, None)
 
     assert calls == ["no-such-model"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    case=st.sampled_from([("anthropic", "claude-sonnet-4-5-20250929", "anthropic"), ("openai", "gpt-4o", "openai"),
+                          ("gemini", "gemini-2.5-pro", "google"), ("grok", "grok-4", "x-ai"),
+                          ("mistral", "mistral-large-latest", "mistral")]),
+    prompt=st.integers(0, 400_000), read=st.integers(0, 400_000), write=st.integers(0, 400_000),
+    output=st.integers(0, 100_000),
+)
+def test_any_usage_costs_exactly_what_calc_price_says(case, prompt: int, read: int, write: int, output: int) -> None:
+    provider, model, provider_id = case
+    tokens = {"input_tokens": prompt + read + write, "cache_read_tokens": read, "cache_write_tokens": write,
+              "output_tokens": output}
+    expected = calc_price(Usage(**tokens), model, provider_id=provider_id,
+                          genai_request_timestamp=datetime.fromisoformat(TS))
+    assert Pricer({})(record(provider, model, **tokens))[0] == pytest.approx(float(expected.total_price), rel=1e-12)
 
 
 def test_known_model_with_no_tokens_costs_zero_with_its_source() -> None:

@@ -1,0 +1,459 @@
+"""Metrion's proxy benchmark: the upstream direct, bare mitmdump and mitmdump + Metrion, interleaved in one run.
+
+Run `.venv/bin/python bench/run.py [--quick | --smoke] [--scenarios 1,2,3,4,5,6] [--no-write]`; writes bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PYTHON = sys.executable
+MITMDUMP = Path(sys.executable).parent / "mitmdump"
+TOKEN = "sk-metrion-" + "be" * 16
+TARGETS = ("direct", "bare", "metrion")
+PROVIDERS = ("anthropic", "openai", "gemini", "mistral", "grok")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much of each scenario to run; `full` is what RESULTS.md quotes."""
+
+    rounds: int
+    s1_seconds: float
+    s2_seconds: float
+    s3_streams: int
+    s4_streams: int
+    s4_events: int
+    s5_counts: tuple[int, int]
+    s6_seconds: float
+
+
+FULL = Sizes(rounds=3, s1_seconds=4, s2_seconds=5, s3_streams=8, s4_streams=500, s4_events=25,
+             s5_counts=(5_000, 50_000), s6_seconds=8)
+QUICK = Sizes(rounds=3, s1_seconds=0.7, s2_seconds=1, s3_streams=2, s4_streams=100, s4_events=6,
+              s5_counts=(500, 2_000), s6_seconds=1.5)
+SMOKE = Sizes(rounds=1, s1_seconds=0.3, s2_seconds=0.3, s3_streams=1, s4_streams=10, s4_events=3,
+              s5_counts=(50, 100), s6_seconds=0.5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def med(values: list[float]) -> float:
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Upstream:
+    def __init__(self) -> None:
+        self.process = subprocess.Popen([PYTHON, str(BENCH / "upstream.py")], stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        self.port = int(self.process.stdout.readline())
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@dataclass
+class Proxy:
+    """A mitmdump in regular mode on loopback: `bare` (no Metrion) or `metrion`, same options otherwise."""
+
+    kind: str
+    upstream_port: int
+    workdir: Path
+    scripts: tuple[Path, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    process: subprocess.Popen | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.kind}.log"
+
+    def start(self) -> Proxy:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        args = [str(MITMDUMP)]
+        if self.kind == "metrion":
+            config = self.workdir / "metrion.yaml"
+            config.write_text(yaml.safe_dump({
+                "database": str(self.workdir / "metrion.db"),
+                "timeout": 30,
+                "rate_limit": 1_000_000,
+                "providers": {p: f"http://127.0.0.1:{self.upstream_port}/{p}/v1" for p in PROVIDERS},
+                "plans": {"pro": {"monthly_requests": None}},
+                "tokens": [{"name": "bench", "token": TOKEN, "plan": "pro", "keys": {"openai": "sk-bench"}}],
+            }))
+            args += ["-s", str(ROOT / "metrion_addon" / "addon.py"), "--set", f"metrion_config={config}"]
+        else:
+            args += ["-s", str(BENCH / "sse_passthrough.py")]
+        for script in self.scripts:
+            args += ["-s", str(script)]
+        args += ["--set", f"confdir={self.workdir / 'confdir'}", "--listen-host", "127.0.0.1",
+                 "--listen-port", str(self.port), "--set", "connection_strategy=lazy",
+                 "--set", "termlog_verbosity=info", "--set", "flow_detail=0"]
+        ready = b"metrion: metering" if self.kind == "metrion" else b"proxy listening at"
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **self.env})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.kind} mitmdump exited:\n{self.log_path.read_text()}")
+            if ready in self.log_path.read_bytes():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.kind} mitmdump not ready:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+
+def job_for(target: str, upstream_port: int, proxies: dict[str, Proxy], **job: object) -> dict:
+    """Where and how the load client reaches `target`: the same request, as each target needs it."""
+    path = "/openai/v1/chat/completions"
+    upstream_host = f"127.0.0.1:{upstream_port}"
+    auth = {"authorization": "Bearer sk-bench"}
+    if target == "direct":
+        where = {"connect_port": upstream_port, "host": upstream_host, "target": path, "headers": auth}
+    elif target == "bare":  # a forward-proxy request: absolute-form URL
+        where = {"connect_port": proxies["bare"].port, "host": upstream_host,
+                 "target": f"http://{upstream_host}{path}", "headers": auth}
+    else:
+        port = proxies["metrion"].port
+        where = {"connect_port": port, "host": f"127.0.0.1:{port}", "target": "/api/proxy" + path,
+                 "headers": {"authorization": f"Bearer {TOKEN}"}}
+    where["headers"] = {**where["headers"], **job.pop("headers", {})}  # type: ignore[dict-item]
+    return {"connect_host": "127.0.0.1", **where, **job}
+
+
+def run_load(job: dict, timeout: float = 300) -> dict:
+    out = subprocess.run([PYTHON, str(BENCH / "load.py"), json.dumps(job)], capture_output=True, text=True,
+                         timeout=timeout, check=True)
+    return json.loads(out.stdout)
+
+
+class Sampler:
+    """CPU and peak RSS of one process while a load runs."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.peak = 0.0
+        if pid:
+            self.cpu0, self.t0 = cpu_seconds(pid), time.monotonic()
+
+    def sample(self) -> None:
+        if self.pid:
+            self.peak = max(self.peak, rss_mb(self.pid))
+
+    def cpu_percent(self) -> float:
+        if not self.pid:
+            return float("nan")
+        return 100 * (cpu_seconds(self.pid) - self.cpu0) / (time.monotonic() - self.t0)
+
+
+def run_load_sampled(job: dict, pid: int | None, timeout: float = 300) -> tuple[dict, Sampler]:
+    sampler = Sampler(pid)
+    with tempfile.TemporaryFile("w+") as out:  # a file, not a pipe: the result can be megabytes
+        proc = subprocess.Popen([PYTHON, str(BENCH / "load.py"), json.dumps(job)], stdout=out, text=True)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            sampler.sample()
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise TimeoutError(job)
+            time.sleep(0.2)
+        sampler.sample()
+        cpu = sampler.cpu_percent()
+        if proc.returncode:
+            raise RuntimeError(f"load client failed: {proc.returncode}")
+        out.seek(0)
+        result = json.loads(out.read())
+    result["cpu_percent"] = cpu
+    return result, sampler
+
+
+# --------------------------------------------------------------------------- scenarios
+
+Table = dict[str, dict[str, float]]  # target -> metric -> median over rounds
+
+
+def rounds(sizes: Sizes, measure) -> Table:
+    """Run `measure(target)` for every target, `sizes.rounds` times, in a rotating order; median each metric."""
+    collected: dict[str, dict[str, list[float]]] = {t: {} for t in TARGETS}
+    for r in range(sizes.rounds):
+        order = TARGETS[r % 3:] + TARGETS[: r % 3]
+        for target in order:
+            for metric, value in measure(target).items():
+                collected[target].setdefault(metric, []).append(value)
+    return {t: {m: med(v) for m, v in metrics.items()} for t, metrics in collected.items()}
+
+
+def scenario_1(sizes: Sizes, up: int, proxies: dict[str, Proxy]) -> Table:
+    def measure(target: str) -> dict[str, float]:
+        r = run_load(job_for(target, up, proxies, kind="requests", conns=1, duration=sizes.s1_seconds,
+                             count=100_000, warmup=50))
+        lat = [x / 1000 for x in r["latencies_us"]]
+        return {"p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99), "requests": len(lat), "errors": r["errors"]}
+    return rounds(sizes, measure)
+
+
+def scenario_2(sizes: Sizes, up: int, proxies: dict[str, Proxy]) -> Table:
+    def measure(target: str) -> dict[str, float]:
+        pid = proxies[target].pid if target in proxies else None
+        r, _ = run_load_sampled(job_for(target, up, proxies, kind="requests", conns=8, duration=sizes.s2_seconds,
+                                        count=1_000_000, warmup=20), pid)
+        lat = [x / 1000 for x in r["latencies_us"]]
+        rps = len(lat) / r["elapsed"]
+        return {"rps": rps, "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99), "proxy_cpu_percent": r["cpu_percent"],
+                "proxy_cpu_us_per_request": r["cpu_percent"] * 1e4 / rps, "errors": r["errors"]}
+    return rounds(sizes, measure)
+
+
+def scenario_3(sizes: Sizes, up: int, proxies: dict[str, Proxy]) -> Table:
+    interval_ms = 20
+
+    def measure(target: str) -> dict[str, float]:
+        r = run_load(job_for(target, up, proxies, kind="streams", streams=1, repeat=sizes.s3_streams,
+                             headers={"x-bench-events": "20", "x-bench-interval-ms": str(interval_ms)}))
+        ms = {k: [x / 1000 for x in r[k]] for k in ("ttfe_us", "delays_us", "gaps_us")}
+        return {"ttfe_p50_ms": pct(ms["ttfe_us"], 0.5), "delay_p50_ms": pct(ms["delays_us"], 0.5),
+                "delay_p99_ms": pct(ms["delays_us"], 0.99), "delay_max_ms": max(ms["delays_us"], default=float("nan")),
+                "gap_p50_ms": pct(ms["gaps_us"], 0.5), "gap_min_ms": min(ms["gaps_us"], default=float("nan")),
+                "held_back": sum(d > interval_ms / 2 for d in ms["delays_us"]),
+                "events": len(ms["delays_us"]), "errors": r["errors"]}
+    return rounds(sizes, measure)
+
+
+def scenario_4(sizes: Sizes, up: int, proxies: dict[str, Proxy]) -> Table:
+    rounds_4 = Sizes(**{**sizes.__dict__, "rounds": max(1, min(3, sizes.rounds))})
+
+    def measure(target: str) -> dict[str, float]:
+        pid = proxies[target].pid if target in proxies else None
+        r, sampler = run_load_sampled(job_for(
+            target, up, proxies, kind="streams", streams=sizes.s4_streams, ramp=min(2.0, sizes.s4_events * 0.1),
+            headers={"x-bench-events": str(sizes.s4_events), "x-bench-interval-ms": "200"}), pid)
+        delays = [x / 1000 for x in r["delays_us"]]
+        return {"delay_p50_ms": pct(delays, 0.5), "delay_p99_ms": pct(delays, 0.99),
+                "ttfe_p99_ms": pct([x / 1000 for x in r["ttfe_us"]], 0.99), "events": len(delays),
+                "cpu_percent": r["cpu_percent"], "peak_rss_mb": sampler.peak or float("nan"), "errors": r["errors"]}
+    return rounds(rounds_4, measure)
+
+
+def scenario_5(sizes: Sizes, up: int, workdir: Path) -> Table:
+    """Fresh proxies; both loaded at once (RSS, not speed, is measured here) to halve the wall time."""
+    first, total = sizes.s5_counts
+    fresh = {k: Proxy(k, up, workdir / f"s5-{k}").start() for k in ("bare", "metrion")}
+    result: Table = {"direct": {}}
+    try:
+        points: dict[str, list[float]] = {k: [] for k in fresh}
+        for count in (first, total - first):
+            procs = {k: subprocess.Popen([PYTHON, str(BENCH / "load.py"), json.dumps(job_for(
+                k, up, fresh, kind="requests", conns=8, duration=3600, count=count))], stdout=subprocess.PIPE)
+                for k in fresh}
+            for proc in procs.values():
+                proc.communicate(timeout=900)
+            time.sleep(1.0)  # let the writer drain its queue
+            for k, proxy in fresh.items():
+                points[k].append(rss_mb(proxy.pid))
+        for k in fresh:
+            result[k] = {f"rss_after_{first}_mb": points[k][0], f"rss_after_{total}_mb": points[k][1],
+                         "growth_mb": points[k][1] - points[k][0]}
+    finally:
+        for proxy in fresh.values():
+            proxy.stop()
+    return result
+
+
+def scenario_6(sizes: Sizes, up: int, workdir: Path) -> Table:
+    """Event-loop hold times under the scenario-2 load, with a 1 ms ticker in the proxy; plus asyncio debug."""
+    result: Table = {"direct": {}}
+    for kind in ("bare", "metrion"):
+        probe = workdir / f"s6-{kind}.json"
+        proxy = Proxy(kind, up, workdir / f"s6-{kind}", scripts=(BENCH / "loop_probe.py",),
+                      env={"BENCH_LOOP_PROBE": str(probe)}).start()
+        try:
+            run_load(job_for(kind, up, {kind: proxy}, kind="requests", conns=8, duration=sizes.s6_seconds,
+                             count=1_000_000))
+            run_load(job_for(kind, up, {kind: proxy}, kind="streams", streams=50, ramp=0.5,
+                             headers={"x-bench-events": "10", "x-bench-interval-ms": "50"}))
+        finally:
+            proxy.stop()
+        result[kind] = {k: float(v) for k, v in json.loads(probe.read_text()).items()}
+    # asyncio debug mode names every callback that held the loop longer than 10 ms
+    proxy = Proxy("metrion", up, workdir / "s6-debug", scripts=(BENCH / "loop_probe.py",),
+                  env={"BENCH_SLOW_CALLBACK_MS": "10"}).start()
+    try:
+        run_load(job_for("metrion", up, {"metrion": proxy}, kind="requests", conns=8, duration=sizes.s6_seconds,
+                         count=1_000_000))
+    finally:
+        proxy.stop()
+    slow = [line for line in proxy.log_path.read_text().splitlines() if "Executing" in line and "took" in line]
+    result["metrion"]["debug_slow_callbacks"] = float(len(slow))
+    (workdir / "s6-slow-callbacks.txt").write_text("\n".join(slow))
+    result["metrion"]["_slow_examples"] = slow[:5]  # type: ignore[assignment]
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine() -> dict[str, str]:
+    version = subprocess.run([str(MITMDUMP), "--version"], capture_output=True, text=True).stdout
+    mitm = next((line.split(":", 1)[1].strip() for line in version.splitlines() if line.startswith("Mitmproxy")), "?")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cores": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(), "mitmproxy": mitm,
+            "os": platform.platform()}
+
+
+def fmt(value: object) -> str:
+    if isinstance(value, float):
+        if value != value:
+            return "—"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def table(title: str, data: Table) -> str:
+    metrics = [m for m in dict.fromkeys(m for t in TARGETS for m in data.get(t, {})) if not m.startswith("_")]
+    lines = [f"### {title}", "", "| metric | direct | bare mitmdump | mitmdump + Metrion | Metrion − bare | "
+             "Metrion / bare |", "|---|---:|---:|---:|---:|---:|"]
+    for m in metrics:
+        d, b, x = (data.get(t, {}).get(m, float("nan")) for t in TARGETS)
+        ratio = x / b if b == b and b else float("nan")
+        lines.append(f"| {m} | {fmt(d)} | {fmt(b)} | {fmt(x)} | {fmt(x - b)} | {fmt(ratio)} |")
+    return "\n".join(lines)
+
+
+TITLES = {
+    1: "Scenario 1 — non-streaming, 1 connection (latency per request)",
+    2: "Scenario 2 — non-streaming, 8 connections (throughput)",
+    3: "Scenario 3 — streaming, 20 events 20 ms apart, 1 connection",
+    4: "Scenario 4 — open streams at once, events every 200 ms",
+    5: "Scenario 5 — RSS of fresh proxies after N non-streaming requests",
+    6: "Scenario 6 — event-loop hold times (1 ms ticker in the proxy) under 8-connection load + 50 streams",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="scaled-down run (under a minute)")
+    mode.add_argument("--smoke", action="store_true", help="a few requests per scenario: checks the harness runs")
+    parser.add_argument("--scenarios", default="1,2,3,4,5,6", help="comma-separated scenario numbers")
+    parser.add_argument("--no-write", action="store_true", help="print JSON only; leave bench/RESULTS.md alone")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args()
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
+    chosen = [int(s) for s in args.scenarios.split(",") if s.strip()]
+    started = time.monotonic()
+    results: dict[int, Table] = {}
+    with tempfile.TemporaryDirectory(prefix="metrion-bench-") as tmp:
+        workdir = Path(tmp)
+        upstream = Upstream()
+        proxies = {k: Proxy(k, upstream.port, workdir / k) for k in ("bare", "metrion")}
+        try:
+            if any(s in chosen for s in (1, 2, 3, 4)):
+                for proxy in proxies.values():
+                    proxy.start()
+            for s in chosen:
+                t0 = time.monotonic()
+                if s in (1, 2, 3, 4):
+                    results[s] = (scenario_1, scenario_2, scenario_3, scenario_4)[s - 1](sizes, upstream.port, proxies)
+                elif s == 5:
+                    results[s] = scenario_5(sizes, upstream.port, workdir)
+                elif s == 6:
+                    results[s] = scenario_6(sizes, upstream.port, workdir)
+                print(f"scenario {s}: {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+        finally:
+            for proxy in proxies.values():
+                proxy.stop()
+            upstream.stop()
+    elapsed = time.monotonic() - started
+    print(json.dumps({"elapsed_s": elapsed, "results": results}, indent=1, default=str))
+    if args.json:
+        args.json.write_text(json.dumps({"elapsed_s": elapsed, "machine": machine(), "results": results},
+                                        indent=1, default=str))
+    if not args.no_write:
+        command = ".venv/bin/python bench/run.py " + " ".join(sys.argv[1:])
+        write_tables(results, sizes, command.strip(), elapsed)
+
+
+def write_tables(results: dict[int, Table], sizes: Sizes, command: str, elapsed: float) -> None:
+    """Write the measured tables into RESULTS.md between markers, keeping the hand-written analysis around them."""
+    info = machine()
+    body = [f"Command: `{command}` ({elapsed:.0f} s; {sizes.rounds} interleaved rounds, medians of per-round values)",
+            "", f"Machine: {info['cores']} cores ({info['cpu']}), Python {info['python']}, "
+            f"mitmproxy {info['mitmproxy']}, {info['os']}", ""]
+    for s, data in sorted(results.items()):
+        body += [table(TITLES[s], data), ""]
+    path = BENCH / "RESULTS.md"
+    start, end = "<!-- tables:start -->", "<!-- tables:end -->"
+    text = path.read_text() if path.exists() else f"# Metrion benchmark results\n\n{start}\n{end}\n"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{start}\n" + "\n".join(body) + f"\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The benchmark harness runs end to end: a tiny `bench/run.py --smoke` yields numbers for every target.
+
+Not a timed test: it checks the harness works, never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--no-write", "--json", str(out)],
+                   cwd=ROOT, check=True, timeout=55, capture_output=True)
+    return json.loads(out.read_text())["results"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("scenario", "metric"), [
+    ("1", "p50_ms"),
+    ("2", "rps"),
+    ("3", "ttfe_p50_ms"),
+    ("4", "delay_p99_ms"),
+])
+def test_smoke_run_measures_direct_bare_and_metrion(smoke: dict, scenario: str, metric: str) -> None:
+    for target in ("direct", "bare", "metrion"):
+        value = smoke[scenario][target][metric]
+        assert math.isfinite(value) and value > 0, (scenario, target, metric, value)
+        assert smoke[scenario][target]["errors"] == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("scenario", "metric"), [("5", "growth_mb"), ("6", "max_us")])
+def test_smoke_run_measures_both_proxies(smoke: dict, scenario: str, metric: str) -> None:
+    for target in ("bare", "metrion"):
+        assert math.isfinite(smoke[scenario][target][metric]), (scenario, target)
