@@ -6,6 +6,7 @@ Run with `mitmdump -s metrion_addon/addon.py --set metrion_config=config.yaml` (
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import weakref
@@ -29,7 +30,8 @@ from metrion_addon.usage import StreamUsage
 
 log = logging.getLogger(__name__)
 
-_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-metrion-token", "proxy-authorization")
+_CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-metrion-token", b"proxy-authorization")
+_REDACTED = b"[redacted]"
 _REJECTED_MARK = ":no_entry:"
 
 
@@ -136,7 +138,7 @@ class Metrion:
         exchange = Exchange(route, flow.request.path, flow.request.method, started=self.clock())
         self._exchanges[flow.id] = exchange
         try:
-            self._admit(flow, exchange)
+            self._admit(flow, exchange, _lowercase(flow.request.headers))
         except MetrionError as e:
             exchange.failure = e
             flow.response = self._error_response(route.provider, e, exchange)
@@ -162,10 +164,13 @@ class Metrion:
             flow.response = self._error_response(None, error)
         return route
 
-    def _admit(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
-        """Authenticate, validate and count the request; raise MetrionError to refuse it."""
+    def _admit(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str]) -> None:
+        """Authenticate, validate and count the request; raise MetrionError to refuse it.
+
+        `headers` is a lower-cased snapshot: mitmproxy's Headers scan every field on each lookup.
+        """
         assert self.config is not None and self.writer is not None
-        headers, route = flow.request.headers, exchange.route
+        route = exchange.route
         exchange.requester = requester(headers)
         if route_is_forward := flow.request.host.lower() in PROVIDER_HOSTS:
             identity = self._tunnels.get(flow.client_conn) or identify_forward(
@@ -185,14 +190,16 @@ class Metrion:
         exchange.limit_headers = admission.headers
         for state in admission.saved:
             self.writer.put(state)
-        for name in [name for name in headers if name.lower().startswith("x-metrion-")]:
-            del headers[name]
+        drop = [name for name in headers if name.startswith("x-metrion-")]
         if route_is_forward:
-            headers.pop("proxy-authorization", None)
+            drop.append("proxy-authorization")
         elif credentials is not None:
-            for name in credentials.drop_headers:
-                headers.pop(name, None)
-            headers.update(credentials.set_headers or {})
+            drop += credentials.drop_headers
+        for name in drop:
+            if name in headers:
+                del flow.request.headers[name]
+        if credentials is not None and credentials.set_headers:
+            flow.request.headers.update(credentials.set_headers)
 
     def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         assert self.config is not None
@@ -201,7 +208,7 @@ class Metrion:
         if exchange.request and exchange.request.parsed is not None and needs_stream_usage(route, exchange.request):
             request.content = with_stream_usage(request.raw_content or b"", exchange.request.parsed)
             exchange.hide_usage_chunk = True
-        request.url = route.upstream_url
+        request.scheme, request.host, request.port, request.path = _target(route.upstream_url)  # in this order
         self._timers[flow.id] = IdleTimer(self.config.timeout, lambda: self._time_out(flow))
         token = exchange.identity.token_name if exchange.identity else None
         flow.metadata["metrion"] = {"provider": route.provider, "token": token}
@@ -213,7 +220,7 @@ class Metrion:
         if exchange is None or flow.response is None:
             return
         _redact(flow.request.headers)
-        flow.response.headers.update(exchange.limit_headers)
+        flow.response.headers.fields += tuple((k.encode(), v.encode()) for k, v in exchange.limit_headers.items())
         timer = self._timers.get(flow.id)
         if timer is None:
             return
@@ -327,18 +334,35 @@ class Metrion:
 
 
 def _plain_body(response: http.Response) -> bytes | None:
+    if "content-encoding" not in response.headers:
+        return response.raw_content
     try:
-        return response.content  # decoded, should the provider have ignored accept-encoding: identity
+        return response.content  # decoded: the provider ignored accept-encoding: identity
     except ValueError:
         return response.raw_content
 
 
+def _lowercase(headers: http.Headers) -> dict[str, str]:
+    """The request headers as a plain dict with lower-case names (read from the raw fields: fast)."""
+    return {name.decode("latin-1").lower(): value.decode("utf-8", "surrogateescape") for name, value in headers.fields}
+
+
+@functools.lru_cache(maxsize=256)
+def _target(url: str) -> tuple[str, str, int, str]:
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), path
+
+
 def _redact(headers: http.Headers) -> None:
-    """Keep secrets out of mitmweb, saved flows and logs once they have been used."""
-    for name in _CREDENTIAL_HEADERS:
-        if name in headers:
-            scheme, _, value = headers[name].partition(" ")
-            headers[name] = f"{scheme} [redacted]" if value and scheme.lower() in ("bearer", "basic") else "[redacted]"
+    """Keep secrets out of mitmweb, saved flows and logs once they have been used (idempotent)."""
+    fields = headers.fields
+    for i, (name, value) in enumerate(fields):
+        if name.lower() in _CREDENTIAL_HEADERS and not value.endswith(_REDACTED):
+            scheme, _, secret = value.partition(b" ")
+            kept = scheme + b" " if secret and scheme.lower() in (b"bearer", b"basic") else b""
+            fields = (*fields[:i], (name, kept + _REDACTED), *fields[i + 1 :])
+    headers.fields = fields
 
 
 def _blocked(host: str) -> str:

@@ -5,6 +5,7 @@ METRION_CLOCK_FILE=path makes the time whatever ISO 8601 instant that file holds
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -38,5 +39,10 @@ def clock_from_env(environ: Mapping[str, str] = os.environ) -> Clock:
 
 def iso_utc(seconds: float) -> str:
     """`2026-11-24T20:32:29.123Z`: fixed width, so text order is time order."""
-    moment = datetime.fromtimestamp(seconds, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    whole = int(seconds)
+    return f"{_iso_second(whole)}.{int((seconds - whole) * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=8)
+def _iso_second(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")

@@ -84,6 +84,21 @@ def next_month_start(now: float) -> float:
     return datetime(year, month, 1, tzinfo=UTC).timestamp()
 
 
+class _CalendarMonth:
+    """The month `now` falls in, recomputed only when `now` leaves it (date formatting is slow on a hot path)."""
+
+    def __init__(self) -> None:
+        self._start = self._end = 0.0
+        self._key = ""
+
+    def __call__(self, now: float) -> tuple[str, float]:
+        """(`YYYY-MM`, start of next month) for `now`."""
+        if not self._start <= now < self._end:
+            self._key, self._end = month_of(now), next_month_start(now)
+            self._start = datetime.strptime(self._key, "%Y-%m").replace(tzinfo=UTC).timestamp()
+        return self._key, self._end
+
+
 @dataclass(frozen=True)
 class QuotaDecision:
     allowed: bool
@@ -101,19 +116,18 @@ class MonthlyQuota:
 
     def __init__(self, saved: Iterable[MonthlyCount] = ()) -> None:
         self._counts = {(s.token_name, s.month): s.requests for s in saved}
-
-    def used(self, name: str, now: float) -> int:
-        return self._counts.get((name, month_of(now)), 0)
+        self._month = _CalendarMonth()
 
     def check(self, name: str, cap: int | None, now: float) -> QuotaDecision:
-        used = self.used(name, now)
-        return QuotaDecision(cap is None or used < cap, cap, used, next_month_start(now))
+        month, resets_at = self._month(now)
+        used = self._counts.get((name, month), 0)
+        return QuotaDecision(cap is None or used < cap, cap, used, resets_at)
 
     def count(self, name: str, cap: int | None, now: float) -> tuple[QuotaDecision, MonthlyCount]:
         """Count one forwarded request; the caller has checked that it is allowed."""
-        month = month_of(now)
+        month, resets_at = self._month(now)
         used = self._counts[(name, month)] = self._counts.get((name, month), 0) + 1
-        return QuotaDecision(True, cap, used, next_month_start(now)), MonthlyCount(name, month, used)
+        return QuotaDecision(True, cap, used, resets_at), MonthlyCount(name, month, used)
 
 
 def _whole_seconds(seconds: float) -> int:
