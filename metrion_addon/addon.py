@@ -190,21 +190,18 @@ class Metrion:
         exchange.limit_headers = admission.headers
         for state in admission.saved:
             self.writer.put(state)
-        drop = [name for name in headers if name.startswith("x-metrion-")]
+        drop = {name for name in headers if name.startswith("x-metrion-")}
         if route_is_forward:
-            drop.append("proxy-authorization")
-        elif credentials is not None:
-            drop += credentials.drop_headers
-        for name in drop:
-            if name in headers:
-                del flow.request.headers[name]
-        if credentials is not None and credentials.set_headers:
-            flow.request.headers.update(credentials.set_headers)
+            drop.add("proxy-authorization")
+        replace = {"accept-encoding": "identity"}  # the meter must read plain text
+        if credentials is not None:
+            drop.update(credentials.drop_headers)
+            replace.update(credentials.set_headers or {})
+        _rewrite(flow.request.headers, drop, replace)
 
     def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         assert self.config is not None
         request, route = flow.request, exchange.route
-        request.headers["accept-encoding"] = "identity"  # the meter must read plain text
         if exchange.request and exchange.request.parsed is not None and needs_stream_usage(route, exchange.request):
             request.content = with_stream_usage(request.raw_content or b"", exchange.request.parsed)
             exchange.hide_usage_chunk = True
@@ -220,7 +217,9 @@ class Metrion:
         if exchange is None or flow.response is None:
             return
         _redact(flow.request.headers)
-        flow.response.headers.fields += tuple((k.encode(), v.encode()) for k, v in exchange.limit_headers.items())
+        if exchange.failure is None:  # Metrion's own answers carry these already
+            limits = tuple((name.encode(), value.encode()) for name, value in exchange.limit_headers.items())
+            flow.response.headers.fields += limits
         timer = self._timers.get(flow.id)
         if timer is None:
             return
@@ -345,6 +344,13 @@ def _plain_body(response: http.Response) -> bytes | None:
 def _lowercase(headers: http.Headers) -> dict[str, str]:
     """The request headers as a plain dict with lower-case names (read from the raw fields: fast)."""
     return {name.decode("latin-1").lower(): value.decode("utf-8", "surrogateescape") for name, value in headers.fields}
+
+
+def _rewrite(headers: http.Headers, drop: set[str], replace: dict[str, str]) -> None:
+    """Drop and replace request headers in one pass over the raw fields (each Headers call is a full scan)."""
+    gone = {name.encode() for name in (*drop, *replace)}
+    kept = tuple(field for field in headers.fields if field[0].lower() not in gone)
+    headers.fields = kept + tuple((name.encode(), value.encode()) for name, value in replace.items())
 
 
 @functools.lru_cache(maxsize=256)

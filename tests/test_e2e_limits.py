@@ -148,6 +148,7 @@ def test_slow_upstream_gets_504_in_the_providers_shape(start_proxy) -> None:
     started = time.monotonic()
     response = post(proxy, APP_TOKEN, provider="anthropic", **{"x-mock-scenario": "slow-headers:5"})
     assert response.status_code == 504 and time.monotonic() - started < 4
+    assert response.headers.get_list("x-metrion-ratelimit-limit") == ["1000"]  # once, not once per hook
     assert response.json() == {"type": "error", "error": {"type": "timeout_error",
                                                           "message": "The provider did not respond within 1 s."}}
     client = openai.OpenAI(base_url=f"{proxy.url}/api/proxy/openai/v1", api_key=APP_TOKEN, max_retries=0,
