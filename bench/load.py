@@ -50,45 +50,48 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> N
 
 
 async def _requests(job: dict) -> dict:
-    """`conns` keep-alive connections in a closed loop until `count` requests or `duration` seconds."""
+    """`conns` keep-alive connections in a closed loop until `count` requests or `duration` seconds.
+
+    Each connection first sends `warmup` untimed requests; the clock starts once every connection is warm.
+    """
     raw = request_bytes(job, stream=False)
     latencies: list[int] = []
     errors = 0
-    deadline = time.monotonic() + job["duration"]
     remaining = [job["count"]]
-    warmup = job.get("warmup", 0)
 
-    async def conn() -> None:
+    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+        writer.write(raw)
+        status, headers = await _read_head(reader)
+        await _read_body(reader, headers)
+        return status
+
+    async def warm() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(job["connect_host"], job["connect_port"])
+        for _ in range(job.get("warmup", 0)):
+            await exchange(reader, writer)
+        return reader, writer
+
+    async def timed(connection: tuple[asyncio.StreamReader, asyncio.StreamWriter], deadline: float) -> None:
         nonlocal errors
+        reader, writer = connection
         while remaining[0] > 0 and time.monotonic() < deadline:
             try:
-                await session()
-            except (ConnectionError, asyncio.IncompleteReadError):
-                errors += 1  # a dropped connection counts once, then the client reconnects
-
-    async def session() -> None:
-        nonlocal errors
-        reader, writer = await asyncio.open_connection(job["connect_host"], job["connect_port"])
-        try:
-            for _ in range(warmup):
-                writer.write(raw)
-                _, headers = await _read_head(reader)
-                await _read_body(reader, headers)
-            while remaining[0] > 0 and time.monotonic() < deadline:
                 remaining[0] -= 1
                 t0 = time.perf_counter_ns()
-                writer.write(raw)
-                status, headers = await _read_head(reader)
-                await _read_body(reader, headers)
-                if status != 200:
+                if await exchange(reader, writer) != 200:
                     errors += 1
                     continue
                 latencies.append(time.perf_counter_ns() - t0)
-        finally:
-            writer.close()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                errors += 1  # a dropped connection counts once, then the client reconnects
+                writer.close()
+                reader, writer = await asyncio.open_connection(job["connect_host"], job["connect_port"])
+        writer.close()
 
+    connections = await asyncio.gather(*(warm() for _ in range(job["conns"])))
     start = time.perf_counter()
-    await asyncio.gather(*(conn() for _ in range(job["conns"])))
+    deadline = time.monotonic() + job["duration"]
+    await asyncio.gather(*(timed(connection, deadline) for connection in connections))
     elapsed = time.perf_counter() - start
     return {"latencies_us": [x / 1000 for x in latencies], "elapsed": elapsed, "errors": errors}
 
