@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from mitmproxy import ctx, exceptions, hooks, http
 from mitmproxy.proxy import server_hooks
 
-from metrion_addon import contentview, store
+from metrion_addon import contentview, store  # importing contentview registers the LLM stream view for mitmweb
 from metrion_addon.auth import authenticate, identify_forward, requester
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
@@ -256,8 +256,8 @@ class Metrion:
         self._stop_timer(flow.id)
         _redact(flow.request.headers)
         message = flow.error.msg if flow.error else "unknown error"
-        if exchange.timed_out:
-            message = f"upstream silent for {self.config.timeout:g} s; connection closed" if self.config else message
+        if exchange.timed_out and self.config is not None:
+            message = f"upstream silent for {self.config.timeout:g} s; connection closed"
         elif message == "Client disconnected.":
             message = "client disconnected before the response finished"
         response = flow.response
@@ -375,5 +375,5 @@ def _blocked(host: str) -> str:
     return f"Metrion: {host} is not an AI provider host, and this proxy blocks other hosts."
 
 
-contentviews_registered = [contentview.LLMStreamContentview]  # importing contentview registers it for mitmweb
+__all__ = ["Metrion", "contentview"]
 addons = [Metrion()]
