@@ -39,8 +39,8 @@ def clock_from_env(environ: Mapping[str, str] = os.environ) -> Clock:
 
 def iso_utc(seconds: float) -> str:
     """`2026-11-24T20:32:29.123Z`: fixed width, so text order is time order."""
-    whole = int(seconds)
-    return f"{_iso_second(whole)}.{int((seconds - whole) * 1000):03d}Z"
+    whole, micros = divmod(round(seconds * 1_000_000), 1_000_000)  # to the microsecond, as datetime rounds
+    return f"{_iso_second(whole)}.{micros // 1000:03d}Z"
 
 
 @functools.lru_cache(maxsize=8)
