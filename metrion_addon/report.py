@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from metrion_addon.clock import iso_utc
 from metrion_addon.config import Config
 
 GROUPS = {
@@ -65,23 +66,18 @@ _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 _STATUS = re.compile(r"([1-5])(xx|\d\d)")
 
 
-def format_ts(moment: datetime) -> str:
-    """The stored form of a time, `2026-11-24T20:32:29.123Z`, so that text order is time order."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def parse_since(text: str, now: datetime) -> str:
     """A `--since`/`--until` value as a stored timestamp: `7d`, `24h`, `30m` before `now`, a UTC date, or ISO 8601."""
     text = text.strip()
     if match := _RELATIVE.fullmatch(text):
-        return format_ts(now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))}))
+        return iso_utc((now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})).timestamp())
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(
             f"not a time: {text!r} (expected 7d, 24h, 30m, a date like 2026-11-01, or an ISO 8601 time)"
         ) from None
-    return format_ts(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    return iso_utc((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
 
 
 def parse_status(text: str) -> tuple[int, int]:
