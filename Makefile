@@ -10,7 +10,24 @@ CONFIG ?= $(if $(wildcard config.yaml),config.yaml,config.example.yaml)
 export OPENAI_API_KEY ?=
 export ANTHROPIC_API_KEY ?=
 
-.PHONY: run test lint bench clean
+# Debian packages the tests drive for real: curl (HTTP/2 in a tunnel), redis-server and postgresql (shared
+# state), chromium (the dashboard in a browser), haproxy (several instances behind a balancer).
+DEBIAN_PACKAGES := curl redis-server postgresql haproxy chromium
+DEBIAN_COMMANDS := curl redis-server pg_ctlcluster haproxy chromium
+
+.PHONY: run test lint bench clean debian-packages
+
+debian-packages:
+	@missing=""; for c in $(DEBIAN_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing Debian packages for the tests (missing:$$missing)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
+		else \
+			echo "make test needs Debian packages (missing:$$missing). As root, run:"; \
+			echo "  apt-get update && apt-get install -y $(DEBIAN_PACKAGES)"; exit 1; \
+		fi; \
+	fi
 
 $(STAMP): pyproject.toml .python-version
 	@python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "python3 is %s; Metrion needs 3.12+ (pyenv reads .python-version)" % sys.version.split()[0])'
@@ -24,7 +41,7 @@ run: $(STAMP)
 	$(BIN)/mitmdump -s metrion_addon/addon.py --set metrion_config=$(CONFIG) \
 		--listen-host 127.0.0.1 --listen-port 8080 --set connection_strategy=lazy
 
-test: $(STAMP)
+test: $(STAMP) debian-packages
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 

@@ -98,6 +98,10 @@ def create_schema(conn: sqlite3.Connection) -> None:
         not_null={"ts", "provider", "path", "method", "stream", "usage_source"},
         if_not_exists=True,
     )
+    existing = db["requests"].columns_dict
+    for name, kind in sql_types.items():  # a database made by an older Metrion gains the new columns in place
+        if name not in existing:
+            db["requests"].add_column(name, kind)
     for columns in (["ts"], ["token_name", "ts"], ["provider", "ts"], ["model", "ts"]):
         db["requests"].create_index(columns, if_not_exists=True)
     db["rate_buckets"].create(

@@ -7,21 +7,22 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from harness import Proxy, base_config
-from mock_upstream import MockUpstream
+
+from metrion_addon.mock_provider import MockProvider
 
 _names = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def mock() -> Iterator[MockUpstream]:
-    upstream = MockUpstream()
+def mock() -> Iterator[MockProvider]:
+    upstream = MockProvider()
     upstream.start()
     yield upstream
     upstream.stop()
 
 
 @pytest.fixture(scope="session")
-def proxy(mock: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+def proxy(mock: MockProvider, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     """The shared proxy: pro-plan tokens, generous rate limit, all five providers on the mock."""
     workdir = tmp_path_factory.mktemp("proxy")
     running = Proxy(workdir, base_config(mock.base_url, workdir / "metrion.db")).start()
@@ -30,7 +31,7 @@ def proxy(mock: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture
-def start_proxy(mock: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Proxy]]:
+def start_proxy(mock: MockProvider, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Proxy]]:
     """Start a proxy of the test's own, with config overrides; stopped after the test."""
     started: list[Proxy] = []
 

@@ -10,8 +10,9 @@ import httpx
 import openai
 import pytest
 from harness import APP_TOKEN, CLIENT_KEY, PASS_TOKEN, STORED_KEYS, Proxy
-from mock_upstream import MockUpstream
 from test_e2e_metering import MODELS, ask, label, sdk
+
+from metrion_addon.mock_provider import MockProvider
 
 UNKNOWN_TOKEN = "sk-metrion-" + "f" * 32
 
@@ -27,7 +28,7 @@ UNKNOWN_TOKEN = "sk-metrion-" + "f" * 32
     ],
 )
 def test_unusable_body_gets_400_in_the_providers_shape_and_is_not_forwarded(
-    proxy: Proxy, mock: MockUpstream, provider: str, body: bytes, status: int, code: str
+    proxy: Proxy, mock: MockProvider, provider: str, body: bytes, status: int, code: str
 ) -> None:
     who = label()
     path = "/api/proxy/v1/messages" if provider == "anthropic" else f"/api/proxy/{provider}/v1/chat/completions"
@@ -59,7 +60,7 @@ def test_unusable_body_gets_400_in_the_providers_shape_and_is_not_forwarded(
     ],
 )
 def test_unknown_or_missing_token_is_401_and_the_sdk_raises_authentication_error(
-    proxy: Proxy, mock: MockUpstream, provider: str, key: str, headers: dict, fragment: str
+    proxy: Proxy, mock: MockProvider, provider: str, key: str, headers: dict, fragment: str
 ) -> None:
     who = label()
     before = len(mock.received)
@@ -80,7 +81,7 @@ def test_unknown_or_missing_token_is_401_and_the_sdk_raises_authentication_error
     assert key not in row["error"]
 
 
-def test_unknown_route_is_a_json_404(proxy: Proxy, mock: MockUpstream) -> None:
+def test_unknown_route_is_a_json_404(proxy: Proxy, mock: MockProvider) -> None:
     before = len(mock.received)
     for path in ("/api/proxy/cohere/v1/chat", "/api/proxy/", "/api/proxy/openai/v1"):
         response = httpx.post(f"{proxy.url}{path}", json={}, headers={"authorization": f"Bearer {APP_TOKEN}"})
@@ -133,7 +134,7 @@ EXCEPTIONS = {
 
 
 @pytest.fixture(scope="module")
-def strict_proxy(mock: MockUpstream, tmp_path_factory: pytest.TempPathFactory):
+def strict_proxy(mock: MockProvider, tmp_path_factory: pytest.TempPathFactory):
     """Timeout 1 s, 3 requests a minute, and a token of its own for each case below."""
     from harness import base_config, token
 

@@ -14,15 +14,16 @@ import httpx
 import openai
 import pytest
 from harness import CLIENT_KEY, Proxy, token
-from mock_upstream import MockUpstream, reply_text
 from test_e2e_metering import MODELS, label
+
+from metrion_addon.mock_provider import MockProvider, reply_text
 
 FORWARD = token(11)
 CAPPED = token(12)
 
 
 @pytest.fixture(scope="module")
-def forward_proxy(mock: MockUpstream, tmp_path_factory: pytest.TempPathFactory):
+def forward_proxy(mock: MockProvider, tmp_path_factory: pytest.TempPathFactory):
     from harness import base_config
 
     workdir = tmp_path_factory.mktemp("forward")
@@ -45,7 +46,7 @@ def proxied(monkeypatch: pytest.MonkeyPatch, proxy: Proxy, password: str | None 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_sdks_calling_provider_hosts_are_metered_under_the_proxy_token(
-    forward_proxy: Proxy, mock: MockUpstream, monkeypatch: pytest.MonkeyPatch, stream: bool
+    forward_proxy: Proxy, mock: MockProvider, monkeypatch: pytest.MonkeyPatch, stream: bool
 ) -> None:
     proxied(monkeypatch, forward_proxy)
     who = label()
@@ -76,7 +77,7 @@ def test_sdks_calling_provider_hosts_are_metered_under_the_proxy_token(
 
 @pytest.mark.parametrize("password", [None, "sk-metrion-" + "9" * 32, "not-a-token"])
 def test_provider_traffic_without_a_valid_token_gets_407(
-    forward_proxy: Proxy, mock: MockUpstream, monkeypatch: pytest.MonkeyPatch, password: str | None
+    forward_proxy: Proxy, mock: MockProvider, monkeypatch: pytest.MonkeyPatch, password: str | None
 ) -> None:
     before = len(mock.received)
     auth = (f"metrion:{password}@" if password else "")
@@ -98,13 +99,13 @@ def test_limits_apply_to_forward_proxy_traffic(forward_proxy: Proxy, monkeypatch
         gpt.chat.completions.create(model="gpt-4o", messages=messages)
 
 
-def test_other_hosts_pass_through_untouched(forward_proxy: Proxy, mock: MockUpstream) -> None:
+def test_other_hosts_pass_through_untouched(forward_proxy: Proxy, mock: MockProvider) -> None:
     with httpx.Client(proxy=f"http://127.0.0.1:{forward_proxy.port}") as client:
         response = client.get(f"http://127.0.0.1:{mock.port}/openai/v1/models")
     assert response.status_code == 200 and response.json()["data"]
 
 
-def test_other_hosts_can_be_blocked(start_proxy, mock: MockUpstream) -> None:
+def test_other_hosts_can_be_blocked(start_proxy, mock: MockProvider) -> None:
     proxy = start_proxy(block_other_hosts=True)
     trust = ssl.create_default_context(cafile=proxy.ca_cert)
     with httpx.Client(proxy=f"http://127.0.0.1:{proxy.port}", verify=trust) as client:

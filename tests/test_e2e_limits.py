@@ -14,8 +14,9 @@ import httpx
 import openai
 import pytest
 from harness import APP_TOKEN, Proxy, free_port, token
-from mock_upstream import MockUpstream
 from test_e2e_metering import ask, label, request_for
+
+from metrion_addon.mock_provider import MockProvider
 
 TINY = token(7)
 
@@ -101,7 +102,7 @@ def test_rate_bucket_survives_a_restart(start_proxy, tmp_path: Path) -> None:
     assert post(proxy).status_code == 429  # no fresh burst after a restart
 
 
-def test_monthly_cap_rejects_request_n_plus_1_and_survives_a_restart(start_proxy, mock: MockUpstream) -> None:
+def test_monthly_cap_rejects_request_n_plus_1_and_survives_a_restart(start_proxy, mock: MockProvider) -> None:
     proxy = start_proxy(**tiny_plan(3))
     assert [post(proxy).status_code for _ in range(2)] == [200, 200]
     proxy.restart()
@@ -178,7 +179,7 @@ def test_silent_stream_is_closed_and_recorded_with_partial_usage(start_proxy) ->
     assert row["input_tokens"] > 0 and row["usage_source"] == "estimated"
 
 
-def test_dead_upstream_gets_502_in_the_providers_shape_at_once(start_proxy, mock: MockUpstream) -> None:
+def test_dead_upstream_gets_502_in_the_providers_shape_at_once(start_proxy, mock: MockProvider) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     proxy = start_proxy(providers={**{p: mock.base_url(p) for p in ("anthropic", "gemini", "mistral", "grok")},
                                    "openai": f"{dead}/v1"})

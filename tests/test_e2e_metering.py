@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 from harness import APP_TOKEN, CLIENT_KEY, PASS_TOKEN, STORED_KEYS, Proxy
-from mock_upstream import MockUpstream, expected_usage, reply_text
 
+from metrion_addon.mock_provider import MockProvider, expected_usage, reply_text
 from metrion_addon.sse import SSEDecoder
 from metrion_addon.usage import normalize
 
@@ -68,14 +68,14 @@ def expected_row_usage(provider: str, text: str) -> dict:
             "reasoning_tokens": usage.reasoning_tokens, "total_tokens": usage.total_tokens}
 
 
-def received_for(mock: MockUpstream, requester_text: str):
+def received_for(mock: MockProvider, requester_text: str):
     return [r for r in mock.received if requester_text.encode() in r.body]
 
 
 @pytest.mark.parametrize("mode", ["stored", "pass-through"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_sdk_call_is_forwarded_and_metered_exactly(proxy: Proxy, mock: MockUpstream, provider, stream, mode) -> None:
+def test_sdk_call_is_forwarded_and_metered_exactly(proxy: Proxy, mock: MockProvider, provider, stream, mode) -> None:
     requester = label()
     text = f"please echo {requester}"
     reply = ask(sdk(proxy, provider, mode, requester), provider, text, stream)
@@ -99,7 +99,7 @@ def test_sdk_call_is_forwarded_and_metered_exactly(proxy: Proxy, mock: MockUpstr
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_json_response_reaches_the_client_byte_for_byte(proxy: Proxy, mock: MockUpstream, provider: str) -> None:
+def test_json_response_reaches_the_client_byte_for_byte(proxy: Proxy, mock: MockProvider, provider: str) -> None:
     path, body, headers = request_for(provider, stream=False)
     response = httpx.post(f"{proxy.url}{path}", json=body, headers=headers)
     assert response.status_code == 200
@@ -122,7 +122,7 @@ def without_usage_chunk(stream: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_stream_reaches_the_client_as_sent(proxy: Proxy, mock: MockUpstream, provider: str) -> None:
+def test_stream_reaches_the_client_as_sent(proxy: Proxy, mock: MockProvider, provider: str) -> None:
     path, body, headers = request_for(provider, stream=True)
     with httpx.stream("POST", f"{proxy.url}{path}", json=body, headers=headers) as response:
         received = response.read()
@@ -131,7 +131,7 @@ def test_stream_reaches_the_client_as_sent(proxy: Proxy, mock: MockUpstream, pro
     assert received == (without_usage_chunk(sent) if provider in ("openai", "grok") else sent)
 
 
-def test_stream_with_client_requested_usage_is_untouched(proxy: Proxy, mock: MockUpstream) -> None:
+def test_stream_with_client_requested_usage_is_untouched(proxy: Proxy, mock: MockProvider) -> None:
     path, body, headers = request_for("openai", stream=True, stream_options={"include_usage": True})
     with httpx.stream("POST", f"{proxy.url}{path}", json=body, headers=headers) as response:
         received = response.read()
@@ -142,7 +142,7 @@ def test_stream_with_client_requested_usage_is_untouched(proxy: Proxy, mock: Moc
 
 @pytest.mark.parametrize("provider", ["anthropic", "openai"])
 def test_events_are_forwarded_one_by_one_without_waiting_for_the_next(
-    proxy: Proxy, mock: MockUpstream, provider: str
+    proxy: Proxy, mock: MockProvider, provider: str
 ) -> None:
     # The mock sends the next event only after the test has seen the previous one: buffering would hang here.
     key = label()
@@ -161,7 +161,7 @@ def test_events_are_forwarded_one_by_one_without_waiting_for_the_next(
     assert seen >= 5
 
 
-def test_http_proxy_with_any_host_name_works(proxy: Proxy, mock: MockUpstream, monkeypatch) -> None:
+def test_http_proxy_with_any_host_name_works(proxy: Proxy, mock: MockProvider, monkeypatch) -> None:
     requester = label()
     monkeypatch.setenv("HTTP_PROXY", proxy.url)
     monkeypatch.delenv("NO_PROXY", raising=False)
@@ -192,7 +192,7 @@ def test_other_endpoints_are_forwarded_and_metered(proxy: Proxy) -> None:
     assert by_path["count_tokens"]["usage_source"] == "none"
 
 
-def test_provider_that_ignores_identity_encoding_is_still_metered(proxy: Proxy, mock: MockUpstream) -> None:
+def test_provider_that_ignores_identity_encoding_is_still_metered(proxy: Proxy, mock: MockProvider) -> None:
     path, body, headers = request_for("openai", stream=False)
     response = httpx.post(f"{proxy.url}{path}", json=body, headers={**headers, "x-mock-scenario": "gzip",
                                                                     "x-metrion-user": (who := label())})
@@ -228,7 +228,7 @@ def test_upstream_cut_mid_stream_leaves_a_row_with_partial_usage(proxy: Proxy, p
         assert row["input_tokens"] == expected_row_usage(provider, body["messages"][0]["content"])["input_tokens"]
 
 
-def test_client_that_disconnects_mid_stream_still_gets_a_row(proxy: Proxy, mock: MockUpstream) -> None:
+def test_client_that_disconnects_mid_stream_still_gets_a_row(proxy: Proxy, mock: MockProvider) -> None:
     who, key = label(), label()
     path, body, headers = request_for("anthropic", stream=True)
     with httpx.stream("POST", f"{proxy.url}{path}", json=body,
@@ -241,7 +241,7 @@ def test_client_that_disconnects_mid_stream_still_gets_a_row(proxy: Proxy, mock:
         mock.release(key)
 
 
-def test_provider_errors_pass_through_and_are_logged(proxy: Proxy, mock: MockUpstream) -> None:
+def test_provider_errors_pass_through_and_are_logged(proxy: Proxy, mock: MockProvider) -> None:
     who = label()
     path, body, headers = request_for("anthropic", stream=False)
     response = httpx.post(f"{proxy.url}{path}", json=body,

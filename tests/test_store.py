@@ -39,6 +39,23 @@ def test_schema_is_idempotent_and_indexed(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_a_database_from_an_older_metrion_gains_new_columns_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:
+        old.execute("CREATE TABLE requests (id INTEGER PRIMARY KEY, ts TEXT NOT NULL, provider TEXT NOT NULL, "
+                    "path TEXT NOT NULL, method TEXT NOT NULL, stream INTEGER NOT NULL, usage_source TEXT NOT NULL)")
+        old.execute("INSERT INTO requests (ts, provider, path, method, stream, usage_source) "
+                    "VALUES ('2026-01-01T00:00:00.000Z', 'openai', '/v1/x', 'POST', 0, 'none')")
+    conn = open_db(path)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+    assert set(store.COLUMNS) <= columns
+    writer = Writer(conn)
+    writer.start()
+    writer.put(record(7))
+    writer.close()
+    assert count(path) == 2
+
+
 def test_rows_and_counters_are_written_and_flushed_on_close(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     priced: list[RequestRecord] = []

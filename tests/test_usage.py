@@ -8,9 +8,9 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mock_upstream import MockUpstream, expected_usage
 
 from metrion_addon.metering import StreamTap
+from metrion_addon.mock_provider import MockProvider, expected_usage
 from metrion_addon.sse import SSEDecoder
 from metrion_addon.usage import StreamUsage, Usage, estimate, from_body, normalize
 
@@ -81,7 +81,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def recorded() -> dict[str, bytes]:
-    upstream = MockUpstream()
+    upstream = MockProvider()
     upstream.start()
     streams = {}
     try:

@@ -1,5 +1,8 @@
-"""Faithful local mock of the Anthropic, OpenAI, Gemini (OpenAI-compat), Mistral and xAI APIs.
-Deterministic replies, usage and SSE streams, plus failure scenarios chosen by `x-mock-scenario`."""
+"""A faithful local mock of the Anthropic, OpenAI, Gemini, Mistral and xAI APIs, for tests and the offline demo.
+
+Deterministic replies, usage and SSE streams, plus failure scenarios chosen by `x-mock-scenario`.
+Run it alone with `python -m metrion_addon.mock_provider [--port 9000]`.
+"""
 
 from __future__ import annotations
 
@@ -617,11 +620,11 @@ def _models_body(provider: str) -> JSON:
 # --------------------------------------------------------------------------- server
 
 
-class MockUpstream:
+class MockProvider:
     """aiohttp server on 127.0.0.1, run in a background thread with its own event loop."""
 
-    def __init__(self) -> None:
-        self.port: int = 0
+    def __init__(self, port: int = 0) -> None:
+        self.port: int = port
         self.received: list[Received] = []
         self.sent: dict[str, bytes] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -660,7 +663,7 @@ class MockUpstream:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.2)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         self.port = self._runner.addresses[0][1]
 
@@ -843,3 +846,23 @@ def _accepts_gzip(accept_encoding: str) -> bool:
             q = params.strip()
             return not (q.startswith("q=") and float(q[2:] or 0) == 0)
     return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Serve the mock providers on 127.0.0.1 until interrupted.")
+    parser.add_argument("--port", type=int, default=9000)
+    args = parser.parse_args(argv)
+    mock = MockProvider(args.port)
+    mock.start()
+    for provider in PREFIXES:
+        print(f"{provider:10} {mock.base_url(provider)}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        mock.stop()
+
+
+if __name__ == "__main__":
+    main()

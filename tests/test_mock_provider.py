@@ -1,4 +1,4 @@
-"""Quick self-tests of tests/mock_upstream.py through the official SDKs and raw sockets.
+"""Quick self-tests of metrion_addon/mock_provider.py through the official SDKs and raw sockets.
 They pin the mock's wire formats so end-to-end proxy tests can rely on them."""
 
 from __future__ import annotations
@@ -14,24 +14,25 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from mock_upstream import MockUpstream, expected_usage, reply_text, response_model
+
+from metrion_addon.mock_provider import MockProvider, expected_usage, reply_text, response_model
 
 
 @pytest.fixture(scope="module")
-def mock() -> Iterator[MockUpstream]:
-    server = MockUpstream()
+def mock() -> Iterator[MockProvider]:
+    server = MockProvider()
     server.start()
     yield server
     server.stop()
 
 
-def _oai(mock: MockUpstream, provider: str, **headers: str) -> openai.OpenAI:
+def _oai(mock: MockProvider, provider: str, **headers: str) -> openai.OpenAI:
     return openai.OpenAI(
         base_url=mock.base_url(provider), api_key=f"key-{provider}", max_retries=0, default_headers=headers
     )
 
 
-def _ant(mock: MockUpstream, **headers: str) -> anthropic.Anthropic:
+def _ant(mock: MockProvider, **headers: str) -> anthropic.Anthropic:
     return anthropic.Anthropic(
         base_url=f"http://127.0.0.1:{mock.port}/anthropic",
         api_key="key-anthropic",
@@ -40,7 +41,7 @@ def _ant(mock: MockUpstream, **headers: str) -> anthropic.Anthropic:
     )
 
 
-def _raw(mock: MockUpstream, path: str, body: dict[str, Any], **headers: str) -> http.client.HTTPResponse:
+def _raw(mock: MockProvider, path: str, body: dict[str, Any], **headers: str) -> http.client.HTTPResponse:
     conn = http.client.HTTPConnection("127.0.0.1", mock.port, timeout=5)
     conn.request("POST", path, body=json.dumps(body), headers={"content-type": "application/json", **headers})
     return conn.getresponse()
@@ -60,7 +61,7 @@ MODELS = {
 
 
 @pytest.mark.parametrize("provider", list(MODELS))
-def test_chat_non_streaming(mock: MockUpstream, provider: str) -> None:
+def test_chat_non_streaming(mock: MockProvider, provider: str) -> None:
     body = {"model": MODELS[provider], **CHAT}
     resp = _oai(mock, provider).chat.completions.create(**body)  # type: ignore[call-overload]
     assert resp.choices[0].message.content == reply_text(body) == "Echo: héllo there 😀"
@@ -72,7 +73,7 @@ def test_chat_non_streaming(mock: MockUpstream, provider: str) -> None:
 
 
 @pytest.mark.parametrize("provider", ["openai", "gemini", "mistral", "grok"])
-def test_chat_streaming(mock: MockUpstream, provider: str) -> None:
+def test_chat_streaming(mock: MockProvider, provider: str) -> None:
     body: dict[str, Any] = {"model": MODELS[provider], **CHAT, "stream": True}
     if provider != "mistral":
         body["stream_options"] = {"include_usage": True}
@@ -86,7 +87,7 @@ def test_chat_streaming(mock: MockUpstream, provider: str) -> None:
     assert sent.startswith(b": keep-alive\n\n") == (provider in ("openai", "mistral"))
 
 
-def test_openai_usage_chunk_only_when_asked(mock: MockUpstream) -> None:
+def test_openai_usage_chunk_only_when_asked(mock: MockProvider) -> None:
     body = {"model": "o3-mini", **CHAT, "stream": True}
     chunks = list(_oai(mock, "openai").chat.completions.create(**body))  # type: ignore[call-overload]
     assert all(c.usage is None and c.choices for c in chunks)
@@ -96,7 +97,7 @@ def test_openai_usage_chunk_only_when_asked(mock: MockUpstream) -> None:
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
-def test_anthropic(mock: MockUpstream) -> None:
+def test_anthropic(mock: MockProvider) -> None:
     client = _ant(mock)
     system = [{"type": "text", "text": "big prefix", "cache_control": {"type": "ephemeral"}}]
     body: dict[str, Any] = {
@@ -126,7 +127,7 @@ def test_anthropic(mock: MockUpstream) -> None:
     assert count.input_tokens == expected_usage("anthropic", "count_tokens", body)["input_tokens"]
 
 
-def test_anthropic_in_stream_error(mock: MockUpstream) -> None:
+def test_anthropic_in_stream_error(mock: MockProvider) -> None:
     client = _ant(mock, **{"x-mock-scenario": "in-stream-error"})
     with (
         pytest.raises(anthropic.APIStatusError, match="Overloaded"),
@@ -137,7 +138,7 @@ def test_anthropic_in_stream_error(mock: MockUpstream) -> None:
         list(stream.text_stream)
 
 
-def test_responses_and_embeddings(mock: MockUpstream) -> None:
+def test_responses_and_embeddings(mock: MockProvider) -> None:
     client = _oai(mock, "openai")
     body = {"model": "gpt-4o", "input": "say something"}
     resp = client.responses.create(**body)  # type: ignore[call-overload]
@@ -156,7 +157,7 @@ def test_responses_and_embeddings(mock: MockUpstream) -> None:
     assert emb.usage.model_dump() == {"prompt_tokens": 6, "total_tokens": 6}
 
 
-def test_utf8_char_split_across_writes(mock: MockUpstream) -> None:
+def test_utf8_char_split_across_writes(mock: MockProvider) -> None:
     """The 4-byte emoji must arrive in two HTTP chunks; read raw chunked framing to prove it."""
     body = json.dumps({"model": "gpt-4o", "stream": True, **CHAT}).encode()
     with socket.create_connection(("127.0.0.1", mock.port), timeout=5) as sock:
@@ -184,7 +185,7 @@ def test_utf8_char_split_across_writes(mock: MockUpstream) -> None:
     assert emoji in b"".join(pieces)
 
 
-def test_lockstep(mock: MockUpstream) -> None:
+def test_lockstep(mock: MockProvider) -> None:
     client = _oai(mock, "openai", **{"x-mock-scenario": "lockstep:k1"})
     got: list[str] = []
     done = threading.Event()
@@ -209,7 +210,7 @@ def test_lockstep(mock: MockUpstream) -> None:
     assert "".join(got) == reply_text(CHAT)
 
 
-def test_mistral_rejects_stream_options(mock: MockUpstream) -> None:
+def test_mistral_rejects_stream_options(mock: MockProvider) -> None:
     client = _oai(mock, "mistral")
     with pytest.raises(openai.UnprocessableEntityError) as exc:
         client.chat.completions.create(
@@ -222,7 +223,7 @@ def test_mistral_rejects_stream_options(mock: MockUpstream) -> None:
     ("provider", "path"),
     [("anthropic", "/anthropic/v1/messages"), ("gemini", "/gemini/v1beta/openai/chat/completions")],
 )
-def test_error_scenarios(mock: MockUpstream, provider: str, path: str) -> None:
+def test_error_scenarios(mock: MockProvider, provider: str, path: str) -> None:
     resp = _raw(mock, path, {"model": "m", **CHAT}, **{"x-mock-scenario": "error-429"})
     data = json.loads(resp.read())
     assert resp.status == 429 and resp.getheader("retry-after") == "1"
@@ -234,7 +235,7 @@ def test_error_scenarios(mock: MockUpstream, provider: str, path: str) -> None:
     assert conn.getresponse().status == 400
 
 
-def test_cut_stall_reset_gzip(mock: MockUpstream) -> None:
+def test_cut_stall_reset_gzip(mock: MockProvider) -> None:
     body = {"model": "gpt-4o", "stream": True, **CHAT}
     resp = _raw(mock, "/openai/v1/chat/completions", body, **{"x-mock-scenario": "cut-after:2"})
     with pytest.raises(http.client.IncompleteRead):
