@@ -12,6 +12,8 @@ from pathlib import Path
 
 import sqlite_utils
 
+from metrion_addon.aggregates import add_to_hourly, create_hourly
+
 from .records import COLUMNS, BucketState, Counter, MonthlyCount, RequestRecord
 
 _ROW = f"({', '.join('?' * len(COLUMNS))})"
@@ -61,6 +63,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
     db["monthly_usage"].create(
         {"token_name": str, "month": str, "requests": int}, pk=("token_name", "month"), if_not_exists=True
     )
+    create_hourly(conn)  # a database from before the aggregates gets them built from its rows
 
 
 def load_counters(conn: sqlite3.Connection) -> tuple[list[BucketState], list[MonthlyCount]]:
@@ -84,6 +87,7 @@ class SQLiteBackend:
             for start in range(0, len(records), _ROWS_PER_INSERT):
                 chunk = records[start : start + _ROWS_PER_INSERT]
                 self._conn.execute(_INSERT + ", ".join([_ROW] * len(chunk)), _params(chunk))
+            add_to_hourly(self._conn, records)
             for counter in counters:
                 if isinstance(counter, BucketState):
                     self._conn.execute(_UPSERT_BUCKET, (counter.token_name, counter.tokens, counter.updated_at))
