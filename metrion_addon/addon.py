@@ -19,6 +19,8 @@ from metrion_addon import contentview, store  # importing contentview registers 
 from metrion_addon.auth import authenticate, identify_forward, requester
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
+from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
+from metrion_addon.display import FlowDisplay
 from metrion_addon.errors import MetrionError, error_body, error_headers, provider_error_message
 from metrion_addon.limits import Limits
 from metrion_addon.metering import Exchange, StreamTap, build_record, metadata, summary
@@ -32,7 +34,6 @@ log = logging.getLogger(__name__)
 
 _CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-metrion-token", b"proxy-authorization")
 _REDACTED = b"[redacted]"
-_REJECTED_MARK = ":no_entry:"
 
 
 class Metrion:
@@ -376,4 +377,4 @@ def _blocked(host: str) -> str:
 
 
 __all__ = ["Metrion", "contentview"]
-addons = [Metrion()]
+addons = [Metrion(), FlowDisplay()]  # FlowDisplay after Metrion: it logs the refusals Metrion marked
