@@ -77,7 +77,7 @@ class Metrion:
         buckets, months = store.load_counters(conn)
         pricer = Pricer(config.prices)
         pricer.warm()
-        self.writer = store.Writer(conn, price=pricer, on_written=self._priced)
+        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._priced)
         self.writer.start()
         self.config = config
         caps = {name: plan.monthly_requests for name, plan in config.plans.items()}
