@@ -70,7 +70,7 @@ def test_aggregates_written_batch_by_batch_equal_the_raw_rows(tmp_path_factory, 
     path = tmp_path_factory.mktemp("agg") / "m.db"
     conn = store.connect(path)
     store.create_schema(conn)
-    writer = Writer(conn, batch_seconds=0)
+    writer = Writer(store.SQLiteBackend(conn), batch_seconds=0)
     writer.start()
     for batch in batches:
         for record in batch:
@@ -102,7 +102,7 @@ def test_a_database_without_aggregates_gets_them_built_from_its_rows(tmp_path: P
     assert len(kept) == 8 and kept == raw
     raw, kept = usage_tables(conn, "daily", 10)
     assert len(kept) == 4 and kept == raw
-    writer = Writer(conn)  # and from then on the writer keeps them up to date
+    writer = Writer(store.SQLiteBackend(conn))  # and from then on the writer keeps them up to date
     writer.start()
     writer.put(RequestRecord(ts="2026-01-01T00:30:00.000Z", token_name=None, requester=None, provider="openai",
                              model="m", path="/v1/x", method="POST", stream=False, status=200, latency_ms=12.5))

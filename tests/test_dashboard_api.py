@@ -51,7 +51,7 @@ ROWS = [
 def write(path: Path, rows: list[RequestRecord]) -> None:
     conn = store.connect(path)
     store.create_schema(conn)
-    writer = store.Writer(conn, batch_seconds=0)
+    writer = store.Writer(store.SQLiteBackend(conn), batch_seconds=0)
     writer.start()
     for record in rows:
         writer.put(record)
