@@ -185,8 +185,8 @@ def report(config_path: str | None, fmt: str, since: str | None, until: str | No
 @_options
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="How many rows.")
 @click.option("--token", help="Only this token's rows.")
-@click.option("--provider", help="Only this provider (anthropic, openai, gemini, mistral, grok).")
-@click.option("--model", help="Only this model.")
+@click.option("--provider", help="Only this provider (anthropic, openai, gemini, mistral, grok or a configured one).")
+@click.option("--model", help="Only this model, as asked for or as answered (gpt-4o also finds gpt-4o-2024-08-06).")
 @click.option("--status", help="Only this status: a code (429) or a class (4xx).")
 @click.option("--requester", help="Only this requester.")
 def logs(
