@@ -307,6 +307,34 @@ def quota(config_path: str | None, fmt: str, name: str | None) -> None:
     _emit(rows, queries.QUOTA_COLUMNS, fmt, columns)
 
 
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Config file; the default is ./config.yaml, then ./config.example.yaml.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8081, show_default=True, help="Port (0: any free).")
+@click.option("--hash-password", is_flag=True, help="Ask for a password, print its dashboard password_hash, exit.")
+def dashboard(config_path: str | None, host: str, port: int, hash_password: bool) -> None:
+    """Serve the web dashboard over the request log (read-only; the proxy runs separately)."""
+    # Imported here: the web stack would slow every other subcommand's start.
+    from metrion_addon.clock import clock_from_env
+    from metrion_addon.dashboard import access, app
+
+    if hash_password:
+        click.echo(access.hash_password(click.prompt("Password", hide_input=True, confirmation_prompt=True)))
+        return
+    config = _load(config_path)
+    if refused := access.refuse_open_bind(host, config.dashboard):
+        raise Problem(refused)
+    try:
+        app.serve(config, clock_from_env(), host, port, announce=lambda line: click.echo(line, err=True))
+    except OSError as e:
+        raise Problem(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+
+
 @main.group()
 def tokens() -> None:
     """Metrion tokens: the sk-metrion- keys that apps send instead of provider keys."""
