@@ -107,7 +107,7 @@ def test_overview_shows_the_databases_totals_and_draws_every_chart(site, page: P
     shown_cost = card(page, "Cost").locator(".value").inner_text()
     assert float(shown_cost.lstrip("$").replace(",", "")) == pytest.approx(cost, rel=1e-3, abs=1e-6)
     for chart in ("Requests over time", "Tokens over time", "Cost by model", "Top models by requests"):
-        canvas = page.get_by_role("img", name=chart)
+        canvas = page.get_by_role("img", name=chart, exact=True)
         expect(canvas).to_be_visible()
         assert canvas.evaluate("c => Chart.getChart(c) !== undefined")
     expect(page.get_by_role("list", name="Cost share by provider")).to_contain_text("openai")
