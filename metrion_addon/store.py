@@ -63,6 +63,17 @@ class MonthlyCount:
     requests: int
 
 
+@dataclass(frozen=True)
+class BudgetState:
+    """A token's dollar budget this month in nano-USD; `version` orders snapshots taken on different threads."""
+
+    token_name: str
+    month: str
+    spent_nanousd: int
+    reserved_nanousd: int
+    version: int
+
+
 COLUMNS = [f.name for f in dataclasses.fields(RequestRecord) if f.name != "flow_id"]
 _ROW = f"({', '.join('?' * len(COLUMNS))})"
 _ROWS_PER_INSERT = 500  # under SQLite's 32,766 bound parameters per statement
@@ -73,6 +84,13 @@ _UPSERT_BUCKET = (
 _UPSERT_MONTH = (
     "INSERT INTO monthly_usage (token_name, month, requests) VALUES (?, ?, ?) "
     "ON CONFLICT(token_name, month) DO UPDATE SET requests = excluded.requests"
+)
+
+_UPSERT_BUDGET = (
+    "INSERT INTO budget_usage (token_name, month, spent_nanousd, reserved_nanousd, version) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT(token_name, month) DO UPDATE SET spent_nanousd = excluded.spent_nanousd, "
+    "reserved_nanousd = excluded.reserved_nanousd, version = excluded.version "
+    "WHERE excluded.version > budget_usage.version"
 )
 
 
@@ -110,6 +128,10 @@ def create_schema(conn: sqlite3.Connection) -> None:
     db["monthly_usage"].create(
         {"token_name": str, "month": str, "requests": int}, pk=("token_name", "month"), if_not_exists=True
     )
+    db["budget_usage"].create(
+        {"token_name": str, "month": str, "spent_nanousd": int, "reserved_nanousd": int, "version": int},
+        pk=("token_name", "month"), if_not_exists=True,
+    )
 
 
 def load_counters(conn: sqlite3.Connection) -> tuple[list[BucketState], list[MonthlyCount]]:
@@ -118,7 +140,13 @@ def load_counters(conn: sqlite3.Connection) -> tuple[list[BucketState], list[Mon
     return buckets, months
 
 
+def load_budgets(conn: sqlite3.Connection) -> list[BudgetState]:
+    query = "SELECT token_name, month, spent_nanousd, reserved_nanousd, version FROM budget_usage"
+    return [BudgetState(*row) for row in conn.execute(query)]
+
+
 Pricer = Callable[[RequestRecord], tuple[float | None, str | None]]
+Settler = Callable[[RequestRecord], BudgetState | None]
 _CLOSE = object()
 
 
@@ -132,9 +160,11 @@ class Writer:
         on_written: Callable[[list[RequestRecord]], None] | None = None,
         retry_seconds: float = 1.0,
         batch_seconds: float = 0.05,
+        settle: Settler | None = None,
     ) -> None:
         self._conn = conn
         self._price = price
+        self._settle = settle  # a priced row's budget settlement, stored in the same transaction as the row
         self._on_written = on_written
         self._retry_seconds = retry_seconds
         self._batch_seconds = batch_seconds  # gather rows this long: fewer wake-ups and commits under load
@@ -149,7 +179,7 @@ class Writer:
     def start(self) -> None:
         self._thread.start()
 
-    def put(self, item: RequestRecord | BucketState | MonthlyCount) -> None:
+    def put(self, item: RequestRecord | BucketState | MonthlyCount | BudgetState) -> None:
         self._queue.put(item)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -198,12 +228,16 @@ class Writer:
             counters[(BucketState, item.token_name, "")] = item
         elif isinstance(item, MonthlyCount):
             counters[(MonthlyCount, item.token_name, item.month)] = item
+        elif isinstance(item, BudgetState):
+            _keep_latest(counters, item)
         return False
 
     def _write(self, records: list[RequestRecord], counters: dict) -> bool:
         for record in records:
             if self._price and record.price_source is None:
                 record.cost_usd, record.price_source = self._price(record)
+            if self._settle and (state := self._settle(record)) is not None:
+                _keep_latest(counters, state)
         try:
             with self._conn:
                 self._conn.execute("BEGIN")
@@ -216,6 +250,8 @@ class Writer:
                 for counter in counters.values():
                     if isinstance(counter, BucketState):
                         self._conn.execute(_UPSERT_BUCKET, (counter.token_name, counter.tokens, counter.updated_at))
+                    elif isinstance(counter, BudgetState):
+                        self._conn.execute(_UPSERT_BUDGET, dataclasses.astuple(counter))
                     else:
                         self._conn.execute(_UPSERT_MONTH, (counter.token_name, counter.month, counter.requests))
         except sqlite3.Error as e:
@@ -229,6 +265,12 @@ class Writer:
         if self._on_written and records:
             self._on_written(records)
         return True
+
+
+def _keep_latest(counters: dict, state: BudgetState) -> None:
+    key = (BudgetState, state.token_name, state.month)
+    if (known := counters.get(key)) is None or known.version < state.version:
+        counters[key] = state
 
 
 def _params(records: Iterable[RequestRecord]) -> list:
