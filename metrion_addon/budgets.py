@@ -5,6 +5,7 @@ Pure decisions (token bounds, the price of a bound, settlement); the counters si
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -17,6 +18,8 @@ from .limits import CalendarMonth
 from .request_body import RequestBody
 from .routes import Route
 from .store import BudgetState, RequestRecord
+
+log = logging.getLogger(__name__)
 
 NANO = 1_000_000_000  # counters hold integer nano-dollars: sums stay exact across restarts
 FREE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
@@ -404,14 +407,21 @@ class Budgets:
                 self._pending[flow_id] = (entry[0], complete)
 
     def settle(self, record: RequestRecord) -> BudgetState | None:
-        """On the writer thread, once the row is priced: replace its reservation by its cost (or keep it)."""
-        with self._lock:
-            entry = self._pending.get(record.flow_id) if record.flow_id else None
-            if entry is None or entry[1] is None:
-                return None
-            del self._pending[record.flow_id]
-        actual = actual_cost(record, entry[1])
-        return None if actual is None else self.counters.settle(entry[0], actual)
+        """On the writer thread, once the row is priced: replace its reservation by its cost (or keep it).
+
+        Never raises: the writer thread must live on, and a reservation left in place only errs on the safe side.
+        """
+        try:
+            with self._lock:
+                entry = self._pending.get(record.flow_id) if record.flow_id else None
+                if entry is None or entry[1] is None:
+                    return None
+                del self._pending[record.flow_id]
+            actual = actual_cost(record, entry[1])
+            return None if actual is None else self.counters.settle(entry[0], actual)
+        except Exception:
+            log.exception("metrion: could not settle the budget of %s; its reservation stays", record.token_name)
+            return None
 
 
 def token_budgets(limits: Mapping[str, tuple[float | None, str]]) -> dict[str, TokenBudget]:
