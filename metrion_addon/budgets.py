@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 NANO = 1_000_000_000  # counters hold integer nano-dollars: sums stay exact across restarts
 FREE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 FREE_ENDPOINTS = frozenset({"messages/count_tokens", "models"})
+FREE_GEMINI_METHODS = frozenset({"countTokens"})
 
 # Documented maximum input tokens one image can cost (per provider; per model where a family differs).
 IMAGE_TOKENS = {
@@ -33,6 +34,7 @@ IMAGE_TOKENS = {
     "mistral": 4_161,  # Pixtral: 1024x1024 in 16x16 patches (4,096) + 64 row breaks + 1 end
     "grok": 1_792,  # 6 tiles of 448x448 at 256 tokens, plus one
 }
+_MOST_IMAGE_TOKENS = max(IMAGE_TOKENS.values())  # for a configured provider whose models Metrion does not know
 IMAGE_TOKENS_BY_MODEL = {("openai", "gpt-4o-mini"): 48_169}  # 2,833 + 5,667 x 8 tiles
 TOOL_TOKENS = 1_000  # the hidden system text a provider adds when tools are declared (Anthropic: up to 346)
 CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
@@ -44,12 +46,16 @@ UNBOUNDED_PARTS = frozenset(
 )
 # A body without any of these bytes has no image or unbounded part, so the walk is skipped (a \u escape could
 # spell a part type without its bytes, so it forces the walk too).
-_PART_HINTS = (b"image", b"file", b"audio", b"video", b"document", b"container_upload", b"\\u")
+_PART_HINTS = (b"image", b"file", b"audio", b"video", b"document", b"container_upload", b"inline", b"\\u")
+_GEMINI_MEDIA = ("inlineData", "inline_data", "fileData", "file_data")  # Gemini's native parts carry a MIME type
+_GEMINI_CLIENT_TOOLS = frozenset({"functionDeclarations", "function_declarations"})
 UNSEEN_INPUT_KEYS = {  # request fields that pull in input stored at the provider, which the body does not show
     "responses": ("previous_response_id", "conversation", "prompt"),
     "messages": ("mcp_servers", "container"),
+    "generate": ("cachedContent", "cached_content"),
 }
-_MAX_OUTPUT_KEYS = {"messages": ("max_tokens",), "responses": ("max_output_tokens",)}
+_MAX_OUTPUT_KEYS = {"messages": ("max_tokens",), "responses": ("max_output_tokens",),
+                    "generate": ("maxOutputTokens", "max_output_tokens")}
 # Documented maximum output tokens, used when a request sets no maximum (longest matching prefix wins).
 OUTPUT_LIMITS = {
     "openai": {"gpt-4o": 16_384, "gpt-4.1": 32_768, "gpt-4-turbo": 4_096, "gpt-3.5-turbo": 4_096,
@@ -101,27 +107,35 @@ def _parts(parsed: Mapping) -> tuple[int, int, str | None]:
             stack.extend(item)
         elif isinstance(item, dict):
             kind = item.get("type")
+            media = next((item[key] for key in _GEMINI_MEDIA if isinstance(item.get(key), dict)), None)
+            if media is not None:
+                mime = media.get("mimeType") or media.get("mime_type")
+                kind = "image" if isinstance(mime, str) and mime.startswith("image/") else f"{mime}"
             if kind in IMAGE_PARTS:
                 images += 1
                 image_chars += _string_bytes(item)
                 continue
-            if kind in UNBOUNDED_PARTS:
+            if kind in UNBOUNDED_PARTS or media is not None:
                 return images, image_chars, kind
             stack.extend(value for value in item.values() if isinstance(value, list | dict))
     return images, image_chars, None
 
 
-def _tools(provider: str, tools: object) -> Unbounded | bool:
+def _tools(route: Route, tools: object) -> Unbounded | bool:
     """Whether the request declares tools, or why its tools make the input unbounded (server-side tools)."""
     if not isinstance(tools, list) or not tools:
         return False
     for tool in tools:
-        kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind is None or kind in CLIENT_TOOL_TYPES:
-            continue
-        if provider == "anthropic" and isinstance(kind, str) and kind.startswith(ANTHROPIC_CLIENT_TOOLS):
-            continue
-        return Unbounded(f"the server-side tool {kind!r} adds input (results, searches) the request does not show")
+        if route.format == "gemini":
+            kind = next((key for key in tool if key not in _GEMINI_CLIENT_TOOLS), None) if isinstance(tool, dict) \
+                else "?"
+        else:
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind in CLIENT_TOOL_TYPES or (route.format == "anthropic" and isinstance(kind, str)
+                                             and kind.startswith(ANTHROPIC_CLIENT_TOOLS)):
+                kind = None
+        if kind is not None:
+            return Unbounded(f"the server-side tool {kind!r} adds input (results, searches) the request does not show")
     return True
 
 
@@ -143,18 +157,18 @@ def token_bound(route: Route, method: str, body: bytes, request: RequestBody | N
     documented maximum instead of their URL or data, and declared tools add TOOL_TOKENS of hidden system text.
     Output: the request's own maximum (times `n` choices), else the model's output limit.
     """
-    if method in FREE_METHODS or route.endpoint in FREE_ENDPOINTS:
+    if method in FREE_METHODS or route.endpoint in FREE_ENDPOINTS or route.gemini_method in FREE_GEMINI_METHODS:
         return TokenBound(0, 0)
     if route.api == "other":
         return Unbounded(f"Metrion cannot bound what the {route.endpoint!r} endpoint costs")
     parsed = request.parsed if request else None
-    model = request.model if request else None
+    model = (request.model if request else None) or route.model
     if parsed is None or not model:
         return Unbounded("the request names no model")
     for key in UNSEEN_INPUT_KEYS.get(route.api, ()):
         if parsed.get(key) is not None:
             return Unbounded(f"{key!r} adds input stored at the provider, which the request does not show")
-    tools = _tools(route.provider, parsed.get("tools"))
+    tools = _tools(route, parsed.get("tools"))
     if isinstance(tools, Unbounded):
         return tools
     hinted = any(hint in body for hint in _PART_HINTS)
@@ -165,21 +179,26 @@ def token_bound(route: Route, method: str, body: bytes, request: RequestBody | N
     input_tokens = max(0, len(body) - image_chars) + (TOOL_TOKENS if tools else 0)
     if images:
         per_image = next((tokens for (provider, prefix), tokens in IMAGE_TOKENS_BY_MODEL.items()
-                          if provider == route.provider and model.startswith(prefix)), IMAGE_TOKENS[route.provider])
+                          if provider == route.provider and model.startswith(prefix)),
+                         IMAGE_TOKENS.get(route.provider, _MOST_IMAGE_TOKENS))
         input_tokens += images * per_image
     if route.api == "embeddings":
         return TokenBound(input_tokens, 0)
+    settings, choices = parsed, parsed.get("n") if route.api == "chat" else None
+    if route.api == "generate":
+        settings = parsed.get("generationConfig") or parsed.get("generation_config")
+        settings = settings if isinstance(settings, dict) else {}
+        choices = settings.get("candidateCount") or settings.get("candidate_count")
     output = None
     if route.provider != "grok":  # xAI reports reasoning beside completion tokens and does not say max_tokens caps it
         for key in _MAX_OUTPUT_KEYS.get(route.api, ("max_completion_tokens", "max_tokens")):
-            if (output := _positive_int(parsed.get(key))) is not None:
+            if (output := _positive_int(settings.get(key))) is not None:
                 break
     if output is None:
         output = output_limit(route.provider, model, context_window)
     if output is None:
         return Unbounded(f"the request sets no maximum output and Metrion knows no output limit for {model!r}")
-    choices = _positive_int(parsed.get("n")) or 1 if route.api == "chat" else 1
-    return TokenBound(input_tokens, output * choices)
+    return TokenBound(input_tokens, output * (_positive_int(choices) or 1))
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,19 @@ from metrion_addon.budgets import (
     token_rates,
     usd,
 )
-from metrion_addon.config import ModelPrice
+from metrion_addon.config import BUILTIN_PRICE_IDS, ModelPrice
 from metrion_addon.errors import MetrionError
-from metrion_addon.pricing import Pricer, context_window
+from metrion_addon.pricing import Pricer
+from metrion_addon.pricing import context_window as window_of
 from metrion_addon.request_body import RequestBody
 from metrion_addon.routes import Route
 from metrion_addon.store import RequestRecord
 
 TS = "2026-11-24T20:32:29.123Z"
+
+
+def context_window(provider: str, model: str) -> int | None:
+    return window_of(BUILTIN_PRICE_IDS, provider, model)
 ENDPOINTS = {"messages": "messages", "chat": "chat/completions", "responses": "responses", "embeddings": "embeddings"}
 
 
@@ -294,3 +299,39 @@ def test_a_part_type_spelled_with_json_escapes_is_still_counted() -> None:
     parsed = json.loads(raw)
     result = token_bound(route("openai"), "POST", raw, RequestBody("gpt-4o", False, parsed), 128_000)
     assert isinstance(result, Unbounded) and "input_audio" in result.reason
+
+
+GEMINI_NATIVE = "v1beta/models/gemini-2.5-flash:generateContent"
+
+
+def test_gemini_native_requests_read_the_model_from_the_path_and_the_maximum_from_generation_config() -> None:
+    body = {"contents": [{"role": "user", "parts": [{"text": "Hi"}, {"inlineData": {
+        "mimeType": "image/png", "data": "A" * 50_000}}]}], "generationConfig": {"maxOutputTokens": 64,
+                                                                                  "candidateCount": 2}}
+    raw = json.dumps(body).encode()
+    result = token_bound(route("gemini", GEMINI_NATIVE), "POST", raw, RequestBody(None, False, body), None)
+    assert isinstance(result, TokenBound) and result.output_tokens == 128
+    assert IMAGE_TOKENS["gemini"] <= result.input_tokens < IMAGE_TOKENS["gemini"] + 1_000
+    count = route("gemini", "v1beta/models/gemini-2.5-flash:countTokens")
+    assert token_bound(count, "POST", raw, RequestBody(None, False, body), None) == TokenBound(0, 0)
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ({"contents": [{"parts": [{"fileData": {"mimeType": "video/mp4", "fileUri": "gs://x"}}]}]}, "video/mp4"),
+        ({"contents": [{"parts": [{"text": "Hi"}]}], "tools": [{"googleSearch": {}}]}, "googleSearch"),
+        ({"contents": [{"parts": [{"text": "Hi"}]}], "cachedContent": "cachedContents/1"}, "stored"),
+    ],
+)
+def test_gemini_native_parts_tools_and_caches_that_cannot_be_bounded(body: dict, why: str) -> None:
+    raw = json.dumps(body).encode()
+    result = token_bound(route("gemini", GEMINI_NATIVE), "POST", raw, RequestBody(None, False, body), 1_000_000)
+    assert isinstance(result, Unbounded) and why in result.reason
+
+
+def test_a_configured_provider_reserves_the_largest_image_any_provider_documents() -> None:
+    body = {"model": "llama-3.3-70b", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]}]}
+    result = bound("groq", "chat", body)
+    assert isinstance(result, TokenBound) and result.input_tokens >= max(IMAGE_TOKENS.values())

@@ -19,6 +19,7 @@ from harness import Proxy, token
 
 from metrion_addon.budgets import NANO, token_bound, token_rates
 from metrion_addon.clock import iso_utc
+from metrion_addon.config import BUILTIN_PRICE_IDS
 from metrion_addon.mock_provider import MockProvider, output_tokens, reply_text
 from metrion_addon.pricing import Pricer, context_window
 from metrion_addon.request_body import RequestBody
@@ -61,7 +62,8 @@ def reservation(path: str, body: bytes) -> int:
     assert route is not None
     parsed = json.loads(body)
     request = RequestBody(parsed["model"], parsed.get("stream") is True, parsed)
-    bound = token_bound(route, "POST", body, request, context_window(route.provider, parsed["model"]))
+    window = context_window(BUILTIN_PRICE_IDS, route.provider, parsed["model"])
+    bound = token_bound(route, "POST", body, request, window)
     rates = token_rates(Pricer({}), route.provider, parsed["model"], iso_utc(time.time()))
     assert rates is not None and not hasattr(bound, "reason")
     return rates.nano_usd(bound)
