@@ -6,25 +6,28 @@ Run with `mitmdump -s metrion_addon/addon.py --set metrion_config=config.yaml` (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 import weakref
+from collections.abc import Coroutine
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, hooks, http
 from mitmproxy.proxy import server_hooks
 
 from metrion_addon import contentview, store  # importing contentview registers the LLM stream view for mitmweb
-from metrion_addon.auth import authenticate, identify_forward, requester
+from metrion_addon.auth import Upstream, authenticate, identify_forward, requester
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
 from metrion_addon.errors import MetrionError, error_body, error_headers, provider_error_message
-from metrion_addon.limits import Limits
+from metrion_addon.limits import Admission, Limits
 from metrion_addon.metering import Exchange, StreamTap, build_record, metadata, summary
 from metrion_addon.pricing import Pricer
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
 from metrion_addon.routes import PROVIDER_HOSTS, Route, is_metrion_path, route_metrion_path, route_provider_host
+from metrion_addon.shared_limits import SharedLimits
 from metrion_addon.upstream import IdleTimer, answer_upstream_failures, cancel_upstream
 from metrion_addon.usage import StreamUsage
 
@@ -41,6 +44,7 @@ class Metrion:
         self.config: Config | None = None
         self.writer: store.Writer | None = None
         self.limits = Limits(1, {})
+        self.shared: SharedLimits | None = None  # the limits on Redis, when the config has `shared:`
         self._tokens: dict = {}
         self._exchanges: dict[str, Exchange] = {}
         self._timers: dict[str, IdleTimer] = {}
@@ -68,6 +72,7 @@ class Metrion:
         except ConfigError as e:
             raise exceptions.OptionsError(f"metrion: {e}") from e
         self._close_writer()
+        self._close_shared()
         conn = store.connect(config.database)
         store.create_schema(conn)
         buckets, months = store.load_counters(conn)
@@ -78,6 +83,15 @@ class Metrion:
         self.config = config
         caps = {name: plan.monthly_requests for name, plan in config.plans.items()}
         self.limits = Limits(config.rate_limit, caps, buckets, months)
+        if config.shared is not None:
+            shared = SharedLimits(config.shared, config.rate_limit, caps, config.limits_fingerprint(), months)
+            try:
+                shared.connect(self.clock())
+            except ConfigError as e:
+                raise exceptions.OptionsError(f"metrion: {config.path}: {e}") from e
+            self.shared = shared
+            with contextlib.suppress(RuntimeError):  # no loop yet at start-up: running() starts it
+                shared.start()
         self._tokens = config.token_by_hash()
         self._upstream_hosts = {urlsplit(url).hostname for url in config.providers.values()}
         answer_upstream_failures(self._answer_upstream_failure)
@@ -85,6 +99,8 @@ class Metrion:
     def running(self) -> None:
         # Only a UI (mitmweb's or the console's flow view) shows the cost once the writer has priced a row.
         self._loop = asyncio.get_running_loop() if ctx.master.addons.get("view") is not None else None
+        if self.shared is not None:
+            self.shared.start()
         if self.config is not None:
             log.info("metrion: metering %d token(s) into %s", len(self.config.tokens), self.config.database)
 
@@ -98,11 +114,17 @@ class Metrion:
         self._timers.clear()
         answer_upstream_failures(None)
         self._close_writer()
+        self._close_shared()
 
     def _close_writer(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+    def _close_shared(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
     # forward-proxy tunnels
 
@@ -129,22 +151,59 @@ class Metrion:
 
     # the request's way up
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Coroutine[None, None, None] | None:
+        """Admit and forward, or answer. With limits on Redis this returns a coroutine, which mitmproxy awaits:
+        the one round trip never blocks the loop, and a single instance pays nothing for it."""
         if flow.response or flow.error or not flow.live or self.config is None:
-            return
+            return None
         route = self._route(flow)
         if route is None:
-            return
+            return None
         exchange = Exchange(route, flow.request.path, flow.request.method, started=self.clock())
         self._exchanges[flow.id] = exchange
+        headers = _lowercase(flow.request.headers)
         try:
-            self._admit(flow, exchange, _lowercase(flow.request.headers))
+            credentials = self._check(flow, exchange, headers)
+            if self.shared is not None:
+                return self._request_shared(self.shared, flow, exchange, headers, credentials)
+            assert exchange.identity is not None
+            admission = self.limits.admit(exchange.identity.token_name, exchange.identity.plan, self.clock())
         except MetrionError as e:
-            exchange.failure = e
-            flow.response = self._error_response(route.provider, e, exchange)
-            flow.marked = _REJECTED_MARK
-            _redact(flow.request.headers)
+            self._refuse(flow, exchange, e)
+            return None
+        self._let_through(flow, exchange, admission, headers, credentials)
+        return None
+
+    async def _request_shared(self, shared: SharedLimits, flow: http.HTTPFlow, exchange: Exchange,
+                              headers: dict[str, str], credentials: Upstream | None) -> None:
+        assert exchange.identity is not None
+        try:
+            admission = await shared.admit(exchange.identity.token_name, exchange.identity.plan, self.clock())
+        except MetrionError as e:
+            self._refuse(flow, exchange, e)
             return
+        self._let_through(flow, exchange, admission, headers, credentials)
+
+    def _refuse(self, flow: http.HTTPFlow, exchange: Exchange, error: MetrionError) -> None:
+        exchange.failure = error
+        flow.response = self._error_response(exchange.route.provider, error, exchange)
+        flow.marked = _REJECTED_MARK
+        _redact(flow.request.headers)
+
+    def _let_through(self, flow: http.HTTPFlow, exchange: Exchange, admission: Admission, headers: dict[str, str],
+                     credentials: Upstream | None) -> None:
+        assert self.writer is not None
+        exchange.limit_headers = admission.headers
+        for state in admission.saved:
+            self.writer.put(state)
+        drop = {name for name in headers if name.startswith("x-metrion-")}
+        if flow.request.host.lower() in PROVIDER_HOSTS:
+            drop.add("proxy-authorization")
+        replace = {"accept-encoding": "identity"}  # the meter must read plain text
+        if credentials is not None:
+            drop.update(credentials.drop_headers)
+            replace.update(credentials.set_headers or {})
+        _rewrite(flow.request.headers, drop, replace)
         self._forward(flow, exchange)
 
     def _route(self, flow: http.HTTPFlow) -> Route | None:
@@ -164,15 +223,15 @@ class Metrion:
             flow.response = self._error_response(None, error)
         return route
 
-    def _admit(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str]) -> None:
-        """Authenticate, validate and count the request; raise MetrionError to refuse it.
+    def _check(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str]) -> Upstream | None:
+        """Authenticate and validate the request (the limits come next); raise MetrionError to refuse it.
 
         `headers` is a lower-cased snapshot: mitmproxy's Headers scan every field on each lookup.
         """
         assert self.config is not None and self.writer is not None
         route = exchange.route
         exchange.requester = requester(headers)
-        if route_is_forward := flow.request.host.lower() in PROVIDER_HOSTS:
+        if flow.request.host.lower() in PROVIDER_HOSTS:
             identity = self._tunnels.get(flow.client_conn) or identify_forward(
                 headers.get("proxy-authorization"), self._tokens
             )
@@ -186,18 +245,7 @@ class Metrion:
         if not self.writer.healthy:
             raise MetrionError(503, "metering_unavailable", "Metrion cannot record usage right now "
                                f"(database write failed: {self.writer.error}); request not forwarded.")
-        admission = self.limits.admit(identity.token_name, identity.plan, self.clock())
-        exchange.limit_headers = admission.headers
-        for state in admission.saved:
-            self.writer.put(state)
-        drop = {name for name in headers if name.startswith("x-metrion-")}
-        if route_is_forward:
-            drop.add("proxy-authorization")
-        replace = {"accept-encoding": "identity"}  # the meter must read plain text
-        if credentials is not None:
-            drop.update(credentials.drop_headers)
-            replace.update(credentials.set_headers or {})
-        _rewrite(flow.request.headers, drop, replace)
+        return credentials
 
     def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         assert self.config is not None

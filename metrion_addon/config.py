@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -109,6 +109,13 @@ class Token(_Strict):
         return keys
 
 
+class Shared(_Strict):
+    """State shared by several instances: the limits on Redis, and what to do while Redis is unreachable."""
+
+    redis: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://\S+$")]
+    on_failure: Literal["closed", "local"] = "closed"
+
+
 class Config(_Strict):
     path: Path
     database: Path
@@ -119,6 +126,7 @@ class Config(_Strict):
     providers: dict[str, str] = Field(default_factory=dict, validate_default=True)
     tokens: list[Token] = []
     prices: dict[str, ModelPrice] = {}
+    shared: Shared | None = None
 
     @field_validator("timeout", mode="before")
     @classmethod
@@ -150,6 +158,18 @@ class Config(_Strict):
             names.add(token.name)
             hashes.add(token.token_hash)
         return self
+
+    def limits_fingerprint(self) -> str:
+        """What instances sharing Redis must agree on (tokens, plans, limits), as a short digest.
+
+        Provider keys are left out: they may differ per host, and a digest of a secret is not kept anywhere.
+        """
+        shape = {
+            "rate_limit": self.rate_limit,
+            "plans": {name: plan.model_dump() for name, plan in sorted(self.plans.items())},
+            "tokens": sorted(repr(sorted(t.model_dump(exclude={"keys"}).items())) for t in self.tokens),
+        }
+        return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
 
     def token_by_hash(self) -> dict[str, Token]:
         return {token.token_hash: token for token in self.tokens}
