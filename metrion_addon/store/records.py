@@ -1,0 +1,57 @@
+"""What the store keeps: one row per request, the rate-limit buckets and the monthly counters.
+
+Plain data shared by every backend; the column list of the `requests` table is derived from RequestRecord.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class RequestRecord:
+    """One row of the `requests` table; cost_usd and price_source are filled in by the writer."""
+
+    ts: str
+    token_name: str | None
+    requester: str | None
+    provider: str
+    model: str | None
+    path: str
+    method: str
+    stream: bool
+    status: int | None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+    latency_ms: float | None = None
+    ttfb_ms: float | None = None
+    usage_source: str = "none"
+    error: str | None = None
+    auth_mode: str | None = None
+    cost_usd: float | None = None
+    price_source: str | None = None
+    flow_id: str | None = dataclasses.field(default=None, compare=False)  # for mitmweb, not stored
+
+
+@dataclass(frozen=True)
+class BucketState:
+    token_name: str
+    tokens: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class MonthlyCount:
+    token_name: str
+    month: str
+    requests: int
+
+
+Counter = BucketState | MonthlyCount
+
+COLUMNS = [f.name for f in dataclasses.fields(RequestRecord) if f.name != "flow_id"]
