@@ -19,6 +19,7 @@ from mitmproxy.proxy import server_hooks
 
 from metrion_addon import contentview, store  # importing contentview registers the LLM stream view for mitmweb
 from metrion_addon.auth import Upstream, authenticate, identify_forward, lift_query_key, requester
+from metrion_addon.budgets import Budgets, Hold, MemoryBudgetCounters, token_budgets
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
 from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
@@ -35,7 +36,7 @@ from metrion_addon.metering import (
     stream_tap,
     summary,
 )
-from metrion_addon.pricing import Pricer
+from metrion_addon.pricing import Pricer, context_window
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
 from metrion_addon.routes import (
     Route,
@@ -63,6 +64,7 @@ class Metrion:
         self.writer: store.Writer | None = None
         self.limits = Limits(1, {})
         self.shared: SharedLimits | None = None  # the limits on Redis, when the config has `shared:`
+        self.budgets = Budgets({}, MemoryBudgetCounters(), Pricer({}), lambda provider, model: None)
         self._tokens: dict = {}
         self._exchanges: dict[str, Exchange] = {}
         self._timers: dict[str, IdleTimer] = {}
@@ -96,9 +98,14 @@ class Metrion:
         conn = store.connect(config.database)
         store.create_schema(conn)
         buckets, months = store.load_counters(conn)
-        pricer = Pricer(config.prices, {name: p.price_as for name, p in config.providers.items()})
+        price_ids = {name: provider.price_as for name, provider in config.providers.items()}
+        pricer = Pricer(config.prices, price_ids)
         pricer.warm()
-        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._priced)
+        limits = {token.name: (config.budget_usd(token), config.unpriced(token)) for token in config.tokens}
+        self.budgets = Budgets(token_budgets(limits), MemoryBudgetCounters(store.load_budgets(conn)),
+                               Pricer(config.prices, price_ids), functools.partial(context_window, price_ids))
+        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._priced,
+                                   settle=self.budgets.settle)
         self.writer.start()
         self.config = config
         caps = {name: plan.monthly_requests for name, plan in config.plans.items()}
@@ -199,26 +206,40 @@ class Metrion:
         headers = _lowercase(flow.request.headers)
         try:
             credentials = self._check(flow, exchange, headers)
+            now = self.clock()
+            hold = self._hold(flow, exchange, now)
             if self.shared is not None:
-                return self._request_shared(flow, self.shared, exchange, headers, credentials)
+                return self._request_shared(flow, self.shared, exchange, headers, credentials, hold, now)
             assert exchange.identity is not None
-            admission = self.limits.admit(exchange.identity.token_name, exchange.identity.plan, self.clock())
+            try:
+                admission = self.limits.admit(exchange.identity.token_name, exchange.identity.plan, now)
+            except MetrionError:
+                self._release(hold)
+                raise
         except MetrionError as e:
             self._refuse(flow, exchange, e)
             return None
-        self._let_through(flow, exchange, admission, headers, credentials)
+        self._let_through(flow, exchange, admission, hold, headers, credentials)
         return None
 
     @guarded_coroutine("request")
     async def _request_shared(self, flow: http.HTTPFlow, shared: SharedLimits, exchange: Exchange,
-                              headers: dict[str, str], credentials: Upstream | None) -> None:
+                              headers: dict[str, str], credentials: Upstream | None, hold: Hold | None,
+                              now: float) -> None:
         assert exchange.identity is not None
         try:
-            admission = await shared.admit(exchange.identity.token_name, exchange.identity.plan, self.clock())
+            admission = await shared.admit(exchange.identity.token_name, exchange.identity.plan, now)
         except MetrionError as e:
+            self._release(hold)
             self._refuse(flow, exchange, e)
             return
-        self._let_through(flow, exchange, admission, headers, credentials)
+        self._let_through(flow, exchange, admission, hold, headers, credentials)
+
+    def _hold(self, flow: http.HTTPFlow, exchange: Exchange, now: float) -> Hold | None:
+        """Reserve the most the request can cost from the token's dollar budget (raise 429 if it does not fit)."""
+        assert exchange.identity is not None
+        return self.budgets.admit(exchange.identity.token_name, now, exchange.route, flow.request.method,
+                                  flow.request.raw_content or b"", exchange.request)
 
     def _refuse(self, flow: http.HTTPFlow, exchange: Exchange, error: MetrionError) -> None:
         exchange.failure = error
@@ -226,12 +247,14 @@ class Metrion:
         flow.marked = _REJECTED_MARK
         _redact(flow.request.headers)
 
-    def _let_through(self, flow: http.HTTPFlow, exchange: Exchange, admission: Admission, headers: dict[str, str],
-                     credentials: Upstream | None) -> None:
+    def _let_through(self, flow: http.HTTPFlow, exchange: Exchange, admission: Admission, hold: Hold | None,
+                     headers: dict[str, str], credentials: Upstream | None) -> None:
         assert self.writer is not None
-        exchange.limit_headers = admission.headers
-        for state in admission.saved:
+        exchange.limit_headers = {**admission.headers, **hold.headers} if hold else admission.headers
+        for state in (*admission.saved, hold.saved) if hold and hold.saved else admission.saved:
             self.writer.put(state)
+        if hold:
+            self.budgets.track(flow.id, hold)
         drop = {name for name in headers if name.startswith("x-metrion-")}
         if host_provider(flow.request.host, flow.request.port, self._hosts) is not None:
             drop.add("proxy-authorization")
@@ -283,6 +306,10 @@ class Metrion:
                                f"(database write failed: {self.writer.error}); request not forwarded.")
         return credentials
 
+    def _release(self, hold: Hold | None) -> None:
+        if hold is not None and self.writer is not None and (state := self.budgets.release(hold)) is not None:
+            self.writer.put(state)
+
     def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         assert self.config is not None
         request, route = flow.request, exchange.route
@@ -333,10 +360,12 @@ class Metrion:
         else:
             error = None
         start = flow.request.timestamp_start
+        # A whole answer settles at its cost; so does a connection that never opened (nothing reached the provider).
+        settles = exchange.failure is None or flow.server_conn.timestamp_tcp_setup is None
         self._record(
             flow, exchange, status=response.status_code, body=body, error=error,
             latency_ms=((response.timestamp_end or time.time()) - start) * 1000,
-            ttfb_ms=None if exchange.failure else (response.timestamp_start - start) * 1000,
+            ttfb_ms=None if exchange.failure else (response.timestamp_start - start) * 1000, complete=settles,
         )
 
     @guarded
@@ -392,7 +421,7 @@ class Metrion:
 
     def _record(self, flow: http.HTTPFlow | None, exchange: Exchange, *, status: int | None, body: bytes | None,
                 error: str | None, latency_ms: float | None = None, ttfb_ms: float | None = None,
-                flow_id: str | None = None) -> None:
+                flow_id: str | None = None, complete: bool = False) -> None:
         flow_id = flow.id if flow else flow_id
         record = build_record(exchange, status=status, body=body, latency_ms=latency_ms, ttfb_ms=ttfb_ms,
                               error=error, flow_id=flow_id)
@@ -401,11 +430,15 @@ class Metrion:
             flow.comment = summary(record)
             if self._loop is not None:  # a UI will want the cost once the row is priced
                 self._flows[flow.id] = flow
-        self._put(flow_id, record)
+        self._put(flow_id, record, complete)
 
-    def _put(self, flow_id: str | None, record: store.RequestRecord) -> None:
-        """Hand the row to the writer; the exchange is finished only now (contain() looks for unfinished ones)."""
+    def _put(self, flow_id: str | None, record: store.RequestRecord, complete: bool = False) -> None:
+        """Hand the row to the writer; the exchange is finished only now (contain() looks for unfinished ones).
+
+        `complete`: the provider's whole answer arrived, so the row's cost replaces its budget reservation.
+        """
         self._exchanges.pop(flow_id or "", None)
+        self.budgets.finish(flow_id, complete)  # before the writer can see the row
         if self.writer is not None:
             self.writer.put(record)
 
