@@ -17,6 +17,7 @@ from mitmproxy.proxy import server_hooks
 
 from metrion_addon import contentview, store  # importing contentview registers the LLM stream view for mitmweb
 from metrion_addon.auth import authenticate, identify_forward, lift_query_key, requester
+from metrion_addon.budgets import Budgets, Hold, MemoryBudgetCounters, token_budgets
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
 from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
@@ -33,7 +34,7 @@ from metrion_addon.metering import (
     stream_tap,
     summary,
 )
-from metrion_addon.pricing import Pricer
+from metrion_addon.pricing import Pricer, context_window
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
 from metrion_addon.routes import (
     Route,
@@ -59,6 +60,7 @@ class Metrion:
         self.config: Config | None = None
         self.writer: store.Writer | None = None
         self.limits = Limits(1, {})
+        self.budgets = Budgets({}, MemoryBudgetCounters(), Pricer({}), lambda provider, model: None)
         self._tokens: dict = {}
         self._exchanges: dict[str, Exchange] = {}
         self._timers: dict[str, IdleTimer] = {}
@@ -91,9 +93,14 @@ class Metrion:
         conn = store.connect(config.database)
         store.create_schema(conn)
         buckets, months = store.load_counters(conn)
-        pricer = Pricer(config.prices, {name: p.price_as for name, p in config.providers.items()})
+        price_ids = {name: provider.price_as for name, provider in config.providers.items()}
+        pricer = Pricer(config.prices, price_ids)
         pricer.warm()
-        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._priced)
+        limits = {token.name: (config.budget_usd(token), config.unpriced(token)) for token in config.tokens}
+        self.budgets = Budgets(token_budgets(limits), MemoryBudgetCounters(store.load_budgets(conn)),
+                               Pricer(config.prices, price_ids), functools.partial(context_window, price_ids))
+        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._priced,
+                                   settle=self.budgets.settle)
         self.writer.start()
         self.config = config
         caps = {name: plan.monthly_requests for name, plan in config.plans.items()}
@@ -221,10 +228,19 @@ class Metrion:
         if not self.writer.healthy:
             raise MetrionError(503, "metering_unavailable", "Metrion cannot record usage right now "
                                f"(database write failed: {self.writer.error}); request not forwarded.")
-        admission = self.limits.admit(identity.token_name, identity.plan, self.clock())
-        exchange.limit_headers = admission.headers
-        for state in admission.saved:
+        now = self.clock()
+        hold = self.budgets.admit(identity.token_name, now, route, flow.request.method,
+                                  flow.request.raw_content or b"", exchange.request)
+        try:
+            admission = self.limits.admit(identity.token_name, identity.plan, now)
+        except MetrionError:
+            self._release(hold)
+            raise
+        exchange.limit_headers = {**admission.headers, **hold.headers} if hold else admission.headers
+        for state in (*admission.saved, hold.saved) if hold and hold.saved else admission.saved:
             self.writer.put(state)
+        if hold:
+            self.budgets.track(flow.id, hold)
         drop = {name for name in headers if name.startswith("x-metrion-")}
         if route_is_forward:
             drop.add("proxy-authorization")
@@ -233,6 +249,10 @@ class Metrion:
             drop.update(credentials.drop_headers)
             replace.update(credentials.set_headers or {})
         _rewrite(flow.request.headers, drop, replace)
+
+    def _release(self, hold: Hold | None) -> None:
+        if hold is not None and self.writer is not None and (state := self.budgets.release(hold)) is not None:
+            self.writer.put(state)
 
     def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         assert self.config is not None
@@ -284,10 +304,12 @@ class Metrion:
         else:
             error = None
         start = flow.request.timestamp_start
+        # A whole answer settles at its cost; so does a connection that never opened (nothing reached the provider).
+        settles = exchange.failure is None or flow.server_conn.timestamp_tcp_setup is None
         self._record(
             flow, exchange, status=response.status_code, body=body, error=error,
             latency_ms=((response.timestamp_end or time.time()) - start) * 1000,
-            ttfb_ms=None if exchange.failure else (response.timestamp_start - start) * 1000,
+            ttfb_ms=None if exchange.failure else (response.timestamp_start - start) * 1000, complete=settles,
         )
 
     @guarded
@@ -343,7 +365,7 @@ class Metrion:
 
     def _record(self, flow: http.HTTPFlow | None, exchange: Exchange, *, status: int | None, body: bytes | None,
                 error: str | None, latency_ms: float | None = None, ttfb_ms: float | None = None,
-                flow_id: str | None = None) -> None:
+                flow_id: str | None = None, complete: bool = False) -> None:
         flow_id = flow.id if flow else flow_id
         record = build_record(exchange, status=status, body=body, latency_ms=latency_ms, ttfb_ms=ttfb_ms,
                               error=error, flow_id=flow_id)
@@ -352,11 +374,15 @@ class Metrion:
             flow.comment = summary(record)
             if self._loop is not None:  # a UI will want the cost once the row is priced
                 self._flows[flow.id] = flow
-        self._put(flow_id, record)
+        self._put(flow_id, record, complete)
 
-    def _put(self, flow_id: str | None, record: store.RequestRecord) -> None:
-        """Hand the row to the writer; the exchange is finished only now (contain() looks for unfinished ones)."""
+    def _put(self, flow_id: str | None, record: store.RequestRecord, complete: bool = False) -> None:
+        """Hand the row to the writer; the exchange is finished only now (contain() looks for unfinished ones).
+
+        `complete`: the provider's whole answer arrived, so the row's cost replaces its budget reservation.
+        """
         self._exchanges.pop(flow_id or "", None)
+        self.budgets.finish(flow_id, complete)  # before the writer can see the row
         if self.writer is not None:
             self.writer.put(record)
 

@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -69,8 +69,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+Unpriced = Literal["refuse", "allow"]
+
+
 class Plan(_Strict):
     monthly_requests: Annotated[int, Field(gt=0)] | None
+    monthly_usd: Annotated[float, Field(gt=0)] | None = None  # dollar budget; None = none
+    unpriced: Unpriced = "refuse"  # what a budgeted token's request whose cost cannot be bounded gets
+
+    @field_validator("monthly_usd", mode="before")
+    @classmethod
+    def _int_is_a_budget(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class ModelPrice(_Strict):
@@ -154,6 +164,13 @@ class Token(_Strict):
     token_hash: str = Field(alias="token")
     plan: str = "free"
     keys: dict[str, SecretStr] = {}
+    monthly_usd: Annotated[float, Field(gt=0)] | None = None  # overrides the plan's, even as null, when given
+    unpriced: Unpriced | None = None  # None: the plan's
+
+    @field_validator("monthly_usd", mode="before")
+    @classmethod
+    def _int_is_a_budget(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @field_validator("token_hash", mode="before")
     @classmethod
@@ -261,6 +278,13 @@ class Config(_Strict):
                     known = ", ".join(self.providers)
                     raise ValueError(f"tokens[{i}].keys: unknown provider {provider!r} (known: {known})")
         return self
+
+    def budget_usd(self, token: Token) -> float | None:
+        """The monthly budget: the token's own `monthly_usd` if the file sets one (even null), else its plan's."""
+        return token.monthly_usd if "monthly_usd" in token.model_fields_set else self.plans[token.plan].monthly_usd
+
+    def unpriced(self, token: Token) -> Unpriced:
+        return token.unpriced or self.plans[token.plan].unpriced
 
     def token_by_hash(self) -> dict[str, Token]:
         return {token.token_hash: token for token in self.tokens}
