@@ -295,25 +295,36 @@ def histogram_rank(histogram: dict[int, int], percent: int) -> float:
 RAW_PERCENTILE_ROWS = 20_000  # up to this many latencies in the period, percentiles come from the raw rows
 
 
-def exact_percentiles(f: Filters, groups: dict[tuple, list[int]]) -> bool:
-    """Small periods (by the latency count in any usage `groups` of the period), and token or requester filters
-    (the histograms key on neither), are answered from raw rows."""
+EXACT, ESTIMATED, UNAVAILABLE = "exact", "estimated", "unavailable"
+
+
+def percentile_source(f: Filters, groups: dict[tuple, list[int]]) -> str:
+    """Where a view's percentiles come from, given any usage `groups` of it (for its latency count):
+
+    the raw rows (exact) when there are at most RAW_PERCENTILE_ROWS and an index reaches them (a status filter
+    alone has none); else the histograms (estimated); with a requester filter, which the histograms do not key
+    on, the raw rows or nothing.
+    """
     counted = sum(sums[SUM_INDEX["latency_count"]] for sums in groups.values())
-    return f.requester is not None or f.token is not None or counted <= RAW_PERCENTILE_ROWS
+    small = counted <= RAW_PERCENTILE_ROWS
+    if f.requester is not None:
+        return EXACT if small else UNAVAILABLE
+    indexed = f.status is None or any(v is not None for v in (f.provider, f.model, f.token))
+    return EXACT if small and indexed else ESTIMATED
 
 
 @dataclass(frozen=True)
 class Latencies:
     """The period's latencies per group of keys: raw values when exact, else histograms."""
 
-    exact: bool
+    source: str
     values: dict[tuple, list[float]]
     histograms: dict[tuple, dict[int, int]]
 
     def percentiles(self, keep: tuple[int, ...]) -> dict[tuple, dict[str, float]]:
         """p50/p95/p99 per group of the key positions in `keep` (() for all)."""
         result = {}
-        if self.exact:
+        if self.source == EXACT:
             merged: dict[tuple, list[float]] = {}
             for key, values in self.values.items():
                 merged.setdefault(tuple(key[i] for i in keep), []).extend(values)
@@ -337,7 +348,7 @@ class Latencies:
     def octaves(self) -> list[dict[str, Any]]:
         """How many requests took how long: one bar per doubling of latency (1–2 ms, 2–4 ms, …)."""
         counts: dict[int, int] = {}
-        if self.exact:
+        if self.source == EXACT:
             for values in self.values.values():
                 for value in values:
                     octave = math.frexp(value)[1] - 1 if value >= 1 else 0  # floor(log2), as the buckets
@@ -354,12 +365,14 @@ class Latencies:
         ]
 
 
-def latencies(conn: sqlite3.Connection, f: Filters, keys: tuple[str, ...], exact: bool) -> Latencies:
-    """Latencies grouped by `keys` (among time, provider, model): `exact` (nearest rank over the raw rows, as
-    `metrion report`; see exact_percentiles), else histograms (a percentile is its bucket's middle: ±4.5 %)."""
-    if exact:
-        return Latencies(True, _raw_latencies(conn, f, keys), {})
-    return Latencies(False, {}, _histograms(conn, f, keys))
+def latencies(conn: sqlite3.Connection, f: Filters, keys: tuple[str, ...], source: str) -> Latencies:
+    """Latencies grouped by `keys` (among time, provider, model) from `source` (see percentile_source): exact is
+    nearest rank over the raw rows, as `metrion report`; estimated is a histogram bucket's middle (±4.5 %)."""
+    if source == EXACT:
+        return Latencies(source, _raw_latencies(conn, f, keys), {})
+    if source == ESTIMATED:
+        return Latencies(source, {}, _histograms(conn, f, keys))
+    return Latencies(source, {}, {})
 
 
 # ---------------------------------------------------------------- raw rows: logs and recent errors

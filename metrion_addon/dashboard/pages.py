@@ -19,10 +19,10 @@ from metrion_addon.queries import (
     Cursor,
     Filters,
     buckets,
-    exact_percentiles,
     grouped,
     latencies,
     log_page,
+    percentile_source,
     rollup,
     stamp,
     totals,
@@ -51,9 +51,9 @@ def _headline(conn: sqlite3.Connection, f: Filters, by_failed: dict[tuple, list[
     (figures,) = with_errors(by_failed, 0) or [{**totals(None), "errors": 0, "error_rate": None}]
     figures.pop("key", None)
     figures["successes"] = figures["requests"] - figures["errors"]
-    exact = exact_percentiles(f, by_failed)
-    figures["latency_p95_ms"] = latencies(conn, f, (), exact).percentiles(()).get((), {}).get("p95")
-    figures["percentiles_exact"] = exact
+    source = percentile_source(f, by_failed)
+    figures["latency_p95_ms"] = latencies(conn, f, (), source).percentiles(()).get((), {}).get("p95")
+    figures["percentiles"] = source
     figures["requesters"] = len(requesters)
     return figures
 
@@ -124,7 +124,7 @@ def overview(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
         ],
         "top_models": [{"model": model, "requests": model_requests[model]} for model in _top(model_requests, 8)],
         "requesters": _series(labels, requesters),
-        "percentiles_exact": now["percentiles_exact"],
+        "percentiles": now["percentiles"],
     }
 
 
@@ -132,13 +132,13 @@ def latency(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
     """Latency percentiles and average TTFB over time, the same per provider and model, and a histogram."""
     labels = buckets(f)
     groups = usage(conn, f, (_time_key(f), "provider", "model", "failed"))
-    exact = exact_percentiles(f, groups)
-    found = latencies(conn, f, ("time",), exact)
+    source = percentile_source(f, groups)
+    found = latencies(conn, f, ("time",), source)
     over_time = found.percentiles((0,))
     averages = {label: totals(sums) for (label,), sums in rollup(groups, (0,)).items()}
     series = {f"p{p}": [over_time.get((label,), {}).get(f"p{p}") for label in labels] for p in PERCENTS}
     series["ttfb_avg"] = [averages.get(label, {}).get("ttfb_avg_ms") for label in labels]
-    by_model = latencies(conn, f, ("provider", "model"), exact).percentiles((0, 1))
+    by_model = latencies(conn, f, ("provider", "model"), source).percentiles((0, 1))
     table = []
     for row in with_errors(rollup(groups, (1, 2, 3)), 2):
         provider, model = row.pop("key")
@@ -154,7 +154,7 @@ def latency(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
                     "latency_avg_ms": everything["latency_avg_ms"], "ttfb_avg_ms": everything["ttfb_avg_ms"]},
         "by_model": table,
         "histogram": found.octaves(),
-        "percentiles_exact": found.exact,
+        "percentiles": source,
     }
 
 
