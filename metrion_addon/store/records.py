@@ -35,6 +35,7 @@ class RequestRecord:
     auth_mode: str | None = None
     cost_usd: float | None = None
     price_source: str | None = None
+    requested_model: str | None = None  # the model the client asked for; `model` is what the provider answered
     flow_id: str | None = dataclasses.field(default=None, compare=False)  # for mitmweb, not stored
 
 
