@@ -63,7 +63,7 @@ class Settings:
 
 
 FULL = Settings(days=28, scale=0.5, latency_scale=1.0, rate_limit=60, burst=80)
-QUICK = Settings(days=1, scale=0.6, latency_scale=0.05, rate_limit=10, burst=15)
+QUICK = Settings(days=1, scale=0.4, latency_scale=0.05, rate_limit=10, burst=15)
 
 
 def token_value(name: str) -> str:
@@ -111,45 +111,65 @@ def _environment(clock_file: Path | None) -> dict[str, str]:
     return env
 
 
-def start_proxy(workdir: Path, port: int, clock_file: Path | None) -> subprocess.Popen[bytes]:
-    """mitmdump with the addon and the demo config; returns once Metrion says it is metering."""
-    log = workdir / "mitmdump.log"
+@dataclass(frozen=True)
+class Launched:
+    """A process the demo started, and the log it writes to (from `offset` on for this start)."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    offset: int
+
+    def wait_until(self, ready: Callable[[], bool], what: str) -> subprocess.Popen[bytes]:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while not ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                stop(self.process)
+                raise DemoError(f"{what} did not start; its log is {self.log}")
+            time.sleep(0.05)
+        return self.process
+
+
+def launch(command: list[str], workdir: Path, log_name: str, clock_file: Path | None) -> Launched:
+    log = workdir / log_name
     offset = log.stat().st_size if log.exists() else 0
     with log.open("ab") as out:
-        process = subprocess.Popen(
-            [str(BIN / "mitmdump"), "-s", str(ADDON), "--set", f"metrion_config={workdir / 'config.yaml'}",
-             "--set", f"confdir={workdir / 'confdir'}", "--listen-host", "127.0.0.1", "--listen-port", str(port),
-             "--set", "connection_strategy=lazy", "--set", "flow_detail=0"],
-            cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=_environment(clock_file),
-        )
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while b"metrion: metering" not in log.read_bytes()[offset:]:
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop(process)
-            raise DemoError(f"Metrion did not start; its log is {log}")
-        time.sleep(0.05)
-    return process
+        process = subprocess.Popen(command, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                                   env=_environment(clock_file))
+    return Launched(process, log, offset)
 
 
-def start_dashboard(workdir: Path, port: int) -> subprocess.Popen[bytes]:
-    """`metrion dashboard` on the demo config (on the real clock); returns once it answers."""
-    log = workdir / "dashboard.log"
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [str(BIN / "metrion"), "dashboard", "--config", str(workdir / "config.yaml"), "--host", "127.0.0.1",
-             "--port", str(port)],
-            cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=_environment(None),
-        )
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while True:
+def launch_proxy(workdir: Path, port: int, clock_file: Path | None) -> Launched:
+    """mitmdump with the addon and the demo config."""
+    return launch(
+        [str(BIN / "mitmdump"), "-s", str(ADDON), "--set", f"metrion_config={workdir / 'config.yaml'}",
+         "--set", f"confdir={workdir / 'confdir'}", "--listen-host", "127.0.0.1", "--listen-port", str(port),
+         "--set", "connection_strategy=lazy", "--set", "flow_detail=0"],
+        workdir, "mitmdump.log", clock_file,
+    )
+
+
+def proxy_ready(launched: Launched) -> subprocess.Popen[bytes]:
+    return launched.wait_until(lambda: b"metrion: metering" in launched.log.read_bytes()[launched.offset :], "Metrion")
+
+
+def launch_dashboard(workdir: Path, port: int) -> Launched:
+    """`metrion dashboard` on the demo config, on the real clock."""
+    return launch(
+        [str(BIN / "metrion"), "dashboard", "--config", str(workdir / "config.yaml"), "--host", "127.0.0.1",
+         "--port", str(port)],
+        workdir, "dashboard.log", None,
+    )
+
+
+def dashboard_ready(launched: Launched, url: str) -> subprocess.Popen[bytes]:
+    def answers() -> bool:
         try:
-            httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
-            return process
+            httpx.get(url, timeout=2)
         except httpx.TransportError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop(process)
-                raise DemoError(f"the dashboard did not start; its log is {log}") from None
-            time.sleep(0.1)
+            return False
+        return True
+
+    return launched.wait_until(answers, "the dashboard")
 
 
 def stop(process: subprocess.Popen[bytes] | None) -> None:
@@ -221,8 +241,8 @@ class Driver:
         except (openai.APIStatusError, anthropic.APIStatusError) as e:
             code = e.response.headers.get("x-metrion-error")
             outcome = f"refused by Metrion ({code})" if code else f"provider error {e.status_code}"
-        except (openai.APIError, anthropic.APIError, httpx.HTTPError):
-            outcome = "stream cut"
+        except Exception as e:  # a cut stream surfaces as whatever the SDK's HTTP stack raises
+            outcome = f"cut short ({type(e).__name__})"
         self.outcomes[outcome] += 1
 
     async def _send(self, call: Call) -> None:
@@ -375,9 +395,12 @@ def run(workdir: Path, settings: Settings, dashboard_port: int, seed: int) -> Ru
                              workload.monthly_cap(history, "hackathon", now))
         (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         say(f"mock providers on 127.0.0.1:{running.mock.port}; starting Metrion on {proxy_url} with a moving clock")
-        running.proxy = start_proxy(workdir, port, clock.path)
-        running.dashboard = start_dashboard(workdir, dashboard_port)
-        say(f"dashboard on http://127.0.0.1:{dashboard_port}/ (it fills as the history is laid down)")
+        proxy, dashboard = launch_proxy(workdir, port, clock.path), launch_dashboard(workdir, dashboard_port)
+        running.proxy, running.dashboard = proxy.process, dashboard.process  # stopped whatever happens next
+        dashboard_url = f"http://127.0.0.1:{dashboard_port}/"
+        proxy_ready(proxy)
+        dashboard_ready(dashboard, dashboard_url)
+        say(f"dashboard on {dashboard_url} (it fills as the history is laid down)")
         driver = Driver(proxy_url, teams)
         started = time.monotonic()
         asyncio.run(_history(driver, Admissions(running.mock), clock, history, settings.in_flight,
@@ -385,7 +408,9 @@ def run(workdir: Path, settings: Settings, dashboard_port: int, seed: int) -> Ru
         say(f"history: {len(history)} calls over {settings.days:g} days in {time.monotonic() - started:.1f} s: "
             f"{outcome_line(driver.outcomes)}")
         stop(running.proxy)
-        running.proxy = start_proxy(workdir, port, None)
+        restarted = launch_proxy(workdir, port, None)
+        running.proxy = restarted.process
+        proxy_ready(restarted)
         driver.outcomes.clear()
         asyncio.run(_now(driver, live, burst))
         say(f"now: a tour of {len(live)} calls and a burst of {len(burst)} from {burst_team.token}: "
@@ -445,14 +470,15 @@ def main(argv: list[str] | None = None) -> None:
         "realistic SDK traffic through them, and keep them running until Ctrl-C. No keys, no internet.",
     )
     parser.add_argument("--dir", type=Path, default=Path("demo"), help="demo directory, wiped first (default: demo)")
-    parser.add_argument("--port", type=int, default=8081, help="dashboard port (default: 8081)")
+    parser.add_argument("--port", type=int, default=8081, help="dashboard port; 0 picks a free one (default: 8081)")
     parser.add_argument("--quick", action="store_true", help="two days of history, fast providers: a smoke run")
     parser.add_argument("--seed", type=int, default=7, help="traffic seed (default: 7)")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the demo as Ctrl-C does
+    for stopping in (signal.SIGINT, signal.SIGTERM):  # also when started in the background, where SIGINT is ignored
+        signal.signal(stopping, signal.default_int_handler)
     running = None
     try:
-        running = run(args.dir.resolve(), QUICK if args.quick else FULL, args.port, args.seed)
+        running = run(args.dir.resolve(), QUICK if args.quick else FULL, args.port or free_port(), args.seed)
         while True:
             time.sleep(3600)
     except DemoError as e:

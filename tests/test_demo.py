@@ -91,7 +91,8 @@ def test_a_quick_demo_fills_the_database_through_the_proxy_and_serves_the_dashbo
     assert code == 0
     assert {row["provider"] for row in rows} == set(PREFIXES)
     assert {row["stream"] for row in rows} == {0, 1}
-    assert len({row["requester"] for row in rows}) >= 6 and len({row["token_name"] for row in rows}) == 6
+    assert len({row["requester"] for row in rows}) >= 6
+    assert {row["token_name"] for row in rows} == {team.token for team in workload.TEAMS} | {None}  # None: bad token
     assert any(row["cache_read_tokens"] >= 1024 for row in rows if row["provider"] == "openai")
     assert any(row["cache_read_tokens"] for row in rows if row["provider"] == "anthropic")
     assert {row["provider"] for row in rows if row["reasoning_tokens"]} >= {"openai", "grok"}
