@@ -13,11 +13,11 @@ import pytest
 import yaml
 from starlette.testclient import TestClient
 
-from metrion_addon import report, store
+from metrion_addon import queries, report, store
 from metrion_addon.config import load_config
 from metrion_addon.dashboard.access import hash_password, password_matches, refuse_open_bind
 from metrion_addon.dashboard.app import create_app
-from metrion_addon.queries import Filters, grouped
+from metrion_addon.queries import Filters, grouped, latencies
 from metrion_addon.store import RequestRecord
 
 NOW = datetime(2026, 11, 20, 12, 30, tzinfo=UTC)
@@ -126,7 +126,9 @@ def test_overview_cards_compare_with_the_previous_period_and_charts_fill_every_h
     assert data["top_models"][0] == {"model": "gpt-4o", "requests": 3}
 
 
-def test_long_periods_are_charted_by_day_with_estimated_percentiles(client) -> None:
+def test_long_periods_are_charted_by_day_and_big_ones_estimate_percentiles(client, monkeypatch) -> None:
+    assert get(client, "overview", period="30d")["percentiles_exact"]  # 7 rows: exact
+    monkeypatch.setattr(queries, "RAW_PERCENTILE_ROWS", 5)
     data = get(client, "overview", period="30d")
     assert data["bucket"] == "day" and data["labels"][-1] == "2026-11-20" and len(data["labels"]) == 31
     assert data["cards"]["requests"]["value"] == 7 and not data["percentiles_exact"]
@@ -228,7 +230,8 @@ def test_dashboard_totals_equal_metrion_report_for_any_period(tmp_path: Path) ->
     write(tmp_path / "m.db", realistic(3000, 5, NOW, random.Random(3)))
     conn = sqlite3.connect(tmp_path / "m.db")
     for since, until in [("2026-11-15T00:00:00.000Z", NOW.isoformat()), ("2026-11-17T03:17:42.250Z",
-                         "2026-11-19T22:05:00.000Z"), ("2026-11-18T10:20:00.000Z", "2026-11-18T10:40:00.000Z")]:
+                         "2026-11-19T22:05:00.000Z"), ("2026-11-18T10:20:00.000Z", "2026-11-18T10:40:00.000Z"),
+                         ("2026-11-18T04:10:00.000Z", "2026-11-19T10:00:00.000Z")]:
         until = until.replace("+00:00", ".000Z") if "+" in until else until
         expected = {r["model"]: r for r in report.report(conn, since, until, ["model"])}
         shown = {r["model"]: r for r in grouped(conn, Filters(since, until), ("model",))}
@@ -238,6 +241,12 @@ def test_dashboard_totals_equal_metrion_report_for_any_period(tmp_path: Path) ->
             for name in ("requests", "errors", "input_tokens", "output_tokens", "cached_tokens"):
                 assert got[name] == want[name], (since, model, name)
             assert got["cost_usd"] == (pytest.approx(want["cost_usd"], abs=1e-9) if want["cost_usd"] else None)
+        f = Filters(since, until)
+        if queries.exact_percentiles(f, queries.usage(conn, f)):  # up to 20,000 rows: exact, as the report's
+            shown = latencies(conn, f, ("model",), exact=True).percentiles((0,))
+            for model, want in expected.items():
+                assert (shown[(model,)]["p50"], shown[(model,)]["p95"]) == (want["latency_p50_ms"],
+                                                                          want["latency_p95_ms"])
 
 
 def test_the_password_guards_every_page_and_endpoint(tmp_path: Path) -> None:

@@ -34,7 +34,22 @@ function series(name, values, i, extra) {
   return { label: name, data: values, backgroundColor: color, borderColor: color, ...extra };
 }
 
+function spark(datasets) {
+  return {
+    type: "line",
+    data: { labels: data.labels, datasets: datasets.map(([values, i]) =>
+      series("", values, i, { pointRadius: 0, borderWidth: 1.5, tension: .3 })) },
+    options: { responsive: true, maintainAspectRatio: false, animation: false, events: [],
+      plugins: { legend: { display: false }, tooltip: { enabled: false } },
+      scales: { x: { display: false }, y: { display: false, beginAtZero: true } } },
+  };
+}
+
 const CHARTS = {
+  spark_requests: () => spark([[data.requests.successes, 2], [data.requests.errors, 4]]),
+  spark_cost: () => spark([[data.labels.map((_, t) =>
+    Object.values(data.cost_by_model).reduce((sum, values) => sum + values[t], 0)), 0]]),
+  spark_requesters: () => spark([[data.requesters, 5]]),
   requests: () => ({
     type: "bar",
     data: { labels: data.labels.map(label), datasets: [
@@ -60,7 +75,9 @@ const CHARTS = {
     data: { labels: data.top_models.map((r) => r.model),
       datasets: [series("Requests", data.top_models.map((r) => r.requests), 0, { borderRadius: 4 })] },
     options: { ...base(false), indexAxis: "y", plugins: { legend: { display: false } },
-      scales: { x: { beginAtZero: true, ticks: { callback: compact } }, y: { grid: { display: false } } } },
+      scales: { x: { beginAtZero: true, ticks: { callback: compact } }, y: { grid: { display: false }, ticks: {
+        callback(value) { const name = this.getLabelForValue(value); return name.length > 22 ? name.slice(0, 21) + "…" : name; },
+      } } } },
   }),
   latency: () => ({
     type: "line",
