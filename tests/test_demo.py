@@ -17,8 +17,7 @@ from harness import free_port
 
 from metrion_addon import demo, workload
 from metrion_addon.clock import FileClock
-from metrion_addon.config import TOKEN_RE, load_config
-from metrion_addon.mock_provider import PREFIXES
+from metrion_addon.config import PROVIDERS, TOKEN_RE, load_config
 
 
 def test_the_demo_config_is_valid_with_a_token_per_team(tmp_path: Path) -> None:
@@ -89,7 +88,7 @@ def test_a_quick_demo_fills_the_database_through_the_proxy_and_serves_the_dashbo
     assert url == f"http://127.0.0.1:{port}/"
     assert page.status_code == 200
     assert code == 0
-    assert {row["provider"] for row in rows} == set(PREFIXES)
+    assert {row["provider"] for row in rows} == set(PROVIDERS)
     assert {row["stream"] for row in rows} == {0, 1}
     assert len({row["requester"] for row in rows}) >= 6
     assert {row["token_name"] for row in rows} == {team.token for team in workload.TEAMS} | {None}  # None: bad token
