@@ -34,6 +34,7 @@ from metrion_addon.metering import (
     stream_tap,
     summary,
 )
+from metrion_addon.notify import AlertMonitor
 from metrion_addon.pricing import Pricer, context_window
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
 from metrion_addon.routes import (
@@ -59,6 +60,7 @@ class Metrion:
         self.clock = clock or clock_from_env()
         self.config: Config | None = None
         self.writer: store.Writer | None = None
+        self.monitor: AlertMonitor | None = None
         self.limits = Limits(1, {})
         self.budgets = Budgets({}, MemoryBudgetCounters(), Pricer({}), lambda provider, model: None)
         self._tokens: dict = {}
@@ -102,6 +104,10 @@ class Metrion:
         self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._priced,
                                    settle=self.budgets.settle)
         self.writer.start()
+        if config.alerts.rules:
+            self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put,
+                                        store.load_alert_history(conn))
+            self.monitor.start()
         self.config = config
         caps = {name: plan.monthly_requests for name, plan in config.plans.items()}
         self.limits = Limits(config.rate_limit, caps, buckets, months)
@@ -134,6 +140,9 @@ class Metrion:
                      error="Metrion shut down before the request finished", flow_id=flow_id)
 
     def _close_writer(self) -> None:
+        if self.monitor is not None:  # first: its last notifications are recorded by the writer
+            self.monitor.close()
+            self.monitor = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -446,7 +455,9 @@ class Metrion:
             exchange.internal_error = description
 
     def _priced(self, records: list[store.RequestRecord]) -> None:
-        """Called on the writer thread once rows are written: show their cost in mitmweb."""
+        """Called on the writer thread once rows are written: alert rules look again; mitmweb shows the cost."""
+        if self.monitor is not None:
+            self.monitor.poke()
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._annotate, records)
 
