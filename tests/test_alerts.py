@@ -8,12 +8,13 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import yaml
 from receivers import MailReceiver, WebhookReceiver, wait_for
 
 from metrion_addon import store
 from metrion_addon.aggregates import NANO, USAGE_SUMS
 from metrion_addon.alerts import Measurement, Notified, due, level_of, measure, payload, value_of
-from metrion_addon.config import AlertChannel, AlertRule, AlertSettings, SMTPSettings
+from metrion_addon.config import AlertChannel, AlertRule, AlertSettings, ConfigError, SMTPSettings, load_config
 from metrion_addon.notify import AlertMonitor, deliver, email_message, last_notified, post_webhook
 from metrion_addon.periods import Period, parse_duration, parse_period
 
@@ -255,3 +256,35 @@ def test_the_monitor_notifies_each_level_once_and_remembers_across_restarts(tmp_
         assert last_notified(settings.rules, {("gone", "alert"): "2026-11-01T00:00:00.000Z"}) == {}
     finally:
         receiver.stop()
+
+
+@pytest.mark.parametrize(
+    ("alerts", "message"),
+    [
+        ({"rules": [{"name": "x", "type": "budget", "threshold": 1, "unit": "ms", "notify": ["ops"]}]},
+         "alerts.rules[0]: unit 'ms' does not fit type budget (use usd)"),
+        ({"rules": [{"name": "x", "type": "budget", "threshold": 1, "unit": "usd", "notify": ["pager"]}]},
+         "alerts.rules[0].notify: unknown channel 'pager' (known: ops)"),
+        ({"rules": [{"name": "x", "type": "budget", "threshold": 1, "unit": "usd", "period": "fortnight",
+                     "notify": ["ops"]}]}, "alerts.rules[0].period: expected month, day, a window like 15m"),
+        ({"rules": [{"name": "x", "type": "budget", "threshold": 1, "unit": "usd", "tokens": ["ghost"],
+                     "notify": ["ops"]}]}, "alerts.rules[0].tokens: unknown token 'ghost'"),
+        ({"rules": [{"name": "x", "type": "budget", "threshold": 0, "unit": "usd", "notify": ["ops"]}]},
+         "alerts.rules[0].threshold: Input should be greater than 0"),
+        ({"rules": [{"name": "x", "type": "budget", "threshold": 1, "unit": "usd", "notify": ["ops"]}] * 2},
+         "alerts.rules[1].name: duplicate rule 'x'"),
+        ({"channels": {"ops": {"webhook": "http://x/h"}, "f": {"email": ["f@example.com"]}}},
+         "alerts.channels.f.email: needs alerts.smtp"),
+        ({"channels": {"ops": {"webhook": "http://x/h", "email": ["f@example.com"]}}},
+         "give exactly one of webhook: URL or email: [addresses]"),
+        ({"cooldown": "soon"}, "alerts.cooldown: Value error, expected a duration like 15m"),
+    ],
+)
+def test_bad_alert_rules_are_one_clear_line(tmp_path: Path, alerts: dict, message: str) -> None:
+    config = {"tokens": [{"name": "app", "token": "sk-metrion-" + "0" * 32}],
+              "alerts": {"channels": {"ops": {"webhook": "http://x/h"}}, **alerts}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert message.replace("Value error, ", "") in str(caught.value) and "\n" not in str(caught.value)
