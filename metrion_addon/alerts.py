@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from metrion_addon import queries
+from metrion_addon import aggregates, queries
 from metrion_addon.aggregates import NANO, USAGE_SUMS
 from metrion_addon.clock import iso_utc
 from metrion_addon.report import nearest_rank
@@ -104,18 +104,23 @@ def measure(conn: sqlite3.Connection, rule: AlertRule, now: float) -> Measuremen
 
 
 def _p95(conn: sqlite3.Connection, rule: AlertRule, filters: queries.Filters) -> float | None:
-    """The p95 latency over the rule's scope, as the dashboard computes it: exact over the raw rows of periods up
-    to 48 hours, else from the latency histograms (within 4.5 %)."""
+    """The p95 latency over the rule's scope, as the dashboard computes it: exact over the raw rows of small
+    periods and token scopes (the histograms have no token), else from the latency histograms (within 4.5 %)."""
     values: list[float] = []
     histogram: dict[int, int] = {}
     for provider in rule.providers or (None,):
         for token in rule.tokens or (None,):
-            found = queries.latencies(conn, replace(filters, provider=provider, token=token))
+            scoped = replace(filters, provider=provider, token=token)
+            exact = queries.exact_percentiles(scoped, queries.usage(conn, scoped))
+            found = queries.latencies(conn, scoped, (), exact)
             values.extend(value for group in found.values.values() for value in group)
             for counts in found.histograms.values():
                 for bucket, n in counts.items():
                     histogram[bucket] = histogram.get(bucket, 0) + n
-    if histogram:
+    if histogram:  # some of the scope only has histograms: count the exact values into buckets too
+        for value in values:
+            bucket = aggregates.latency_bucket(value)
+            histogram[bucket] = histogram.get(bucket, 0) + 1
         return queries.histogram_rank(histogram, 95)
     return nearest_rank(sorted(values), 95) if values else None
 
