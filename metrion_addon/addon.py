@@ -1,6 +1,6 @@
 """Metrion's mitmproxy hooks: route, authenticate, limit and forward; meter the answer into SQLite.
 
-Run with `mitmdump -s metrion_addon/addon.py --set metrion_config=config.yaml` (or mitmweb).
+Run with `mitmdump -s metrion_addon/addon.py --listen-host 127.0.0.1 --set metrion_config=config.yaml` (or mitmweb).
 """
 
 from __future__ import annotations
@@ -8,15 +8,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import sqlite3
+import sys
 import time
 import weakref
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, hooks, http
 from mitmproxy.proxy import server_hooks
 
 from metrion_addon import contentview, store  # importing contentview registers the LLM stream view for mitmweb
-from metrion_addon.auth import authenticate, identify_forward, requester
+from metrion_addon.auth import authenticate, identify_forward, other_host_identity, requester
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
 from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
@@ -26,9 +30,16 @@ from metrion_addon.guard import GuardedStream, guarded
 from metrion_addon.limits import Limits
 from metrion_addon.metering import Exchange, StreamTap, build_record, fallback_record, metadata, summary
 from metrion_addon.pricing import Pricer
+from metrion_addon.redact import redact_query, request_secrets
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
 from metrion_addon.routes import PROVIDER_HOSTS, Route, is_metrion_path, route_metrion_path, route_provider_host
-from metrion_addon.upstream import IdleTimer, answer_upstream_failures, cancel_upstream
+from metrion_addon.upstream import (
+    IdleTimer,
+    answer_upstream_failures,
+    cancel_upstream,
+    connect_lazily_unless_chosen,
+    watch_response_bodies,
+)
 from metrion_addon.usage import StreamUsage
 
 log = logging.getLogger(__name__)
@@ -52,6 +63,7 @@ class Metrion:
         self._tunnels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client conn -> Identity
         self._upstream_hosts: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = False
 
     # lifecycle
 
@@ -67,13 +79,15 @@ class Metrion:
     def configure(self, updated: set[str]) -> None:
         if "metrion_config" not in updated:
             return
+        connect_lazily_unless_chosen()
         try:
             config = load_config(find_config(ctx.options.metrion_config))
+            self._close_writer()
+            conn = _open_database(config)
         except ConfigError as e:
+            if self.config is None and not self._running:  # start-up: one line, no proxy behind a broken meter
+                _refuse_to_start(f"metrion: {e}")
             raise exceptions.OptionsError(f"metrion: {e}") from e
-        self._close_writer()
-        conn = store.connect(config.database)
-        store.create_schema(conn)
         buckets, months = store.load_counters(conn)
         pricer = Pricer(config.prices)
         pricer.warm()
@@ -85,9 +99,11 @@ class Metrion:
         self._tokens = config.token_by_hash()
         self._upstream_hosts = {urlsplit(url).hostname for url in config.providers.values()}
         answer_upstream_failures(self._answer_upstream_failure)
+        watch_response_bodies(self._body_data)
 
     @guarded
     def running(self) -> None:
+        self._running = True
         # Only a UI (mitmweb's or the console's flow view) shows the cost once the writer has priced a row.
         self._loop = asyncio.get_running_loop() if ctx.master.addons.get("view") is not None else None
         if self.config is not None:
@@ -101,6 +117,7 @@ class Metrion:
             timer.cancel()
         self._timers.clear()
         answer_upstream_failures(None)
+        watch_response_bodies(None)
         self._close_writer()
 
     @guarded
@@ -119,17 +136,19 @@ class Metrion:
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or self.config is None:
             return
-        if flow.request.host.lower() in PROVIDER_HOSTS:
-            try:
-                self._tunnels[flow.client_conn] = identify_forward(
-                    flow.request.headers.get("proxy-authorization"), self._tokens
-                )
-            except MetrionError as e:
-                flow.response = self._error_response(None, e)
-                flow.marked = _REJECTED_MARK
-        elif self.config.block_other_hosts:
-            flow.response = self._error_response(None, MetrionError(403, "host_blocked", _blocked(flow.request.host)))
+        credentials = flow.request.headers.get("proxy-authorization")
+        try:
+            if flow.request.host.lower() in PROVIDER_HOSTS:
+                self._tunnels[flow.client_conn] = identify_forward(credentials, self._tokens)
+            elif self.config.block_other_hosts:
+                raise MetrionError(403, "host_blocked", _blocked(flow.request.host))
+            elif identity := other_host_identity(credentials, self._tokens, tunnel=None,
+                                                 open_to_all=self.config.allow_other_hosts_without_token):
+                self._tunnels[flow.client_conn] = identity
+        except MetrionError as e:
+            flow.response = self._error_response(None, e)
             flow.marked = _REJECTED_MARK
+        _redact(flow.request.headers)  # CONNECT flows are kept and saved like any other
 
     @guarded
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
@@ -147,15 +166,17 @@ class Metrion:
         route = self._route(flow)
         if route is None:
             return
-        exchange = Exchange(route, flow.request.path, flow.request.method, started=self.clock())
+        headers = _lowercase(flow.request.headers)
+        exchange = Exchange(route, redact_query(flow.request.path), flow.request.method, started=self.clock(),
+                            secrets=request_secrets(headers, flow.request.path))
         self._exchanges[flow.id] = exchange
         try:
-            self._admit(flow, exchange, _lowercase(flow.request.headers))
+            self._admit(flow, exchange, headers)
         except MetrionError as e:
             exchange.failure = e
             flow.response = self._error_response(route.provider, e, exchange)
             flow.marked = _REJECTED_MARK
-            _redact(flow.request.headers)
+            _redact_flow(flow)
             return
         self._forward(flow, exchange)
 
@@ -165,9 +186,7 @@ class Metrion:
         if route := route_provider_host(flow.request.host, flow.request.path, providers):
             return route
         if not is_metrion_path(flow.request.path):
-            if self.config.block_other_hosts:
-                error = MetrionError(403, "host_blocked", _blocked(flow.request.host))
-                flow.response = self._error_response(None, error)
+            self._pass_other_host(flow)
             return None
         route = route_metrion_path(flow.request.path, providers)
         if route is None:
@@ -175,6 +194,23 @@ class Metrion:
                                  "use /api/proxy/v1/messages or /api/proxy/{openai,gemini,mistral,grok}/v1/...")
             flow.response = self._error_response(None, error)
         return route
+
+    def _pass_other_host(self, flow: http.HTTPFlow) -> None:
+        """Traffic that is not Metrion's: blocked, or passed on for a token holder (or anyone, if configured)."""
+        assert self.config is not None
+        headers = flow.request.headers
+        try:
+            if self.config.block_other_hosts:
+                raise MetrionError(403, "host_blocked", _blocked(flow.request.host))
+            other_host_identity(headers.get("proxy-authorization"), self._tokens,
+                                tunnel=self._tunnels.get(flow.client_conn),
+                                open_to_all=self.config.allow_other_hosts_without_token)
+        except MetrionError as e:
+            flow.response = self._error_response(None, e)
+            flow.marked = _REJECTED_MARK
+            _redact(headers)
+            return
+        _rewrite(headers, {"proxy-authorization"}, {})  # the proxy's credential is for Metrion, never the host
 
     def _admit(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str]) -> None:
         """Authenticate, validate and count the request; raise MetrionError to refuse it.
@@ -184,7 +220,7 @@ class Metrion:
         assert self.config is not None and self.writer is not None
         route = exchange.route
         exchange.requester = requester(headers)
-        if route_is_forward := flow.request.host.lower() in PROVIDER_HOSTS:
+        if flow.request.host.lower() in PROVIDER_HOSTS:
             identity = self._tunnels.get(flow.client_conn) or identify_forward(
                 headers.get("proxy-authorization"), self._tokens
             )
@@ -203,12 +239,12 @@ class Metrion:
         for state in admission.saved:
             self.writer.put(state)
         drop = {name for name in headers if name.startswith("x-metrion-")}
-        if route_is_forward:
-            drop.add("proxy-authorization")
+        drop.add("proxy-authorization")  # sent by forward-proxy clients, for Metrion only
         replace = {"accept-encoding": "identity"}  # the meter must read plain text
         if credentials is not None:
             drop.update(credentials.drop_headers)
             replace.update(credentials.set_headers or {})
+            exchange.secrets += request_secrets(credentials.set_headers or {})
         _rewrite(flow.request.headers, drop, replace)
 
     def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
@@ -229,7 +265,7 @@ class Metrion:
         exchange = self._exchanges.get(flow.id)
         if exchange is None or flow.response is None:
             return
-        _redact(flow.request.headers)
+        _redact_flow(flow)
         if exchange.failure is None:  # Metrion's own answers carry these already
             limits = tuple((name.encode(), value.encode()) for name, value in exchange.limit_headers.items())
             flow.response.headers.fields += limits
@@ -249,7 +285,7 @@ class Metrion:
         if exchange is None or flow.response is None:
             return
         self._stop_timer(flow.id)
-        _redact(flow.request.headers)
+        _redact_flow(flow)
         response = flow.response
         body = None if exchange.stream is not None else _plain_body(response)
         if exchange.failure is not None:
@@ -271,7 +307,7 @@ class Metrion:
         if exchange is None:
             return
         self._stop_timer(flow.id)
-        _redact(flow.request.headers)
+        _redact_flow(flow)
         message = flow.error.msg if flow.error else "unknown error"
         if exchange.timed_out and self.config is not None:
             message = f"upstream silent for {self.config.timeout:g} s; connection closed"
@@ -295,6 +331,12 @@ class Metrion:
         exchange.timed_out = True
         if not cancel_upstream(flow):
             log.warning("metrion: flow %s timed out but had no upstream connection to close", flow.id)
+
+    @guarded
+    def _body_data(self, flow: http.HTTPFlow) -> None:
+        """Any byte from the provider means it is not silent, body bytes of a buffered reply included."""
+        if timer := self._timers.get(flow.id):
+            timer.touch()
 
     @guarded
     def _answer_upstream_failure(self, flow: http.HTTPFlow, message: str) -> http.Response | None:
@@ -348,7 +390,7 @@ class Metrion:
             self._refuse_after_internal_error(flow, description)
         elif hook in _FINAL_HOOKS:
             self._stop_timer(flow.id)
-            _redact(flow.request.headers)
+            _redact_flow(flow)
             if exchange := self._exchanges.get(flow.id):
                 status = flow.response.status_code if flow.response else None
                 self._put(flow.id, fallback_record(exchange, status, description))
@@ -413,6 +455,25 @@ class Metrion:
         return http.Response.make(error.status, error_body(provider, error), headers)
 
 
+def _open_database(config: Config) -> sqlite3.Connection:
+    try:
+        conn = store.connect(config.database)
+        store.create_schema(conn)
+    except (sqlite3.Error, OSError) as e:
+        raise ConfigError(f"{config.path}: database: cannot use {config.database}: {e}") from e
+    return conn
+
+
+def _refuse_to_start(line: str) -> NoReturn:
+    """Print `line` and end the process now: mitmproxy would log a traceback for a script and listen anyway.
+
+    os._exit, because SystemExit raised in a script's configure is swallowed by mitmproxy's script loader task.
+    """
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    os._exit(2)
+
+
 def _plain_body(response: http.Response) -> bytes | None:
     if "content-encoding" not in response.headers:
         return response.raw_content
@@ -439,6 +500,14 @@ def _target(url: str) -> tuple[str, str, int, str]:
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     return parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), path
+
+
+def _redact_flow(flow: http.HTTPFlow) -> None:
+    """Once the request is sent (or refused): no credential header or credential query parameter stays in it."""
+    _redact(flow.request.headers)
+    path = flow.request.path
+    if "?" in path and (redacted := redact_query(path)) != path:
+        flow.request.path = redacted
 
 
 def _redact(headers: http.Headers) -> None:

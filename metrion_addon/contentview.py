@@ -145,7 +145,7 @@ def _text_lines(pad: str, key: str, text: str) -> list[str]:
 def _arguments(raw: str) -> str:
     try:
         return json.dumps(json.loads(raw), ensure_ascii=False)
-    except ValueError:
+    except (ValueError, RecursionError):
         return json.dumps(raw, ensure_ascii=False) + ("  # not valid JSON (cut?)" if raw else "")
 
 
@@ -178,7 +178,7 @@ def render_stream(data: bytes) -> str:
     for event in events:
         try:
             parsed = json.loads(event.data or "")
-        except ValueError:
+        except (ValueError, RecursionError):
             continue  # [DONE] and other non-JSON data
         if isinstance(parsed, dict):
             payloads.append(parsed)

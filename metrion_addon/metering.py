@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from .auth import Identity
 from .clock import iso_utc
 from .errors import MetrionError
+from .redact import scrub
 from .request_body import RequestBody, prompt_chars
 from .routes import Route
 from .sse import SSEDecoder
@@ -38,6 +39,7 @@ class Exchange:
     timed_out: bool = False
     failure: MetrionError | None = None  # Metrion answered instead of the provider
     internal_error: str | None = None  # Metrion's own code failed while metering the answer (guard.describe)
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # the request's credentials, scrubbed from errors
 
 
 class StreamTap:
@@ -76,7 +78,7 @@ def _completion_chars(body: bytes) -> int:
     """Characters of generated text in a JSON reply that carried no usage."""
     try:
         parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return 0
     total, stack = 0, [parsed.get(key) for key in ("choices", "content", "output")] if isinstance(parsed, dict) else []
     while stack:
@@ -132,6 +134,8 @@ def build_record(
         error = f"provider error in stream: {exchange.stream.error}"
     if exchange.internal_error:
         error = _internal(exchange.internal_error) + (f"; {error}" if error else "")
+    if error:
+        error = scrub(error, exchange.secrets)  # providers quote the rejected key back
     requested = exchange.request.model if exchange.request else None
     stream = exchange.stream is not None or bool(exchange.request and exchange.request.stream)
     return RequestRecord(

@@ -90,23 +90,28 @@ def _tail_value(body: bytes, key: bytes) -> object:
     colon = body.find(b":", at)
     try:
         value, _ = json.JSONDecoder().raw_decode(body[colon + 1 :].decode("utf-8").lstrip())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return value
 
 
 def from_body(provider: str, body: bytes) -> tuple[str | None, Usage | None]:
     """The model and usage of a non-streamed JSON response; (None, None) if it has neither."""
-    if len(body) > _LARGE_BODY:
-        model, raw = _tail_value(body, b"model"), _tail_value(body, b"usage")
-    else:
+    parsed: object = None
+    if len(body) <= _LARGE_BODY:
         try:
             parsed = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             return None, None
-        if not isinstance(parsed, dict):
-            return None, None
+        except RecursionError:  # nested deeper than Python's parser goes: read the two values we need instead
+            parsed = None
+        else:
+            if not isinstance(parsed, dict):
+                return None, None
+    if isinstance(parsed, dict):
         model, raw = parsed.get("model"), parsed.get("usage")
+    else:
+        model, raw = _tail_value(body, b"model"), _tail_value(body, b"usage")
     return (model if isinstance(model, str) else None), (normalize(provider, raw) if isinstance(raw, dict) else None)
 
 
@@ -132,7 +137,7 @@ class StreamUsage:
             return False
         try:
             data = json.loads(event.data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
         if not isinstance(data, dict):
             return False
