@@ -20,7 +20,8 @@ from mitmproxy import ctx, exceptions, hooks, http
 from mitmproxy.proxy import server_hooks
 
 from metrion_addon import contentview, store  # importing contentview registers the LLM stream view for mitmweb
-from metrion_addon.auth import authenticate, identify_forward, other_host_identity, requester
+from metrion_addon.auth import authenticate, identify_forward, lift_query_key, other_host_identity, requester
+from metrion_addon.budgets import Budgets, Hold, MemoryBudgetCounters, token_budgets
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
 from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
@@ -28,11 +29,26 @@ from metrion_addon.display import FlowDisplay
 from metrion_addon.errors import MetrionError, error_body, error_headers, provider_error_message
 from metrion_addon.guard import GuardedStream, guarded
 from metrion_addon.limits import Limits
-from metrion_addon.metering import Exchange, StreamTap, build_record, fallback_record, metadata, summary
-from metrion_addon.pricing import Pricer
+from metrion_addon.metering import (
+    Exchange,
+    build_record,
+    disconnect_error,
+    fallback_record,
+    metadata,
+    stream_tap,
+    summary,
+)
+from metrion_addon.pricing import Pricer, context_window
 from metrion_addon.redact import redact_query, request_secrets
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
-from metrion_addon.routes import PROVIDER_HOSTS, Route, is_metrion_path, route_metrion_path, route_provider_host
+from metrion_addon.routes import (
+    Route,
+    host_provider,
+    is_metrion_path,
+    provider_hosts,
+    route_metrion_path,
+    route_provider_host,
+)
 from metrion_addon.upstream import (
     IdleTimer,
     answer_upstream_failures,
@@ -40,11 +56,10 @@ from metrion_addon.upstream import (
     connect_lazily_unless_chosen,
     watch_response_bodies,
 )
-from metrion_addon.usage import StreamUsage
 
 log = logging.getLogger(__name__)
 
-_CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-metrion-token", b"proxy-authorization")
+_CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-goog-api-key", b"x-metrion-token", b"proxy-authorization")
 _REDACTED = b"[redacted]"
 _REQUEST_HOOKS = ("request", "http_connect")  # a failure here must answer the request: it is not forwarded yet
 _FINAL_HOOKS = ("response", "error")  # a failure here must still leave the row
@@ -56,12 +71,15 @@ class Metrion:
         self.config: Config | None = None
         self.writer: store.Writer | None = None
         self.limits = Limits(1, {})
+        self.budgets = Budgets({}, MemoryBudgetCounters(), Pricer({}), lambda provider, model: None)
         self._tokens: dict = {}
         self._exchanges: dict[str, Exchange] = {}
         self._timers: dict[str, IdleTimer] = {}
         self._flows: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
         self._tunnels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client conn -> Identity
         self._upstream_hosts: set[str] = set()
+        self._urls: dict[str, str] = {}
+        self._hosts: dict[str, str] = {}  # provider hosts recognised in forward-proxy use
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
 
@@ -89,15 +107,22 @@ class Metrion:
                 _refuse_to_start(f"metrion: {e}")
             raise exceptions.OptionsError(f"metrion: {e}") from e
         buckets, months = store.load_counters(conn)
-        pricer = Pricer(config.prices)
+        price_ids = {name: provider.price_as for name, provider in config.providers.items()}
+        pricer = Pricer(config.prices, price_ids)
         pricer.warm()
-        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._priced)
+        limits = {token.name: (config.budget_usd(token), config.unpriced(token)) for token in config.tokens}
+        self.budgets = Budgets(token_budgets(limits), MemoryBudgetCounters(store.load_budgets(conn)),
+                               Pricer(config.prices, price_ids), functools.partial(context_window, price_ids))
+        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._priced,
+                                   settle=self.budgets.settle)
         self.writer.start()
         self.config = config
         caps = {name: plan.monthly_requests for name, plan in config.plans.items()}
         self.limits = Limits(config.rate_limit, caps, buckets, months)
         self._tokens = config.token_by_hash()
-        self._upstream_hosts = {urlsplit(url).hostname for url in config.providers.values()}
+        self._urls = {name: provider.url for name, provider in config.providers.items()}
+        self._hosts = provider_hosts(self._urls)
+        self._upstream_hosts = {urlsplit(url).hostname for url in self._urls.values()}
         answer_upstream_failures(self._answer_upstream_failure)
         watch_response_bodies(self._body_data)
 
@@ -138,7 +163,7 @@ class Metrion:
             return
         credentials = flow.request.headers.get("proxy-authorization")
         try:
-            if flow.request.host.lower() in PROVIDER_HOSTS:
+            if host_provider(flow.request.host, flow.request.port, self._hosts):
                 self._tunnels[flow.client_conn] = identify_forward(credentials, self._tokens)
             elif self.config.block_other_hosts:
                 raise MetrionError(403, "host_blocked", _blocked(flow.request.host))
@@ -163,35 +188,41 @@ class Metrion:
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.config is None:
             return
-        route = self._route(flow)
+        original_path = flow.request.path
+        path, query_key = lift_query_key(original_path)  # Gemini's ?key= becomes x-goog-api-key: never logged
+        route = self._route(flow, path)
         if route is None:
             return
+        if query_key is not None:
+            flow.request.path = path
+            if "x-goog-api-key" not in flow.request.headers:
+                flow.request.headers["x-goog-api-key"] = query_key
         headers = _lowercase(flow.request.headers)
-        exchange = Exchange(route, redact_query(flow.request.path), flow.request.method, started=self.clock(),
-                            secrets=request_secrets(headers, flow.request.path))
+        exchange = Exchange(route, redact_query(path), flow.request.method, started=self.clock(),
+                            secrets=request_secrets(headers, original_path))
         self._exchanges[flow.id] = exchange
         try:
             self._admit(flow, exchange, headers)
         except MetrionError as e:
             exchange.failure = e
-            flow.response = self._error_response(route.provider, e, exchange)
+            flow.response = self._error_response(route.format, e, exchange)
             flow.marked = _REJECTED_MARK
             _redact_flow(flow)
             return
         self._forward(flow, exchange)
 
-    def _route(self, flow: http.HTTPFlow) -> Route | None:
+    def _route(self, flow: http.HTTPFlow, path: str) -> Route | None:
         assert self.config is not None
-        providers = self.config.providers
-        if route := route_provider_host(flow.request.host, flow.request.path, providers):
-            return route
-        if not is_metrion_path(flow.request.path):
+        if provider := host_provider(flow.request.host, flow.request.port, self._hosts):
+            return route_provider_host(provider, flow.request.host, path, self._urls)
+        if not is_metrion_path(path):
             self._pass_other_host(flow)
             return None
-        route = route_metrion_path(flow.request.path, providers)
+        route = route_metrion_path(path, self._urls)
         if route is None:
-            error = MetrionError(404, "unknown_route", f"Metrion has no route {flow.request.path.split('?')[0]!r}: "
-                                 "use /api/proxy/v1/messages or /api/proxy/{openai,gemini,mistral,grok}/v1/...")
+            others = ",".join(name for name in self._urls if name != "anthropic")
+            error = MetrionError(404, "unknown_route", f"Metrion has no route {path.split('?')[0]!r}: "
+                                 f"use /api/proxy/v1/messages or /api/proxy/{{{others}}}/v1/...")
             flow.response = self._error_response(None, error)
         return route
 
@@ -220,13 +251,13 @@ class Metrion:
         assert self.config is not None and self.writer is not None
         route = exchange.route
         exchange.requester = requester(headers)
-        if flow.request.host.lower() in PROVIDER_HOSTS:
+        if host_provider(flow.request.host, flow.request.port, self._hosts) is not None:
             identity = self._tunnels.get(flow.client_conn) or identify_forward(
                 headers.get("proxy-authorization"), self._tokens
             )
             credentials = None
         else:
-            identity, credentials = authenticate(route.provider, headers, self._tokens)
+            identity, credentials = authenticate(route.provider, headers, self._tokens, route.format)
         exchange.identity = identity
         exchange.request = inspect_body(
             route, flow.request.method, headers.get("content-type", ""), flow.request.raw_content or b""
@@ -234,10 +265,19 @@ class Metrion:
         if not self.writer.healthy:
             raise MetrionError(503, "metering_unavailable", "Metrion cannot record usage right now "
                                f"(database write failed: {self.writer.error}); request not forwarded.")
-        admission = self.limits.admit(identity.token_name, identity.plan, self.clock())
-        exchange.limit_headers = admission.headers
-        for state in admission.saved:
+        now = self.clock()
+        hold = self.budgets.admit(identity.token_name, now, route, flow.request.method,
+                                  flow.request.raw_content or b"", exchange.request)
+        try:
+            admission = self.limits.admit(identity.token_name, identity.plan, now)
+        except MetrionError:
+            self._release(hold)
+            raise
+        exchange.limit_headers = {**admission.headers, **hold.headers} if hold else admission.headers
+        for state in (*admission.saved, hold.saved) if hold and hold.saved else admission.saved:
             self.writer.put(state)
+        if hold:
+            self.budgets.track(flow.id, hold)
         drop = {name for name in headers if name.startswith("x-metrion-")}
         drop.add("proxy-authorization")  # sent by forward-proxy clients, for Metrion only
         replace = {"accept-encoding": "identity"}  # the meter must read plain text
@@ -247,10 +287,17 @@ class Metrion:
             exchange.secrets += request_secrets(credentials.set_headers or {})
         _rewrite(flow.request.headers, drop, replace)
 
+    def _release(self, hold: Hold | None) -> None:
+        if hold is not None and self.writer is not None and (state := self.budgets.release(hold)) is not None:
+            self.writer.put(state)
+
     def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         assert self.config is not None
         request, route = flow.request, exchange.route
-        if exchange.request and exchange.request.parsed is not None and needs_stream_usage(route, exchange.request):
+        asks = self.config.providers[route.provider].include_usage
+        if exchange.request and exchange.request.parsed is not None and needs_stream_usage(
+            route, exchange.request, asks
+        ):
             request.content = with_stream_usage(request.raw_content or b"", exchange.request.parsed)
             exchange.hide_usage_chunk = True
         request.scheme, request.host, request.port, request.path = _target(route.upstream_url)  # in this order
@@ -273,9 +320,8 @@ class Metrion:
         if timer is None:
             return
         timer.touch()
-        if flow.response.headers.get("content-type", "").lower().startswith("text/event-stream"):
-            exchange.stream = StreamUsage(exchange.route.provider, exchange.route.api)
-            tap = StreamTap(exchange.stream, exchange.hide_usage_chunk, timer.touch)
+        content_type = flow.response.headers.get("content-type", "")
+        if tap := stream_tap(exchange, flow.response.status_code, content_type, timer.touch):
             flow.response.stream = GuardedStream(tap, lambda: tap.held_back,
                                                  functools.partial(self._note_internal_error, flow.id))
 
@@ -295,10 +341,12 @@ class Metrion:
         else:
             error = None
         start = flow.request.timestamp_start
+        # A whole answer settles at its cost; so does a connection that never opened (nothing reached the provider).
+        settles = exchange.failure is None or flow.server_conn.timestamp_tcp_setup is None
         self._record(
             flow, exchange, status=response.status_code, body=body, error=error,
             latency_ms=((response.timestamp_end or time.time()) - start) * 1000,
-            ttfb_ms=None if exchange.failure else (response.timestamp_start - start) * 1000,
+            ttfb_ms=None if exchange.failure else (response.timestamp_start - start) * 1000, complete=settles,
         )
 
     @guarded
@@ -312,7 +360,7 @@ class Metrion:
         if exchange.timed_out and self.config is not None:
             message = f"upstream silent for {self.config.timeout:g} s; connection closed"
         elif message == "Client disconnected.":
-            message = "client disconnected before the response finished"
+            message = disconnect_error(exchange)  # None once the provider's terminal event reached the client
         response = flow.response
         start = flow.request.timestamp_start
         self._record(
@@ -350,7 +398,7 @@ class Metrion:
             error = MetrionError(502, "upstream_unreachable", f"Metrion could not reach the provider: {message}")
         exchange.failure = error
         flow.marked = _REJECTED_MARK
-        return self._error_response(exchange.route.provider, error, exchange)
+        return self._error_response(exchange.route.format, error, exchange)
 
     def _stop_timer(self, flow_id: str) -> None:
         if timer := self._timers.pop(flow_id, None):
@@ -360,7 +408,7 @@ class Metrion:
 
     def _record(self, flow: http.HTTPFlow | None, exchange: Exchange, *, status: int | None, body: bytes | None,
                 error: str | None, latency_ms: float | None = None, ttfb_ms: float | None = None,
-                flow_id: str | None = None) -> None:
+                flow_id: str | None = None, complete: bool = False) -> None:
         flow_id = flow.id if flow else flow_id
         record = build_record(exchange, status=status, body=body, latency_ms=latency_ms, ttfb_ms=ttfb_ms,
                               error=error, flow_id=flow_id)
@@ -369,11 +417,15 @@ class Metrion:
             flow.comment = summary(record)
             if self._loop is not None:  # a UI will want the cost once the row is priced
                 self._flows[flow.id] = flow
-        self._put(flow_id, record)
+        self._put(flow_id, record, complete)
 
-    def _put(self, flow_id: str | None, record: store.RequestRecord) -> None:
-        """Hand the row to the writer; the exchange is finished only now (contain() looks for unfinished ones)."""
+    def _put(self, flow_id: str | None, record: store.RequestRecord, complete: bool = False) -> None:
+        """Hand the row to the writer; the exchange is finished only now (contain() looks for unfinished ones).
+
+        `complete`: the provider's whole answer arrived, so the row's cost replaces its budget reservation.
+        """
         self._exchanges.pop(flow_id or "", None)
+        self.budgets.finish(flow_id, complete)  # before the writer can see the row
         if self.writer is not None:
             self.writer.put(record)
 
@@ -403,10 +455,10 @@ class Metrion:
         error = MetrionError(500, "metrion_internal_error",
                              f"Metrion failed while handling this request ({description}); it was not forwarded.")
         exchange = self._exchanges.get(flow.id) or self._exchange_after_internal_error(flow)
-        provider = exchange.route.provider if exchange else None
+        error_format = exchange.route.format if exchange else None
         if exchange is not None:
             exchange.failure = error
-        flow.response = self._error_response(provider, error, exchange)
+        flow.response = self._error_response(error_format, error, exchange)
         flow.marked = _REJECTED_MARK
         headers = flow.request.headers
         _rewrite(headers, {name.decode("latin-1").lower() for name, _ in headers.fields
@@ -417,13 +469,16 @@ class Metrion:
         """The exchange of a request that failed before Metrion routed it; None if it is no provider route."""
         if self.config is None or flow.request.method == "CONNECT":
             return None
-        providers = self.config.providers
-        route = route_provider_host(flow.request.host, flow.request.path, providers)
-        if route is None and is_metrion_path(flow.request.path):
-            route = route_metrion_path(flow.request.path, providers)
+        path, _ = lift_query_key(flow.request.path)
+        route = None
+        if provider := host_provider(flow.request.host, flow.request.port, self._hosts):
+            route = route_provider_host(provider, flow.request.host, path, self._urls)
+        elif is_metrion_path(path):
+            route = route_metrion_path(path, self._urls)
         if route is None:
             return None
-        exchange = Exchange(route, flow.request.path, flow.request.method, started=self.clock(),
+        flow.request.path = path  # a ?key= never stays in the flow
+        exchange = Exchange(route, redact_query(path), flow.request.method, started=self.clock(),
                             requester=requester({"x-metrion-user": flow.request.headers.get("x-metrion-user", "")}))
         self._exchanges[flow.id] = exchange
         return exchange
@@ -449,10 +504,10 @@ class Metrion:
         if flows:
             ctx.master.addons.trigger(hooks.UpdateHook(flows))
 
-    def _error_response(self, provider: str | None, error: MetrionError, exchange: Exchange | None = None
+    def _error_response(self, error_format: str | None, error: MetrionError, exchange: Exchange | None = None
                         ) -> http.Response:
         headers = {**(exchange.limit_headers if exchange else {}), **error_headers(error)}
-        return http.Response.make(error.status, error_body(provider, error), headers)
+        return http.Response.make(error.status, error_body(error_format, error), headers)
 
 
 def _open_database(config: Config) -> sqlite3.Connection:

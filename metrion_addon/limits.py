@@ -84,7 +84,7 @@ def next_month_start(now: float) -> float:
     return datetime(year, month, 1, tzinfo=UTC).timestamp()
 
 
-class _CalendarMonth:
+class CalendarMonth:
     """The month `now` falls in, recomputed only when `now` leaves it (date formatting is slow on a hot path)."""
 
     def __init__(self) -> None:
@@ -116,7 +116,7 @@ class MonthlyQuota:
 
     def __init__(self, saved: Iterable[MonthlyCount] = ()) -> None:
         self._counts = {(s.token_name, s.month): s.requests for s in saved}
-        self._month = _CalendarMonth()
+        self._month = CalendarMonth()
 
     def check(self, name: str, cap: int | None, now: float) -> QuotaDecision:
         month, resets_at = self._month(now)

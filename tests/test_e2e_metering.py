@@ -9,6 +9,7 @@ import json
 import uuid
 
 import anthropic
+import genai_prices
 import httpx
 import openai
 import pytest
@@ -84,6 +85,7 @@ def test_sdk_call_is_forwarded_and_metered_exactly(proxy: Proxy, mock: MockProvi
     (row,) = proxy.rows("requester = ?", (requester,))
     assert row | expected_row_usage(provider, text) == row
     assert (row["provider"], row["model"], row["status"], row["stream"]) == (provider, RETURNED[provider], 200, stream)
+    assert row["requested_model"] == MODELS[provider]
     assert (row["usage_source"], row["error"]) == ("provider", None)
     assert (row["token_name"], row["auth_mode"]) == (("app", "stored") if mode == "stored" else ("passthrough", mode))
     assert row["latency_ms"] >= row["ttfb_ms"] > 0
@@ -250,3 +252,77 @@ def test_provider_errors_pass_through_and_are_logged(proxy: Proxy, mock: MockPro
     assert response.headers["retry-after"] == "1"
     (row,) = proxy.rows("requester = ?", (who,))
     assert row["status"] == 429 and row["error"].startswith("provider: ")
+
+
+TERMINAL = {"anthropic": b"message_stop", "openai": b"[DONE]", "gemini": b"finish_reason", "mistral": b"[DONE]",
+            "grok": b"[DONE]"}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_client_leaving_right_after_the_terminal_event_is_a_complete_request(proxy: Proxy, provider: str) -> None:
+    # The upstream keeps the body open after its last event; the client closes as soon as it has the terminal one.
+    who = label()
+    path, body, headers = request_for(provider, stream=True)
+    received = b""
+    with httpx.stream("POST", f"{proxy.url}{path}", json=body, timeout=10,
+                      headers={**headers, "x-mock-scenario": "hold-end:5", "x-metrion-user": who}) as response:
+        for chunk in response.iter_raw():
+            received += chunk
+            if TERMINAL[provider] in received.replace(b'"finish_reason":null', b""):
+                break
+    (row,) = proxy.rows("requester = ?", (who,))
+    assert (row["status"], row["error"], row["usage_source"]) == (200, None, "provider")
+    assert row | expected_row_usage(provider, body["messages"][0]["content"]) == row
+
+
+def test_openai_sdk_closing_its_stream_on_done_leaves_no_error(proxy: Proxy) -> None:
+    who = label()
+    client = sdk(proxy, "openai", "stored", who)
+    messages = [{"role": "user", "content": f"sdk closes {who}"}]
+    chunks = client.with_options(timeout=10).chat.completions.create(
+        model="gpt-4o", messages=messages, stream=True, extra_headers={"x-mock-scenario": "hold-end:5"})
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # returns at [DONE], closes
+    assert text == reply_text({"messages": messages})
+    (row,) = proxy.rows("requester = ?", (who,))
+    assert (row["error"], row["status"], row["usage_source"]) == (None, 200, "provider")
+    assert row | expected_row_usage("openai", messages[0]["content"]) == row
+
+
+def test_logs_model_filter_matches_the_model_asked_for_and_the_one_answered(proxy: Proxy) -> None:
+    who = label()
+    client = sdk(proxy, "openai", "stored", who)
+    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
+                                       extra_headers={"x-mock-scenario": "error-429"})
+    rows = proxy.rows("requester = ?", (who,), n=2)
+    assert [(r["model"], r["requested_model"], r["status"]) for r in rows] == [
+        ("gpt-4o-2024-08-06", "gpt-4o", 200), ("gpt-4o", "gpt-4o", 429)]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_anthropic_multi_step_usage_is_metered_as_billed(proxy: Proxy, stream: bool) -> None:
+    # A compaction step runs before the answer: the top-level usage leaves it out, usage.iterations lists it.
+    who = label()
+    claude = sdk(proxy, "anthropic", "stored", who)
+    request = {"model": MODELS["anthropic"], "max_tokens": 64, "messages": [{"role": "user", "content": f"long {who}"}],
+               "extra_headers": {"x-mock-scenario": "iterations"}}
+    if stream:
+        with claude.beta.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = claude.beta.messages.create(**request)
+    steps = message.usage.iterations
+    assert [step.type for step in steps] == ["compaction", "message"]
+    assert message.usage.input_tokens == steps[1].input_tokens  # what a top-level-only meter would have billed
+    (row,) = proxy.rows("requester = ?", (who,))
+    cache_read = sum(step.cache_read_input_tokens for step in steps)
+    cache_write = sum(step.cache_creation_input_tokens for step in steps)
+    billed = genai_prices.Usage(
+        input_tokens=sum(step.input_tokens for step in steps) + cache_read + cache_write,
+        cache_read_tokens=cache_read, cache_write_tokens=cache_write,
+        output_tokens=sum(step.output_tokens for step in steps))
+    assert (row["input_tokens"], row["output_tokens"], row["usage_source"]) == (
+        billed.input_tokens, billed.output_tokens, "provider")
+    price = genai_prices.calc_price(billed, MODELS["anthropic"], provider_id="anthropic").total_price
+    assert row["cost_usd"] == pytest.approx(float(price), rel=1e-9)

@@ -3,21 +3,24 @@
 Callers import from here; a backend module (sqlite.py today) is chosen once, in the addon's configure.
 """
 
-from .records import COLUMNS, BucketState, Counter, MonthlyCount, RequestRecord
-from .sqlite import SQLiteBackend, connect, create_schema, load_counters
-from .writer import Backend, Pricer, Writer
+from .records import COLUMNS, BucketState, BudgetState, Counter, MonthlyCount, RequestRecord
+from .sqlite import SQLiteBackend, connect, create_schema, load_budgets, load_counters
+from .writer import Backend, Pricer, Settler, Writer
 
 __all__ = [
     "COLUMNS",
     "Backend",
     "BucketState",
+    "BudgetState",
     "Counter",
     "MonthlyCount",
     "Pricer",
     "RequestRecord",
     "SQLiteBackend",
+    "Settler",
     "Writer",
     "connect",
     "create_schema",
+    "load_budgets",
     "load_counters",
 ]

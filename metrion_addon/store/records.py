@@ -35,6 +35,7 @@ class RequestRecord:
     auth_mode: str | None = None
     cost_usd: float | None = None
     price_source: str | None = None
+    requested_model: str | None = None  # the model the client asked for; `model` is what the provider answered
     flow_id: str | None = dataclasses.field(default=None, compare=False)  # for mitmweb, not stored
 
 
@@ -52,6 +53,17 @@ class MonthlyCount:
     requests: int
 
 
-Counter = BucketState | MonthlyCount
+@dataclass(frozen=True)
+class BudgetState:
+    """A token's dollar budget this month in nano-USD; `version` orders snapshots taken on different threads."""
+
+    token_name: str
+    month: str
+    spent_nanousd: int
+    reserved_nanousd: int
+    version: int
+
+
+Counter = BucketState | MonthlyCount | BudgetState
 
 COLUMNS = [f.name for f in dataclasses.fields(RequestRecord) if f.name != "flow_id"]
