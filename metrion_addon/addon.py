@@ -6,13 +6,16 @@ Run with `mitmdump -s metrion_addon/addon.py --listen-host 127.0.0.1 --set metri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import json
 import logging
 import os
 import sqlite3
 import sys
 import time
 import weakref
+from collections.abc import Coroutine
 from typing import NoReturn
 from urllib.parse import urlsplit
 
@@ -20,15 +23,16 @@ from mitmproxy import ctx, exceptions, hooks, http
 from mitmproxy.proxy import server_hooks
 
 from metrion_addon import contentview, store  # importing contentview registers the LLM stream view for mitmweb
-from metrion_addon.auth import authenticate, identify_forward, lift_query_key, other_host_identity, requester
+from metrion_addon.auth import Upstream, authenticate, identify_forward, lift_query_key, other_host_identity, requester
 from metrion_addon.budgets import Budgets, Hold, MemoryBudgetCounters, token_budgets
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
 from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
 from metrion_addon.display import FlowDisplay
 from metrion_addon.errors import MetrionError, error_body, error_headers, provider_error_message
-from metrion_addon.guard import GuardedStream, guarded
-from metrion_addon.limits import Limits
+from metrion_addon.guard import GuardedStream, guarded, guarded_coroutine
+from metrion_addon.health import health, metrion_version
+from metrion_addon.limits import Admission, Limits
 from metrion_addon.metering import (
     Exchange,
     build_record,
@@ -38,6 +42,7 @@ from metrion_addon.metering import (
     stream_tap,
     summary,
 )
+from metrion_addon.metrics import CONTENT_TYPE, Metrics
 from metrion_addon.pricing import Pricer, context_window
 from metrion_addon.redact import redact_query, request_secrets
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
@@ -49,6 +54,7 @@ from metrion_addon.routes import (
     route_metrion_path,
     route_provider_host,
 )
+from metrion_addon.shared_limits import SharedLimits
 from metrion_addon.upstream import (
     IdleTimer,
     answer_upstream_failures,
@@ -58,6 +64,8 @@ from metrion_addon.upstream import (
 )
 
 log = logging.getLogger(__name__)
+
+_OWN_ENDPOINTS = ("/metrion/health", "/metrion/metrics")
 
 _CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-goog-api-key", b"x-metrion-token", b"proxy-authorization")
 _REDACTED = b"[redacted]"
@@ -71,6 +79,9 @@ class Metrion:
         self.config: Config | None = None
         self.writer: store.Writer | None = None
         self.limits = Limits(1, {})
+        self.shared: SharedLimits | None = None  # the limits on Redis, when the config has `shared:`
+        self.metrics = Metrics()  # one per process: a reload keeps the counts
+        self._version = metrion_version()
         self.budgets = Budgets({}, MemoryBudgetCounters(), Pricer({}), lambda provider, model: None)
         self._tokens: dict = {}
         self._exchanges: dict[str, Exchange] = {}
@@ -103,9 +114,8 @@ class Metrion:
             self._close_writer()
             conn = _open_database(config)
         except ConfigError as e:
-            if self.config is None and not self._running:  # start-up: one line, no proxy behind a broken meter
-                _refuse_to_start(f"metrion: {e}")
-            raise exceptions.OptionsError(f"metrion: {e}") from e
+            self._bad_config(f"metrion: {e}", e)
+        self._close_shared()
         buckets, months = store.load_counters(conn)
         price_ids = {name: provider.price_as for name, provider in config.providers.items()}
         pricer = Pricer(config.prices, price_ids)
@@ -113,12 +123,22 @@ class Metrion:
         limits = {token.name: (config.budget_usd(token), config.unpriced(token)) for token in config.tokens}
         self.budgets = Budgets(token_budgets(limits), MemoryBudgetCounters(store.load_budgets(conn)),
                                Pricer(config.prices, price_ids), functools.partial(context_window, price_ids))
-        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._priced,
+        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._written,
                                    settle=self.budgets.settle)
         self.writer.start()
+        self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
         self.config = config
         caps = {name: plan.monthly_requests for name, plan in config.plans.items()}
         self.limits = Limits(config.rate_limit, caps, buckets, months)
+        if config.shared is not None:
+            shared = SharedLimits(config.shared, config.rate_limit, caps, config.limits_fingerprint(), months)
+            try:
+                shared.connect(self.clock())
+            except ConfigError as e:
+                self._bad_config(f"metrion: {config.path}: {e}", e)
+            self.shared = shared
+            with contextlib.suppress(RuntimeError):  # no loop yet at start-up: running() starts it
+                shared.start()
         self._tokens = config.token_by_hash()
         self._urls = {name: provider.url for name, provider in config.providers.items()}
         self._hosts = provider_hosts(self._urls)
@@ -126,11 +146,18 @@ class Metrion:
         answer_upstream_failures(self._answer_upstream_failure)
         watch_response_bodies(self._body_data)
 
+    def _bad_config(self, line: str, cause: Exception) -> NoReturn:
+        if self.config is None and not self._running:  # start-up: one line, no proxy behind a broken meter
+            _refuse_to_start(line)
+        raise exceptions.OptionsError(line) from cause
+
     @guarded
     def running(self) -> None:
         self._running = True
         # Only a UI (mitmweb's or the console's flow view) shows the cost once the writer has priced a row.
         self._loop = asyncio.get_running_loop() if ctx.master.addons.get("view") is not None else None
+        if self.shared is not None:
+            self.shared.start()
         if self.config is not None:
             log.info("metrion: metering %d token(s) into %s", len(self.config.tokens), self.config.database)
 
@@ -144,6 +171,7 @@ class Metrion:
         answer_upstream_failures(None)
         watch_response_bodies(None)
         self._close_writer()
+        self._close_shared()
 
     @guarded
     def _abandon(self, flow_id: str) -> None:
@@ -154,6 +182,11 @@ class Metrion:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+    def _close_shared(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
     # forward-proxy tunnels
 
@@ -185,14 +218,20 @@ class Metrion:
     # the request's way up
 
     @guarded
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Coroutine[None, None, None] | None:
+        """Admit and forward, or answer. With limits on Redis this returns a coroutine, which mitmproxy awaits:
+        the one round trip never blocks the loop, and a single instance pays nothing for it."""
         if flow.response or flow.error or not flow.live or self.config is None:
-            return
+            return None
+        if flow.request.path in _OWN_ENDPOINTS and host_provider(flow.request.host, flow.request.port,
+                                                                  self._hosts) is None:
+            flow.response = self._own_endpoint(flow.request.path)
+            return None
         original_path = flow.request.path
         path, query_key = lift_query_key(original_path)  # Gemini's ?key= becomes x-goog-api-key: never logged
         route = self._route(flow, path)
         if route is None:
-            return
+            return None
         if query_key is not None:
             flow.request.path = path
             if "x-goog-api-key" not in flow.request.headers:
@@ -202,13 +241,77 @@ class Metrion:
                             secrets=request_secrets(headers, original_path))
         self._exchanges[flow.id] = exchange
         try:
-            self._admit(flow, exchange, headers)
+            credentials = self._check(flow, exchange, headers)
+            now = self.clock()
+            hold = self._hold(flow, exchange, now)
+            if self.shared is not None:
+                return self._request_shared(flow, self.shared, exchange, headers, credentials, hold, now)
+            assert exchange.identity is not None
+            try:
+                admission = self.limits.admit(exchange.identity.token_name, exchange.identity.plan, now)
+            except MetrionError:
+                self._release(hold)
+                raise
         except MetrionError as e:
-            exchange.failure = e
-            flow.response = self._error_response(route.format, e, exchange)
-            flow.marked = _REJECTED_MARK
-            _redact_flow(flow)
+            self._refuse(flow, exchange, e)
+            return None
+        self._let_through(flow, exchange, admission, hold, headers, credentials)
+        return None
+
+    @guarded_coroutine("request")
+    async def _request_shared(self, flow: http.HTTPFlow, shared: SharedLimits, exchange: Exchange,
+                              headers: dict[str, str], credentials: Upstream | None, hold: Hold | None,
+                              now: float) -> None:
+        assert exchange.identity is not None
+        try:
+            admission = await shared.admit(exchange.identity.token_name, exchange.identity.plan, now)
+        except MetrionError as e:
+            self._release(hold)
+            self._refuse(flow, exchange, e)
             return
+        self._let_through(flow, exchange, admission, hold, headers, credentials)
+
+    def _hold(self, flow: http.HTTPFlow, exchange: Exchange, now: float) -> Hold | None:
+        """Reserve the most the request can cost from the token's dollar budget (raise 429 if it does not fit)."""
+        assert exchange.identity is not None
+        return self.budgets.admit(exchange.identity.token_name, now, exchange.route, flow.request.method,
+                                  flow.request.raw_content or b"", exchange.request)
+
+    def _own_endpoint(self, path: str) -> http.Response:
+        """GET /metrion/health for load balancers, GET /metrion/metrics for Prometheus."""
+        if path == "/metrion/metrics":
+            return http.Response.make(200, self.metrics.render(), {"content-type": CONTENT_TYPE})
+        assert self.config is not None and self.writer is not None
+        shared = self.shared
+        state = health(writer_error=self.writer.error, backlog=self.writer.backlog, database="sqlite",
+                       redis_error=False if shared is None else shared.error,
+                       redis_closed=shared is not None and shared.on_failure == "closed", version=self._version)
+        return http.Response.make(state.status, json.dumps(state.body).encode(),
+                                  {"content-type": "application/json", "cache-control": "no-store"})
+
+    def _refuse(self, flow: http.HTTPFlow, exchange: Exchange, error: MetrionError) -> None:
+        self.metrics.rejected(error.code)
+        exchange.failure = error
+        flow.response = self._error_response(exchange.route.format, error, exchange)
+        flow.marked = _REJECTED_MARK
+        _redact_flow(flow)
+
+    def _let_through(self, flow: http.HTTPFlow, exchange: Exchange, admission: Admission, hold: Hold | None,
+                     headers: dict[str, str], credentials: Upstream | None) -> None:
+        assert self.writer is not None
+        exchange.limit_headers = {**admission.headers, **hold.headers} if hold else admission.headers
+        for state in (*admission.saved, hold.saved) if hold and hold.saved else admission.saved:
+            self.writer.put(state)
+        if hold:
+            self.budgets.track(flow.id, hold)
+        drop = {name for name in headers if name.startswith("x-metrion-")}
+        drop.add("proxy-authorization")  # sent by forward-proxy clients, for Metrion only
+        replace = {"accept-encoding": "identity"}  # the meter must read plain text
+        if credentials is not None:
+            drop.update(credentials.drop_headers)
+            replace.update(credentials.set_headers or {})
+            exchange.secrets += request_secrets(credentials.set_headers or {})
+        _rewrite(flow.request.headers, drop, replace)
         self._forward(flow, exchange)
 
     def _route(self, flow: http.HTTPFlow, path: str) -> Route | None:
@@ -243,8 +346,8 @@ class Metrion:
             return
         _rewrite(headers, {"proxy-authorization"}, {})  # the proxy's credential is for Metrion, never the host
 
-    def _admit(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str]) -> None:
-        """Authenticate, validate and count the request; raise MetrionError to refuse it.
+    def _check(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str]) -> Upstream | None:
+        """Authenticate and validate the request (the limits come next); raise MetrionError to refuse it.
 
         `headers` is a lower-cased snapshot: mitmproxy's Headers scan every field on each lookup.
         """
@@ -265,27 +368,7 @@ class Metrion:
         if not self.writer.healthy:
             raise MetrionError(503, "metering_unavailable", "Metrion cannot record usage right now "
                                f"(database write failed: {self.writer.error}); request not forwarded.")
-        now = self.clock()
-        hold = self.budgets.admit(identity.token_name, now, route, flow.request.method,
-                                  flow.request.raw_content or b"", exchange.request)
-        try:
-            admission = self.limits.admit(identity.token_name, identity.plan, now)
-        except MetrionError:
-            self._release(hold)
-            raise
-        exchange.limit_headers = {**admission.headers, **hold.headers} if hold else admission.headers
-        for state in (*admission.saved, hold.saved) if hold and hold.saved else admission.saved:
-            self.writer.put(state)
-        if hold:
-            self.budgets.track(flow.id, hold)
-        drop = {name for name in headers if name.startswith("x-metrion-")}
-        drop.add("proxy-authorization")  # sent by forward-proxy clients, for Metrion only
-        replace = {"accept-encoding": "identity"}  # the meter must read plain text
-        if credentials is not None:
-            drop.update(credentials.drop_headers)
-            replace.update(credentials.set_headers or {})
-            exchange.secrets += request_secrets(credentials.set_headers or {})
-        _rewrite(flow.request.headers, drop, replace)
+        return credentials
 
     def _release(self, hold: Hold | None) -> None:
         if hold is not None and self.writer is not None and (state := self.budgets.release(hold)) is not None:
@@ -488,8 +571,9 @@ class Metrion:
         if exchange := self._exchanges.get(flow_id):
             exchange.internal_error = description
 
-    def _priced(self, records: list[store.RequestRecord]) -> None:
-        """Called on the writer thread once rows are written: show their cost in mitmweb."""
+    def _written(self, records: list[store.RequestRecord]) -> None:
+        """Called on the writer thread once rows are written: count them, and show their cost in mitmweb."""
+        self.metrics.rows_written(records)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._annotate, records)
 
