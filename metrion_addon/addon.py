@@ -13,9 +13,10 @@ import weakref
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, hooks, http
+from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import server_hooks
 
-from metrion_addon import contentview, store  # importing contentview registers the LLM stream view for mitmweb
+from metrion_addon import cache, contentview, store  # importing contentview registers the LLM stream view for mitmweb
 from metrion_addon.auth import authenticate, identify_forward, requester
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
@@ -25,6 +26,7 @@ from metrion_addon.metering import Exchange, StreamTap, build_record, metadata, 
 from metrion_addon.pricing import Pricer
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
 from metrion_addon.routes import PROVIDER_HOSTS, Route, is_metrion_path, route_metrion_path, route_provider_host
+from metrion_addon.store_cache import SQLiteCacheStore
 from metrion_addon.upstream import IdleTimer, answer_upstream_failures, cancel_upstream
 from metrion_addon.usage import StreamUsage
 
@@ -40,6 +42,7 @@ class Metrion:
         self.clock = clock or clock_from_env()
         self.config: Config | None = None
         self.writer: store.Writer | None = None
+        self.cache: cache.CacheStore | None = None
         self.limits = Limits(1, {})
         self._tokens: dict = {}
         self._exchanges: dict[str, Exchange] = {}
@@ -75,6 +78,7 @@ class Metrion:
         pricer.warm()
         self.writer = store.Writer(conn, price=pricer, on_written=self._priced)
         self.writer.start()
+        self.cache = SQLiteCacheStore(config.database, self.writer, config.cache.max_bytes)
         self.config = config
         caps = {name: plan.monthly_requests for name, plan in config.plans.items()}
         self.limits = Limits(config.rate_limit, caps, buckets, months)
@@ -100,6 +104,9 @@ class Metrion:
         self._close_writer()
 
     def _close_writer(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -129,7 +136,7 @@ class Metrion:
 
     # the request's way up
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.config is None:
             return
         route = self._route(flow)
@@ -138,11 +145,15 @@ class Metrion:
         exchange = Exchange(route, flow.request.path, flow.request.method, started=self.clock())
         self._exchanges[flow.id] = exchange
         try:
-            self._admit(flow, exchange, _lowercase(flow.request.headers))
+            await self._admit(flow, exchange, _lowercase(flow.request.headers))
         except MetrionError as e:
             exchange.failure = e
             flow.response = self._error_response(route.provider, e, exchange)
             flow.marked = _REJECTED_MARK
+            _redact(flow.request.headers)
+            return
+        if exchange.cache_hit is not None:
+            flow.response = _replayed(cache.replay(exchange.cache_hit, self.clock(), exchange.limit_headers))
             _redact(flow.request.headers)
             return
         self._forward(flow, exchange)
@@ -164,7 +175,7 @@ class Metrion:
             flow.response = self._error_response(None, error)
         return route
 
-    def _admit(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str]) -> None:
+    async def _admit(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str]) -> None:
         """Authenticate, validate and count the request; raise MetrionError to refuse it.
 
         `headers` is a lower-cased snapshot: mitmproxy's Headers scan every field on each lookup.
@@ -183,10 +194,16 @@ class Metrion:
         exchange.request = inspect_body(
             route, flow.request.method, headers.get("content-type", ""), flow.request.raw_content or b""
         )
+        scope = "*" if self.config.cache.share_across_tokens else identity.token_name
+        exchange.cache = cache.plan(headers, scope, route, flow.request.method, exchange.request,
+                                    flow.request.raw_content or b"")
         if not self.writer.healthy:
             raise MetrionError(503, "metering_unavailable", "Metrion cannot record usage right now "
                                f"(database write failed: {self.writer.error}); request not forwarded.")
-        admission = self.limits.admit(identity.token_name, identity.plan, self.clock())
+        if exchange.cache and exchange.cache.mode is cache.Mode.LOOKUP and self.cache is not None:
+            exchange.cache_hit = await self.cache.get(exchange.cache.key, self.clock())
+        admission = self.limits.admit(identity.token_name, identity.plan, self.clock(),
+                                      forwarded=exchange.cache_hit is None)
         exchange.limit_headers = admission.headers
         for state in admission.saved:
             self.writer.put(state)
@@ -227,6 +244,10 @@ class Metrion:
         if flow.response.headers.get("content-type", "").lower().startswith("text/event-stream"):
             exchange.stream = StreamUsage(exchange.route.provider, exchange.route.api)
             flow.response.stream = StreamTap(exchange.stream, exchange.hide_usage_chunk, timer.touch)
+        if exchange.cache is not None and self.config is not None:
+            flow.response.headers[cache.HEADER] = cache.outcome(exchange.cache).value
+            if exchange.stream is not None:
+                flow.response.stream = cache.StreamRecorder(flow.response.stream, self.config.cache.max_entry_bytes)
 
     def response(self, flow: http.HTTPFlow) -> None:
         exchange = self._exchanges.pop(flow.id, None)
@@ -243,11 +264,13 @@ class Metrion:
         else:
             error = None
         start = flow.request.timestamp_start
-        self._record(
+        record = self._record(
             flow, exchange, status=response.status_code, body=body, error=error,
             latency_ms=((response.timestamp_end or time.time()) - start) * 1000,
             ttfb_ms=None if exchange.failure else (response.timestamp_start - start) * 1000,
         )
+        if exchange.cache is not None and exchange.cache_hit is None:
+            self._store_reply(response, exchange, record)
 
     def error(self, flow: http.HTTPFlow) -> None:
         exchange = self._exchanges.pop(flow.id, None)
@@ -299,9 +322,11 @@ class Metrion:
 
     def _record(self, flow: http.HTTPFlow | None, exchange: Exchange, *, status: int | None, body: bytes | None,
                 error: str | None, latency_ms: float | None = None, ttfb_ms: float | None = None,
-                flow_id: str | None = None) -> None:
+                flow_id: str | None = None) -> store.RequestRecord:
         record = build_record(exchange, status=status, body=body, latency_ms=latency_ms, ttfb_ms=ttfb_ms,
                               error=error, flow_id=flow.id if flow else flow_id)
+        if exchange.cache is not None:
+            record = cache.account(record, exchange.cache, exchange.cache_hit)
         if flow is not None:
             flow.metadata["metrion"] = metadata(record)
             flow.comment = summary(record)
@@ -309,6 +334,16 @@ class Metrion:
                 self._flows[flow.id] = flow
         if self.writer is not None:
             self.writer.put(record)
+        return record
+
+    def _store_reply(self, response: http.Response, exchange: Exchange, record: store.RequestRecord) -> None:
+        assert exchange.cache is not None and self.config is not None
+        recorder = response.stream if isinstance(response.stream, cache.StreamRecorder) else None
+        body = recorder.body if recorder is not None else response.raw_content
+        entry = cache.entry_for(exchange.cache, record, _lowercase(response.headers), body, recorder is not None,
+                                self.clock(), self.config.cache.max_entry_bytes)
+        if entry is not None and self.cache is not None:
+            self.cache.put(entry, record)
 
     def _priced(self, records: list[store.RequestRecord]) -> None:
         """Called on the writer thread once rows are written: show their cost in mitmweb."""
@@ -330,6 +365,12 @@ class Metrion:
                         ) -> http.Response:
         headers = {**(exchange.limit_headers if exchange else {}), **error_headers(error)}
         return http.Response.make(error.status, error_body(provider, error), headers)
+
+
+def _replayed(replay: cache.Replay) -> http.Response:
+    now = time.time()
+    reason = status_codes.RESPONSES.get(replay.status, "").encode()
+    return http.Response(b"HTTP/1.1", replay.status, reason, http.Headers(replay.headers), replay.body, None, now, now)
 
 
 def _plain_body(response: http.Response) -> bytes | None:

@@ -69,6 +69,27 @@ class ModelPrice(_Strict):
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+class CacheSettings(_Strict):
+    """The response cache's storage: a size bound (least recently used entries go first) and who shares entries."""
+
+    max_mb: Annotated[float, Field(gt=0)] = 512.0
+    share_across_tokens: bool = False
+
+    @field_validator("max_mb", mode="before")
+    @classmethod
+    def _int_is_a_size(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * 1024 * 1024)
+
+    @property
+    def max_entry_bytes(self) -> int:
+        """One reply may fill at most an eighth of the cache, so that a single large one cannot flush it."""
+        return self.max_bytes // 8
+
+
 class Token(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     token_hash: str = Field(alias="token")
@@ -119,6 +140,7 @@ class Config(_Strict):
     providers: dict[str, str] = Field(default_factory=dict, validate_default=True)
     tokens: list[Token] = []
     prices: dict[str, ModelPrice] = {}
+    cache: CacheSettings = CacheSettings()
 
     @field_validator("timeout", mode="before")
     @classmethod

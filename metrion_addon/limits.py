@@ -137,7 +137,7 @@ def _whole_seconds(seconds: float) -> int:
 @dataclass(frozen=True)
 class Admission:
     headers: dict[str, str]  # x-metrion-ratelimit-* and x-metrion-quota-*, for the forwarded response
-    saved: tuple[BucketState, MonthlyCount]  # the new limit state, for the store
+    saved: tuple[BucketState] | tuple[BucketState, MonthlyCount]  # the new limit state, for the store
 
 
 class Limits:
@@ -149,11 +149,15 @@ class Limits:
         self.quota = MonthlyQuota(months)
         self._caps = caps
 
-    def admit(self, name: str, plan: str, now: float) -> Admission:
-        """Count one request of token `name`; raise MetrionError(429) if a limit refuses it."""
+    def admit(self, name: str, plan: str, now: float, *, forwarded: bool = True) -> Admission:
+        """Count one request of token `name`; raise MetrionError(429) if a limit refuses it.
+
+        A request Metrion answers itself (`forwarded=False`: a cache hit) takes from the rate bucket only: the
+        monthly cap counts requests that reached a provider.
+        """
         cap = self._caps[plan]
         quota = self.quota.check(name, cap, now)
-        if not quota.allowed:
+        if forwarded and not quota.allowed:
             wait = _whole_seconds(quota.resets_at - now)
             raise MetrionError(429, "monthly_quota_exceeded", (
                 f"Monthly request cap reached: {cap} requests for plan '{plan}' of Metrion token '{name}'. "
@@ -171,6 +175,8 @@ class Limits:
                 f"Rate limit reached: {rate.limit} requests per minute for Metrion token '{name}'. "
                 f"Retry in {retry_ms / 1000:.3f} s."
             ), {"retry-after": str(_whole_seconds(rate.retry_after)), "retry-after-ms": str(retry_ms), **headers})
+        if not forwarded:
+            return Admission({**headers, **quota_headers(cap, quota.remaining)}, (self.rates.state(name),))
         counted, month = self.quota.count(name, cap, now)
         return Admission({**headers, **quota_headers(cap, counted.remaining)}, (self.rates.state(name), month))
 

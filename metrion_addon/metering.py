@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .auth import Identity
+from .cache import CacheEntry, CachePlan
 from .clock import iso_utc
 from .errors import MetrionError
 from .request_body import RequestBody, prompt_chars
@@ -37,6 +38,8 @@ class Exchange:
     stream: StreamUsage | None = None
     timed_out: bool = False
     failure: MetrionError | None = None  # Metrion answered instead of the provider
+    cache: CachePlan | None = None  # the request asked for the response cache
+    cache_hit: CacheEntry | None = None  # ... and was answered from it
 
 
 class StreamTap:

@@ -46,6 +46,9 @@ class RequestRecord:
     auth_mode: str | None = None
     cost_usd: float | None = None
     price_source: str | None = None
+    cached: bool = False  # answered from Metrion's response cache
+    saved_usd: float | None = None  # on a cache hit: what the original request cost
+    cache_status: str | None = None  # HIT, MISS or REFRESH when the request asked for the cache
     flow_id: str | None = dataclasses.field(default=None, compare=False)  # for mitmweb, not stored
 
 
