@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,15 @@ import yaml
 from tabulate import tabulate
 
 from metrion_addon import report as queries
-from metrion_addon.config import DEFAULT_CONFIG_FILES, Config, ConfigError, find_config, hash_token, load_config
+from metrion_addon.config import (
+    DEFAULT_CONFIG_FILES,
+    PROVIDERS,
+    Config,
+    ConfigError,
+    find_config,
+    hash_token,
+    load_config,
+)
 
 FORMATS = ("table", "json", "csv")
 WIDTH = 100  # table output fits a terminal this wide: long names are cut to share what is left
@@ -63,7 +72,13 @@ def _count(value: int) -> str:
 
 
 def _cost(value: float | None) -> str:
-    return "-" if value is None else f"${value:.4f}"
+    """Dollars and cents from $1 up; below, three significant digits, so $0.000009 does not read as $0.0000."""
+    if value is None:
+        return "-"
+    if value >= 1 or value == 0:
+        return f"${value:,.2f}"
+    digits = f"{Decimal(f'{value:.3g}'):f}"
+    return f"${digits}{'0' * (4 - len(digits))}"  # at least two decimals: $0.50, not $0.5
 
 
 def _ms(value: float | None) -> str:
@@ -74,7 +89,8 @@ def _text(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def _table(rows: list[dict[str, Any]], columns: list[Column]) -> str:
+def _table(rows: list[dict[str, Any]], columns: list[Column], note: str | None = None) -> str:
+    """Aligned columns within WIDTH; a row's `note` field, when set, goes on an indented line of its own below it."""
     cells = [[column.show(row[column.key]) for column in columns] for row in rows]
     widths = [max(len(column.header), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
     names = sorted((i for i, column in enumerate(columns) if column.name), key=lambda i: widths[i])
@@ -84,13 +100,41 @@ def _table(rows: list[dict[str, Any]], columns: list[Column]) -> str:
         room -= widths[i]
     for line in cells:
         for i in names:
-            line[i] = line[i] if len(line[i]) <= widths[i] else line[i][: widths[i] - 1] + "…"
+            line[i] = _cut(line[i], widths[i])
     headers = [column.header for column in columns]
     align = ["right" if column.right else "left" for column in columns]
-    return tabulate([headers, *cells], tablefmt="plain", disable_numparse=True, colalign=align)
+    lines = tabulate([headers, *cells], tablefmt="plain", disable_numparse=True, colalign=align).splitlines()
+    if note is None:
+        return "\n".join(lines)
+    out = lines[:1]
+    for row, line in zip(rows, lines[1:], strict=True):
+        out.append(line)
+        if text := row.get(note):
+            out.append(_cut(f"  ↳ {' '.join(str(text).split())}", WIDTH))
+    return "\n".join(out)
 
 
-def _emit(rows: list[dict[str, Any]], fields: list[str], fmt: str, columns: list[Column]) -> None:
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _tidy(value: Any) -> Any:
+    """A float without the noise of binary sums (0.0009750000000000001 is 0.000975): 12 significant digits."""
+    return float(f"{value:.12g}") if isinstance(value, float) else value
+
+
+def _emit(
+    rows: list[dict[str, Any]],
+    fields: list[str],
+    fmt: str,
+    columns: list[Column],
+    *,
+    total: dict[str, Any] | None = None,
+    note: str | None = None,
+) -> None:
+    """Rows as JSON, CSV or a table; the table alone gets the `total` row and the rows' `note` lines."""
+    if fmt != "table":
+        rows = [{key: _tidy(value) for key, value in row.items()} for row in rows]
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
     elif fmt == "csv":
@@ -102,7 +146,7 @@ def _emit(rows: list[dict[str, Any]], fields: list[str], fmt: str, columns: list
     elif not rows:
         click.echo("(no rows)")
     else:
-        click.echo(_table(rows, columns))
+        click.echo(_table(rows if total is None else [*rows, total], columns, note))
 
 
 def _load(config_path: str | None) -> Config:
@@ -150,6 +194,7 @@ def _options(command: Callable[..., None]) -> Callable[..., None]:
 
 
 @click.group(cls=_Metrion)
+@click.version_option(package_name="metrion", prog_name="metrion", message="%(prog)s %(version)s")
 def main() -> None:
     """Metrion: reports, logs and quotas from the AI usage meter's database."""
 
@@ -164,8 +209,13 @@ def report(config_path: str | None, fmt: str, since: str | None, until: str | No
     config = _load(config_path)
     now = datetime.now(UTC)
     start, end = _time(since, now), _time(until, now)
-    rows = queries.report(_open(config), start, end, list(by))
+    conn = _open(config)
+    rows = queries.report(conn, start, end, list(by))
     names = list(dict.fromkeys(by))
+    total = None
+    if names and rows and fmt == "table":
+        [overall] = queries.report(conn, start, end, [])
+        total = {**dict.fromkeys(names, ""), names[0]: "total", **overall}
     columns = [Column(name, name, _text, right=name == "status", name=name not in ("day", "status")) for name in names]
     columns += [
         Column("req", "requests"),
@@ -178,14 +228,16 @@ def report(config_path: str | None, fmt: str, since: str | None, until: str | No
         Column("p50 ms", "latency_p50_ms", _ms),
         Column("p95 ms", "latency_p95_ms", _ms),
     ]
-    _emit(rows, [*names, *queries.REPORT_COLUMNS], fmt, columns)
+    _emit(rows, [*names, *queries.REPORT_COLUMNS], fmt, columns, total=total)
 
 
 @main.command()
 @_options
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="How many rows.")
+@click.option("--since", help="Start: 7d, 24h, 30m ago, a UTC date (2026-11-01) or an ISO time. Default: all.")
+@click.option("--until", help="End (exclusive), in the same forms as --since. Default: now.")
 @click.option("--token", help="Only this token's rows.")
-@click.option("--provider", help="Only this provider (anthropic, openai, gemini, mistral, grok).")
+@click.option("--provider", type=click.Choice(PROVIDERS), help="Only this provider.")
 @click.option("--model", help="Only this model.")
 @click.option("--status", help="Only this status: a code (429) or a class (4xx).")
 @click.option("--requester", help="Only this requester.")
@@ -193,23 +245,36 @@ def logs(
     config_path: str | None,
     fmt: str,
     limit: int,
+    since: str | None,
+    until: str | None,
     token: str | None,
     provider: str | None,
     model: str | None,
     status: str | None,
     requester: str | None,
 ) -> None:
-    """The latest requests, newest first."""
+    """The latest requests, newest first; in a table, each error on a line below its request."""
     config = _load(config_path)
+    now = datetime.now(UTC)
     try:
         codes = None if status is None else queries.parse_status(status)
     except ValueError as e:
         raise Problem(str(e)) from e
-    filters = queries.LogFilter(token=token, provider=provider, model=model, status=codes, requester=requester)
+    filters = queries.LogFilter(
+        token=token,
+        provider=provider,
+        model=model,
+        status=codes,
+        requester=requester,
+        since=_time(since, now),
+        until=_time(until, now),
+    )
     rows = queries.logs(_open(config), limit, filters)
     columns = [
         Column("time", "ts", lambda ts: ts[:19].replace("T", " "), right=False),
         Column("token", "token_name", _text, right=False, name=True),
+        Column("requester", "requester", _text, right=False, name=True),
+        Column("provider", "provider", _text, right=False),
         Column("model", "model", _text, right=False, name=True),
         Column("st", "status", lambda code: "-" if code is None else str(code)),
         Column("in", "input_tokens", _count),
@@ -217,7 +282,7 @@ def logs(
         Column("cost", "cost_usd", _cost),
         Column("ms", "latency_ms", _ms),
     ]
-    _emit(rows, queries.LOG_COLUMNS, fmt, columns)
+    _emit(rows, queries.LOG_COLUMNS, fmt, columns, note="error")
 
 
 @main.command()

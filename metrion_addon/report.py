@@ -172,11 +172,14 @@ class LogFilter:
     model: str | None = None
     status: tuple[int, int] | None = None
     requester: str | None = None
+    since: str | None = None
+    until: str | None = None
 
 
 def logs(conn: sqlite3.Connection, limit: int, filters: LogFilter) -> list[dict[str, Any]]:
-    """The latest `limit` rows matching `filters`, newest first, with every stored column."""
-    clauses, params = [], []
+    """The latest `limit` rows matching `filters` (since <= ts < until), newest first, with every stored column."""
+    where, params = _time_range(filters.since, filters.until)
+    clauses = [where]
     for column, value in (
         ("token_name", filters.token),
         ("provider", filters.provider),
@@ -189,7 +192,7 @@ def logs(conn: sqlite3.Connection, limit: int, filters: LogFilter) -> list[dict[
     if filters.status is not None:
         clauses.append("status BETWEEN ? AND ?")
         params.extend(filters.status)
-    where = " AND ".join(clauses) or "1"
+    where = " AND ".join(clauses)
     sql = f"SELECT {', '.join(LOG_COLUMNS)} FROM requests WHERE {where} ORDER BY ts DESC, id DESC LIMIT ?"
     rows = [dict(zip(LOG_COLUMNS, row, strict=True)) for row in conn.execute(sql, [*params, limit])]
     for row in rows:

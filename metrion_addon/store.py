@@ -17,6 +17,8 @@ from pathlib import Path
 
 import sqlite_utils
 
+from metrion_addon.aggregates import add_to_hourly, create_hourly
+
 log = logging.getLogger(__name__)
 
 
@@ -113,6 +115,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
     db["monthly_usage"].create(
         {"token_name": str, "month": str, "requests": int}, pk=("token_name", "month"), if_not_exists=True
     )
+    create_hourly(conn)  # a database from before the aggregates gets them built from its rows
 
 
 def load_counters(conn: sqlite3.Connection) -> tuple[list[BucketState], list[MonthlyCount]]:
@@ -216,6 +219,7 @@ class Writer:
                     chunk = records[start : start + _ROWS_PER_INSERT]
                     values = ", ".join([_ROW] * len(chunk))
                     self._conn.execute(f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES {values}", _params(chunk))
+                add_to_hourly(self._conn, records)
                 for counter in counters.values():
                     if isinstance(counter, BucketState):
                         self._conn.execute(_UPSERT_BUCKET, (counter.token_name, counter.tokens, counter.updated_at))

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from harness import Proxy, base_config
+from servers import PostgresServer, RedisServer
 
 from metrion_addon.mock_provider import MockProvider
 
@@ -45,3 +46,36 @@ def start_proxy(mock: MockProvider, tmp_path_factory: pytest.TempPathFactory) ->
     yield start
     for running in started:
         running.stop()
+
+
+@pytest.fixture
+def start_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], RedisServer]]:
+    """Start private redis-servers for the test (killable, restartable on their port); all stopped after."""
+    started: list[RedisServer] = []
+
+    def start() -> RedisServer:
+        server = RedisServer(tmp_path_factory.mktemp(f"redis{next(_names)}")).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresServer]:
+    """One private PostgreSQL cluster for the session; tests get their own database in it."""
+    server = PostgresServer().start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def postgres(postgres_cluster: PostgresServer) -> Iterator[PostgresServer]:
+    """The session's cluster, running (restarted if a test stopped it) and running again after the test."""
+    if not (postgres_cluster.datadir / "data" / "postmaster.pid").exists():
+        postgres_cluster.start()
+    yield postgres_cluster
+    if not (postgres_cluster.datadir / "data" / "postmaster.pid").exists():
+        postgres_cluster.start()

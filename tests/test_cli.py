@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import io
 import json
 import re
 import sqlite3
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -43,6 +45,9 @@ def record(ts: datetime, i: int) -> RequestRecord:
         cache_read_tokens=10 * i,
         latency_ms=float(i),
         cost_usd=None if i % 4 == 3 else 0.001 * i,
+        error=f"provider: {'Rate limit exceeded' if i % 5 == 3 else 'Internal server error'} " + "details " * 20
+        if i % 5 >= 3
+        else None,
     )
 
 
@@ -58,21 +63,30 @@ def write_config(tmp_path: Path, database: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
+def seeded(tmp_path: Path, rows: list[RequestRecord]) -> Path:
+    """A config whose database holds exactly `rows`."""
     database = tmp_path / "metrion.db"
     conn = store.connect(database)
     store.create_schema(conn)
-    now = datetime.now(UTC)
-    rows = [record(now - timedelta(hours=i), i) for i in range(1, 101)]  # one an hour over the last 100 hours
     placeholders = ", ".join("?" * len(store.COLUMNS))
     conn.executemany(
         f"INSERT INTO requests ({', '.join(store.COLUMNS)}) VALUES ({placeholders})",
         [tuple(getattr(r, name) for name in store.COLUMNS) for r in rows],
     )
-    conn.execute("INSERT INTO monthly_usage VALUES ('team-0', ?, 30)", (now.strftime("%Y-%m"),))
+    conn.commit()
     conn.close()
     return write_config(tmp_path, database)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    now = datetime.now(UTC)
+    path = seeded(tmp_path, [record(now - timedelta(hours=i), i) for i in range(1, 101)])  # one an hour, 100 hours
+    conn = sqlite3.connect(tmp_path / "metrion.db")
+    conn.execute("INSERT INTO monthly_usage VALUES ('team-0', ?, 30)", (now.strftime("%Y-%m"),))
+    conn.commit()
+    conn.close()
+    return path
 
 
 def run(*args: str) -> Result:
@@ -150,9 +164,93 @@ def test_logs_table_and_csv(config: Path) -> None:
     table = run("logs", "--config", str(config), "--limit", "3")
     as_csv = run("logs", "--config", str(config), "--limit", "3", "--format", "csv")
 
-    assert table.stdout.splitlines()[0].split() == ["time", "token", "model", "st", "in", "out", "cost", "ms"]
+    header = ["time", "token", "requester", "provider", "model", "st", "in", "out", "cost", "ms"]
+    assert table.stdout.splitlines()[0].split() == header
     assert all(len(line) <= 100 for line in table.stdout.splitlines())
     assert len(list(csv.DictReader(io.StringIO(as_csv.stdout)))) == 3
+
+
+def test_logs_table_shows_provider_requester_and_each_error_cut_to_the_width(config: Path) -> None:
+    lines = run("logs", "--config", str(config), "--limit", "5").stdout.splitlines()
+
+    # rows i = 1..5, newest first; i = 3 (429) and i = 4 (500) failed, each error on a line below its row
+    assert re.match(r"\S+ \S+\s+team-1\s+user-1\s+anthropic\s+claude-\S+\s+200 ", lines[1])
+    assert re.match(r"\S+ \S+\s+team-0\s+user-3\s+openai\s+a-very-\S+…\s+429 ", lines[3])
+    assert lines[4].startswith("  ↳ provider: Rate limit exceeded details details")
+    assert lines[4].endswith("…") and len(lines[4]) == 100
+    assert re.match(r"\S+ \S+\s+team-1\s+user-4\s+openai\s+gpt-4o-mini\s+500 ", lines[5])
+    assert lines[6].startswith("  ↳ provider: Internal server error")
+    assert len(lines) == 1 + 5 + 2
+
+
+@pytest.mark.parametrize(
+    ("window", "expected"),
+    [
+        (["--since", "5h"], 4),  # rows 1..4 (row 5 is exactly 5 h old: just outside by the time it runs)
+        (["--until", "98h"], 3),  # rows 98, 99, 100
+        (["--since", "10h", "--until", "5h"], 5),  # rows 5..9
+    ],
+)
+def test_logs_since_and_until_bound_the_rows_like_report(config: Path, window: list[str], expected: int) -> None:
+    rows = json.loads(run("logs", "--config", str(config), "--format", "json", "--limit", "100", *window).stdout)
+    [total] = json.loads(run("report", "--config", str(config), "--format", "json", *window).stdout)
+    anthropic = run("logs", "--config", str(config), "--format", "json", "--provider", "anthropic", *window).stdout
+
+    assert len(rows) == expected == total["requests"]
+    assert json.loads(anthropic) == [row for row in rows if row["provider"] == "anthropic"]
+
+
+def test_report_table_ends_with_a_totals_row_that_json_and_csv_do_not_have(config: Path) -> None:
+    table = run("report", "--config", str(config), "--by", "provider", "--by", "status").stdout.splitlines()
+    as_json = json.loads(run("report", "--config", str(config), "--by", "provider", "--format", "json").stdout)
+
+    assert re.match(r"total\s+100\s+40\s+40\.0%\s+5\.0M\s+505\.0k\s+50\.5k\s+\$3\.7[78]\s+50\s+95$", table[-1])
+    assert len(table) == 1 + 3 * 3 + 1  # header, provider × status groups, total
+    assert sum(row["requests"] for row in as_json) == 100 and len(as_json) == 3
+
+
+@pytest.mark.parametrize(
+    ("cost", "shown"),
+    [
+        (0.000009, "$0.000009"),
+        (0.0009750000000000001, "$0.000975"),
+        (0.00012345, "$0.000123"),
+        (0.1, "$0.10"),
+        (0.5, "$0.50"),
+        (0.123456, "$0.123"),
+        (0.0, "$0.00"),
+        (3.14159, "$3.14"),
+        (1234.567, "$1,234.57"),
+        (None, "-"),
+    ],
+)
+def test_costs_print_with_enough_digits_to_tell_small_requests_apart(
+    tmp_path: Path, cost: float | None, shown: str
+) -> None:
+    config = seeded(tmp_path, [replace(record(datetime.now(UTC), 1), cost_usd=cost)])
+
+    [_, line] = run("logs", "--config", str(config)).stdout.splitlines()
+
+    assert line.split()[-2] == shown
+
+
+def test_json_and_csv_have_no_float_noise(tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    rows = [replace(record(now, i), cost_usd=cost, latency_ms=cost) for i, cost in enumerate([0.1, 0.2])]
+    config = seeded(tmp_path, rows)
+
+    as_json = run("report", "--config", str(config), "--format", "json").stdout
+    as_csv = run("report", "--config", str(config), "--format", "csv").stdout
+
+    assert json.loads(as_json)[0]["cost_usd"] == 0.3
+    assert "0.30000000000000004" not in as_json + as_csv
+    assert ",0.3," in as_csv
+
+
+def test_version_prints_the_package_version() -> None:
+    result = run("--version")
+
+    assert result.stdout == f"metrion {importlib.metadata.version('metrion')}\n"
 
 
 def test_quota_shows_plan_use_cap_remaining_and_reset(config: Path) -> None:
@@ -231,6 +329,8 @@ def empty_schema(tmp_path: Path) -> Path:
         (None, ["report", "--format", "xml"], "Invalid value for '--format'"),
         (None, ["logs", "--status", "bad"], "not a status: 'bad'"),
         (None, ["logs", "--limit", "0"], "Invalid value for '--limit'"),
+        (None, ["logs", "--provider", "openia"], "Invalid value for '--provider': 'openia' is not one of 'anthropic'"),
+        (None, ["logs", "--since", "last week"], "not a time: 'last week'"),
         (None, ["quota", "nobody"], "no token named 'nobody'"),
         (None, ["tokens", "new", "--name", "x", "--plan", "gold"], "unknown plan 'gold'"),
         (None, ["tokens", "new", "--name", "team-1"], "already has a token named 'team-1'"),

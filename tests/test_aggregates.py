@@ -1,0 +1,129 @@
+"""The hourly aggregates always equal the raw rows they summarise: written live, batch by batch, or rebuilt."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from metrion_addon import aggregates, store
+from metrion_addon.store import RequestRecord, Writer
+
+# An independent statement of what hourly_usage must hold, written against the raw table.
+RAW_USAGE = """
+SELECT substr(ts, 1, 13), provider, coalesce(model, ''), coalesce(token_name, ''), coalesce(requester, ''),
+       coalesce(status, 0), (status IS NULL OR status >= 400 OR error IS NOT NULL), ttfb_ms IS NULL,
+       count(*), total(input_tokens), total(output_tokens), total(cache_read_tokens), total(cache_write_tokens),
+       total(reasoning_tokens), total(total_tokens), total(CAST(cost_usd * 1000000000 + 0.5 AS INTEGER)),
+       count(cost_usd), total(CAST(latency_ms * 1000 + 0.5 AS INTEGER)), count(latency_ms),
+       total(CAST(ttfb_ms * 1000 + 0.5 AS INTEGER)), count(ttfb_ms)
+FROM requests GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
+"""
+USAGE = f"SELECT {', '.join(aggregates.USAGE_KEY + aggregates.USAGE_SUMS)} FROM hourly_usage"
+
+
+def usage_tables(conn: sqlite3.Connection) -> tuple[set, set]:
+    raw = {tuple(int(v) if isinstance(v, float) else v for v in row) for row in conn.execute(RAW_USAGE)}
+    return raw, set(conn.execute(USAGE))
+
+
+def latency_tables(conn: sqlite3.Connection) -> tuple[dict, dict]:
+    raw: dict[tuple, int] = {}
+    for ts, provider, model, status, latency in conn.execute(
+        "SELECT ts, provider, model, status, latency_ms FROM requests WHERE latency_ms IS NOT NULL"
+    ):
+        key = (ts[:13], provider, model or "", status or 0, aggregates.latency_bucket(latency))
+        raw[key] = raw.get(key, 0) + 1
+    kept = {row[:-1]: row[-1] for row in conn.execute("SELECT *, requests FROM hourly_latency")}
+    return raw, {key[:5]: count for key, count in kept.items()}
+
+
+records = st.builds(
+    RequestRecord,
+    ts=st.sampled_from(["2026-11-24T10:", "2026-11-24T11:", "2026-11-25T00:"]).map(lambda h: h + "00:01.000Z"),
+    token_name=st.sampled_from([None, "app", "ci"]),
+    requester=st.sampled_from([None, "alice", "bob"]),
+    provider=st.sampled_from(["openai", "anthropic"]),
+    model=st.sampled_from([None, "gpt-4o", "claude-sonnet-4"]),
+    path=st.just("/api/proxy/openai/v1/chat/completions"),
+    method=st.just("POST"),
+    stream=st.booleans(),
+    status=st.sampled_from([None, 200, 200, 400, 429, 500, 502]),
+    input_tokens=st.integers(0, 10**6),
+    output_tokens=st.integers(0, 10**6),
+    cache_read_tokens=st.integers(0, 1000),
+    cache_write_tokens=st.integers(0, 1000),
+    reasoning_tokens=st.integers(0, 1000),
+    total_tokens=st.integers(0, 2 * 10**6),
+    latency_ms=st.none() | st.floats(0, 200_000, allow_nan=False),
+    ttfb_ms=st.none() | st.floats(0, 60_000, allow_nan=False),
+    error=st.sampled_from([None, "upstream cut the stream"]),
+    cost_usd=st.none() | st.floats(0, 50, allow_nan=False),
+    price_source=st.just("test"),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(st.lists(records, max_size=30), max_size=5))
+def test_aggregates_written_batch_by_batch_equal_the_raw_rows(tmp_path_factory, batches) -> None:
+    path = tmp_path_factory.mktemp("agg") / "m.db"
+    conn = store.connect(path)
+    store.create_schema(conn)
+    writer = Writer(conn, batch_seconds=0)
+    writer.start()
+    for batch in batches:
+        for record in batch:
+            writer.put(record)
+    writer.close()
+    with sqlite3.connect(path) as check:
+        raw, kept = usage_tables(check)
+        assert kept == raw
+        raw_latency, kept_latency = latency_tables(check)
+        assert kept_latency == raw_latency
+
+
+def test_a_database_without_aggregates_gets_them_built_from_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:  # an older Metrion's table: no token, cost or latency columns yet
+        old.execute("CREATE TABLE requests (id INTEGER PRIMARY KEY, ts TEXT NOT NULL, provider TEXT NOT NULL, "
+                    "model TEXT, status INTEGER, path TEXT NOT NULL, method TEXT NOT NULL, stream INTEGER NOT NULL, "
+                    "usage_source TEXT NOT NULL)")
+        old.executemany(
+            "INSERT INTO requests (ts, provider, model, status, path, method, stream, usage_source) "
+            "VALUES (?, ?, ?, ?, '/v1/x', 'POST', 0, 'none')",
+            [(f"2026-01-0{day}T0{hour}:00:00.000Z", provider, "m", status)
+             for day in (1, 2) for hour in (0, 5) for provider, status in (("openai", 200), ("grok", 500))],
+        )
+    conn = store.connect(path)
+    store.create_schema(conn)
+    raw, kept = usage_tables(conn)
+    assert len(kept) == 8 and kept == raw
+    writer = Writer(conn)  # and from then on the writer keeps them up to date
+    writer.start()
+    writer.put(RequestRecord(ts="2026-01-01T00:30:00.000Z", token_name=None, requester=None, provider="openai",
+                             model="m", path="/v1/x", method="POST", stream=False, status=200, latency_ms=12.5))
+    writer.close()
+    with sqlite3.connect(path) as check:
+        raw, kept = usage_tables(check)
+        assert kept == raw
+        assert check.execute("SELECT requests FROM hourly_usage WHERE hour = '2026-01-01T00' AND provider = 'openai'"
+                             ).fetchone() == (2,)
+
+
+def test_creating_the_schema_again_does_not_count_rows_twice(tmp_path: Path) -> None:
+    conn = store.connect(tmp_path / "m.db")
+    store.create_schema(conn)
+    conn.execute("INSERT INTO requests (ts, provider, path, method, stream, usage_source, status) "
+                 "VALUES ('2026-01-01T00:00:00.000Z', 'openai', '/v1/x', 'POST', 0, 'none', 200)")
+    conn.execute("DROP TABLE hourly_latency")  # as if a build was interrupted half-way
+    store.create_schema(conn)
+    store.create_schema(conn)
+    assert conn.execute("SELECT sum(requests) FROM hourly_usage").fetchone() == (1,)
+
+
+@given(st.floats(0, 10**7, allow_nan=False))
+def test_a_latency_lies_within_its_buckets_bounds(ms: float) -> None:
+    low, high = aggregates.bucket_bounds(aggregates.latency_bucket(ms))
+    assert low <= ms < high or (ms < 1 and low == 0)
