@@ -153,7 +153,7 @@ class Metrion:
             _redact(flow.request.headers)
             return
         if exchange.cache_hit is not None:
-            flow.response = _replayed(cache.replay(exchange.cache_hit, self.clock(), exchange.limit_headers))
+            flow.response = _replayed(cache.replay(exchange.cache_hit, self.clock()))
             _redact(flow.request.headers)
             return
         self._forward(flow, exchange)
@@ -244,7 +244,7 @@ class Metrion:
         if flow.response.headers.get("content-type", "").lower().startswith("text/event-stream"):
             exchange.stream = StreamUsage(exchange.route.provider, exchange.route.api)
             flow.response.stream = StreamTap(exchange.stream, exchange.hide_usage_chunk, timer.touch)
-        if exchange.cache is not None and self.config is not None:
+        if exchange.cache is not None and exchange.cache_hit is None and self.config is not None:
             flow.response.headers[cache.HEADER] = cache.outcome(exchange.cache).value
             if exchange.stream is not None:
                 flow.response.stream = cache.StreamRecorder(flow.response.stream, self.config.cache.max_entry_bytes)

@@ -30,7 +30,6 @@ IGNORED_FIELDS = frozenset({"stream_options", "user", "metadata"})
 _CREDENTIAL_PARAMS = frozenset({"key", "api_key", "apikey", "access_token", "token"})
 # The provider headers a hit replays: what clients read (body type, encoding, the provider's request id).
 STORED_HEADERS = ("content-type", "content-encoding", "request-id", "x-request-id")
-_MAX_AGE = re.compile(r'max-age\s*=\s*(?:"([^"]*)"|([^,\s]*))', re.IGNORECASE)
 _DIGITS = re.compile(r"[0-9]+")
 _TERMINAL_TYPES = frozenset({"message_stop", "response.completed", "response.incomplete"})
 
@@ -119,16 +118,16 @@ def parse_max_age(cache_control: str | None) -> int:
     """
     if cache_control is None:
         return DEFAULT_MAX_AGE
-    found = _MAX_AGE.findall(cache_control)
+    directives = (part.partition("=") for part in cache_control.split(","))
+    found = [(sign, value.strip()) for name, sign, value in directives if name.strip().lower() == "max-age"]
     if not found:
-        if "max-age" in cache_control.lower():
-            raise _bad_max_age(cache_control)
         return DEFAULT_MAX_AGE
     if len(found) > 1:
         raise _bad_max_age(cache_control)
-    quoted, bare = found[0]
-    value = (quoted or bare).strip()
-    if not _DIGITS.fullmatch(value):
+    sign, value = found[0]
+    if len(value) > 1 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    if not sign or not _DIGITS.fullmatch(value):
         raise _bad_max_age(cache_control)
     return LONGEST_MAX_AGE if len(value) > 9 else min(int(value), LONGEST_MAX_AGE)
 
@@ -219,18 +218,21 @@ def entry_for(plan: CachePlan, record: RequestRecord, headers: Mapping[str, str]
 
 @dataclass(frozen=True)
 class Replay:
-    """A hit as an HTTP answer: the stored status, headers and body, plus Metrion's own headers."""
+    """A hit as an HTTP answer: the stored status, headers and body, plus `x-metrion-cache: HIT` and `age`."""
 
     status: int
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes
 
 
-def replay(entry: CacheEntry, now: float, extra: Mapping[str, str]) -> Replay:
-    """The answer to a hit: a stream goes out as a chunked `text/event-stream`, other bodies with a length."""
+def replay(entry: CacheEntry, now: float) -> Replay:
+    """The answer to a hit: a stream goes out as a chunked `text/event-stream`, other bodies with a length.
+
+    The limit headers are added by the addon's responseheaders hook, as for every answer.
+    """
     framing = ("transfer-encoding", "chunked") if entry.stream else ("content-length", str(len(entry.body)))
     age = str(max(0, int(now - entry.created_at)))
-    fields = [*entry.headers, framing, (HEADER, Outcome.HIT.value), ("age", age), *extra.items()]
+    fields = [*entry.headers, framing, (HEADER, Outcome.HIT.value), ("age", age)]
     encoded = tuple((name.encode(), value.encode("utf-8", "surrogateescape")) for name, value in fields)
     return Replay(entry.status, encoded, entry.body)
 

@@ -6,18 +6,23 @@ Everything else sends rows through a queue; a failed write keeps its rows and re
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlite_utils
 
 from metrion_addon.aggregates import add_to_hourly, create_hourly
+
+if TYPE_CHECKING:
+    from metrion_addon.cache import CacheEntry
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,29 @@ class MonthlyCount:
     requests: int
 
 
+_CACHE_COLUMNS = ("key", "token_name", "provider", "model", "status", "headers", "body", "stream", "created_at",
+            "expires_at", "last_used", "size", "cost_usd")
+_UPSERT_CACHE = (f"INSERT OR REPLACE INTO cache_entries ({', '.join(_CACHE_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' * len(_CACHE_COLUMNS))})")
+
+
+@dataclass(frozen=True)
+class CacheWrite:
+    """Store `entry`; its cost is `origin`'s, read when written (the writer prices `origin` first)."""
+
+    entry: CacheEntry
+    origin: RequestRecord
+    max_bytes: int  # the size bound in force: older entries are evicted until the table fits
+
+
+@dataclass(frozen=True)
+class CacheTouch:
+    """An entry was used at `used_at`: it moves to the young end of the LRU order."""
+
+    key: str
+    used_at: float
+
+
 COLUMNS = [f.name for f in dataclasses.fields(RequestRecord) if f.name != "flow_id"]
 _ROW = f"({', '.join('?' * len(COLUMNS))})"
 _ROWS_PER_INSERT = 500  # under SQLite's 32,766 bound parameters per statement
@@ -116,12 +144,57 @@ def create_schema(conn: sqlite3.Connection) -> None:
         {"token_name": str, "month": str, "requests": int}, pk=("token_name", "month"), if_not_exists=True
     )
     create_hourly(conn)  # a database from before the aggregates gets them built from its rows
+    create_cache_schema(conn)
 
 
 def load_counters(conn: sqlite3.Connection) -> tuple[list[BucketState], list[MonthlyCount]]:
     buckets = [BucketState(*row) for row in conn.execute("SELECT token_name, tokens, updated_at FROM rate_buckets")]
     months = [MonthlyCount(*row) for row in conn.execute("SELECT token_name, month, requests FROM monthly_usage")]
     return buckets, months
+
+
+def create_cache_schema(conn: sqlite3.Connection) -> None:
+    """The cache table and its indexes, if missing (idempotent)."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS cache_entries (key TEXT PRIMARY KEY, token_name TEXT NOT NULL, "
+        "provider TEXT NOT NULL, model TEXT, status INTEGER NOT NULL, headers TEXT NOT NULL, body BLOB NOT NULL, "
+        "stream INTEGER NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL, last_used REAL NOT NULL, "
+        "size INTEGER NOT NULL, cost_usd REAL)"
+    )
+    conn.execute("CREATE INDEX IF NOT EXISTS idx_cache_entries_lru ON cache_entries (last_used, size)")
+    conn.execute("CREATE INDEX IF NOT EXISTS idx_cache_entries_expires ON cache_entries (expires_at)")
+
+
+def write_cache(conn: sqlite3.Connection, writes: Sequence[CacheWrite], touches: Sequence[CacheTouch]) -> None:
+    """Apply a batch inside the writer's transaction: upserts, LRU touches, then purge and evict."""
+    for write in writes:
+        entry = write.entry
+        conn.execute(_UPSERT_CACHE, (entry.key, entry.token_name, entry.provider, entry.model, entry.status,
+                               json.dumps(entry.headers), entry.body, entry.stream, entry.created_at,
+                               entry.expires_at, entry.created_at, entry.size, write.origin.cost_usd))
+    conn.executemany("UPDATE cache_entries SET last_used = max(last_used, ?) WHERE key = ?",
+                     [(touch.used_at, touch.key) for touch in touches])
+    if writes:
+        latest = writes[-1]
+        conn.execute("DELETE FROM cache_entries WHERE expires_at <= ?", (latest.entry.created_at,))
+        evict(conn, latest.max_bytes)
+
+
+def evict(conn: sqlite3.Connection, max_bytes: int) -> int:
+    """Delete the least recently used entries until the table holds at most `max_bytes`; how many went."""
+    (total,) = conn.execute("SELECT total(size) FROM cache_entries").fetchone()
+    excess = total - max_bytes
+    if excess <= 0:
+        return 0
+    victims, freed = [], 0
+    for rowid, size in conn.execute("SELECT rowid, size FROM cache_entries ORDER BY last_used, rowid"):
+        victims.append((rowid,))
+        freed += size
+        if freed >= excess:
+            break
+    conn.executemany("DELETE FROM cache_entries WHERE rowid = ?", victims)
+    return len(victims)
+
 
 
 Pricer = Callable[[RequestRecord], tuple[float | None, str | None]]
@@ -155,7 +228,7 @@ class Writer:
     def start(self) -> None:
         self._thread.start()
 
-    def put(self, item: RequestRecord | BucketState | MonthlyCount) -> None:
+    def put(self, item: RequestRecord | BucketState | MonthlyCount | CacheWrite | CacheTouch) -> None:
         self._queue.put(item)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -204,6 +277,8 @@ class Writer:
             counters[(BucketState, item.token_name, "")] = item
         elif isinstance(item, MonthlyCount):
             counters[(MonthlyCount, item.token_name, item.month)] = item
+        elif isinstance(item, CacheWrite | CacheTouch):  # the latest write or touch of a key is the one that counts
+            counters[(type(item), item.entry.key if isinstance(item, CacheWrite) else item.key, "")] = item
         return False
 
     def _write(self, records: list[RequestRecord], counters: dict) -> bool:
@@ -223,8 +298,12 @@ class Writer:
                 for counter in counters.values():
                     if isinstance(counter, BucketState):
                         self._conn.execute(_UPSERT_BUCKET, (counter.token_name, counter.tokens, counter.updated_at))
-                    else:
+                    elif isinstance(counter, MonthlyCount):
                         self._conn.execute(_UPSERT_MONTH, (counter.token_name, counter.month, counter.requests))
+                writes = [item for item in counters.values() if isinstance(item, CacheWrite)]
+                touches = [item for item in counters.values() if isinstance(item, CacheTouch)]
+                if writes or touches:
+                    write_cache(self._conn, writes, touches)
         except sqlite3.Error as e:
             if self.error is None:
                 log.error("metrion: database write failed, will retry: %s", e)
