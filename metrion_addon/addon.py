@@ -20,13 +20,16 @@ from metrion_addon import cache, contentview, store  # importing contentview reg
 from metrion_addon.auth import authenticate, identify_forward, requester
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
+from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
+from metrion_addon.display import FlowDisplay
 from metrion_addon.errors import MetrionError, error_body, error_headers, provider_error_message
+from metrion_addon.guard import GuardedStream, guarded
 from metrion_addon.limits import Limits
-from metrion_addon.metering import Exchange, StreamTap, build_record, metadata, summary
+from metrion_addon.metering import Exchange, StreamTap, build_record, fallback_record, metadata, summary
 from metrion_addon.pricing import Pricer
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
 from metrion_addon.routes import PROVIDER_HOSTS, Route, is_metrion_path, route_metrion_path, route_provider_host
-from metrion_addon.store_cache import SQLiteCacheStore
+from metrion_addon.store.cache import SQLiteCacheStore
 from metrion_addon.upstream import IdleTimer, answer_upstream_failures, cancel_upstream
 from metrion_addon.usage import StreamUsage
 
@@ -34,7 +37,8 @@ log = logging.getLogger(__name__)
 
 _CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-metrion-token", b"proxy-authorization")
 _REDACTED = b"[redacted]"
-_REJECTED_MARK = ":no_entry:"
+_REQUEST_HOOKS = ("request", "http_connect")  # a failure here must answer the request: it is not forwarded yet
+_FINAL_HOOKS = ("response", "error")  # a failure here must still leave the row
 
 
 class Metrion:
@@ -76,7 +80,7 @@ class Metrion:
         buckets, months = store.load_counters(conn)
         pricer = Pricer(config.prices)
         pricer.warm()
-        self.writer = store.Writer(conn, price=pricer, on_written=self._priced)
+        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._priced)
         self.writer.start()
         self.cache = SQLiteCacheStore(config.database, self.writer, config.cache.max_bytes)
         self.config = config
@@ -86,22 +90,27 @@ class Metrion:
         self._upstream_hosts = {urlsplit(url).hostname for url in config.providers.values()}
         answer_upstream_failures(self._answer_upstream_failure)
 
+    @guarded
     def running(self) -> None:
         # Only a UI (mitmweb's or the console's flow view) shows the cost once the writer has priced a row.
         self._loop = asyncio.get_running_loop() if ctx.master.addons.get("view") is not None else None
         if self.config is not None:
             log.info("metrion: metering %d token(s) into %s", len(self.config.tokens), self.config.database)
 
+    @guarded
     def done(self) -> None:
-        for flow_id, exchange in list(self._exchanges.items()):
-            self._record(None, exchange, status=None, body=None, error="Metrion shut down before the request finished",
-                         flow_id=flow_id)
-        self._exchanges.clear()
+        for flow_id in list(self._exchanges):
+            self._abandon(flow_id)
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
         answer_upstream_failures(None)
         self._close_writer()
+
+    @guarded
+    def _abandon(self, flow_id: str) -> None:
+        self._record(None, self._exchanges[flow_id], status=None, body=None,
+                     error="Metrion shut down before the request finished", flow_id=flow_id)
 
     def _close_writer(self) -> None:
         if self.cache is not None:
@@ -113,6 +122,7 @@ class Metrion:
 
     # forward-proxy tunnels
 
+    @guarded
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or self.config is None:
             return
@@ -128,6 +138,7 @@ class Metrion:
             flow.response = self._error_response(None, MetrionError(403, "host_blocked", _blocked(flow.request.host)))
             flow.marked = _REJECTED_MARK
 
+    @guarded
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         # One upstream connection per flow (HTTP/1.1) lets a timeout close exactly one request.
         address = data.server.address
@@ -136,6 +147,7 @@ class Metrion:
 
     # the request's way up
 
+    @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.config is None:
             return
@@ -229,6 +241,7 @@ class Metrion:
 
     # the answer's way down
 
+    @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         exchange = self._exchanges.get(flow.id)
         if exchange is None or flow.response is None:
@@ -243,14 +256,17 @@ class Metrion:
         timer.touch()
         if flow.response.headers.get("content-type", "").lower().startswith("text/event-stream"):
             exchange.stream = StreamUsage(exchange.route.provider, exchange.route.api)
-            flow.response.stream = StreamTap(exchange.stream, exchange.hide_usage_chunk, timer.touch)
+            tap = StreamTap(exchange.stream, exchange.hide_usage_chunk, timer.touch)
+            flow.response.stream = GuardedStream(tap, lambda: tap.held_back,
+                                                 functools.partial(self._note_internal_error, flow.id))
         if exchange.cache is not None and exchange.cache_hit is None and self.config is not None:
             flow.response.headers[cache.HEADER] = cache.outcome(exchange.cache).value
             if exchange.stream is not None:
                 flow.response.stream = cache.StreamRecorder(flow.response.stream, self.config.cache.max_entry_bytes)
 
+    @guarded
     def response(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.pop(flow.id, None)
+        exchange = self._exchanges.get(flow.id)
         if exchange is None or flow.response is None:
             return
         self._stop_timer(flow.id)
@@ -272,8 +288,9 @@ class Metrion:
         if exchange.cache is not None and exchange.cache_hit is None:
             self._store_reply(response, exchange, record)
 
+    @guarded
     def error(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.pop(flow.id, None)
+        exchange = self._exchanges.get(flow.id)
         if exchange is None:
             return
         self._stop_timer(flow.id)
@@ -293,6 +310,7 @@ class Metrion:
 
     # timeouts and upstream failures
 
+    @guarded
     def _time_out(self, flow: http.HTTPFlow) -> None:
         exchange = self._exchanges.get(flow.id)
         if exchange is None:
@@ -301,6 +319,7 @@ class Metrion:
         if not cancel_upstream(flow):
             log.warning("metrion: flow %s timed out but had no upstream connection to close", flow.id)
 
+    @guarded
     def _answer_upstream_failure(self, flow: http.HTTPFlow, message: str) -> http.Response | None:
         exchange = self._exchanges.get(flow.id)
         if exchange is None or self.config is None:
@@ -323,8 +342,9 @@ class Metrion:
     def _record(self, flow: http.HTTPFlow | None, exchange: Exchange, *, status: int | None, body: bytes | None,
                 error: str | None, latency_ms: float | None = None, ttfb_ms: float | None = None,
                 flow_id: str | None = None) -> store.RequestRecord:
+        flow_id = flow.id if flow else flow_id
         record = build_record(exchange, status=status, body=body, latency_ms=latency_ms, ttfb_ms=ttfb_ms,
-                              error=error, flow_id=flow.id if flow else flow_id)
+                              error=error, flow_id=flow_id)
         if exchange.cache is not None:
             record = cache.account(record, exchange.cache, exchange.cache_hit)
         if flow is not None:
@@ -332,9 +352,14 @@ class Metrion:
             flow.comment = summary(record)
             if self._loop is not None:  # a UI will want the cost once the row is priced
                 self._flows[flow.id] = flow
+        self._put(flow_id, record)
+        return record
+
+    def _put(self, flow_id: str | None, record: store.RequestRecord) -> None:
+        """Hand the row to the writer; the exchange is finished only now (contain() looks for unfinished ones)."""
+        self._exchanges.pop(flow_id or "", None)
         if self.writer is not None:
             self.writer.put(record)
-        return record
 
     def _store_reply(self, response: http.Response, exchange: Exchange, record: store.RequestRecord) -> None:
         assert exchange.cache is not None and self.config is not None
@@ -344,6 +369,62 @@ class Metrion:
                                 self.clock(), self.config.cache.max_entry_bytes)
         if entry is not None and self.cache is not None:
             self.cache.put(entry, record)
+
+    # failures of Metrion's own code (guard.py)
+
+    def contain(self, hook: str, arg: object, description: str) -> None:
+        """An unexpected exception in `hook`: never forward the request, always leave its row."""
+        if hook == "_abandon" and isinstance(arg, str):
+            self._put(arg, fallback_record(self._exchanges[arg], None, description))
+        if not isinstance(arg, http.HTTPFlow):
+            return  # lifecycle and connection hooks: the guard logged it; no request is waiting on them
+        flow = arg
+        if hook in _REQUEST_HOOKS:
+            self._refuse_after_internal_error(flow, description)
+        elif hook in _FINAL_HOOKS:
+            self._stop_timer(flow.id)
+            _redact(flow.request.headers)
+            if exchange := self._exchanges.get(flow.id):
+                status = flow.response.status_code if flow.response else None
+                self._put(flow.id, fallback_record(exchange, status, description))
+        else:
+            self._note_internal_error(flow.id, description)
+
+    def _refuse_after_internal_error(self, flow: http.HTTPFlow, description: str) -> None:
+        self._stop_timer(flow.id)
+        flow.metadata.pop("metrion", None)
+        error = MetrionError(500, "metrion_internal_error",
+                             f"Metrion failed while handling this request ({description}); it was not forwarded.")
+        exchange = self._exchanges.get(flow.id) or self._exchange_after_internal_error(flow)
+        provider = exchange.route.provider if exchange else None
+        if exchange is not None:
+            exchange.failure = error
+        flow.response = self._error_response(provider, error, exchange)
+        flow.marked = _REJECTED_MARK
+        headers = flow.request.headers
+        _rewrite(headers, {name.decode("latin-1").lower() for name, _ in headers.fields
+                           if name.lower().startswith(b"x-metrion-")}, {})
+        _redact(headers)
+
+    def _exchange_after_internal_error(self, flow: http.HTTPFlow) -> Exchange | None:
+        """The exchange of a request that failed before Metrion routed it; None if it is no provider route."""
+        if self.config is None or flow.request.method == "CONNECT":
+            return None
+        providers = self.config.providers
+        route = route_provider_host(flow.request.host, flow.request.path, providers)
+        if route is None and is_metrion_path(flow.request.path):
+            route = route_metrion_path(flow.request.path, providers)
+        if route is None:
+            return None
+        exchange = Exchange(route, flow.request.path, flow.request.method, started=self.clock(),
+                            requester=requester({"x-metrion-user": flow.request.headers.get("x-metrion-user", "")}))
+        self._exchanges[flow.id] = exchange
+        return exchange
+
+    def _note_internal_error(self, flow_id: str, description: str) -> None:
+        """Metering failed mid-answer: the answer goes on, and the row will say why its usage may be missing."""
+        if exchange := self._exchanges.get(flow_id):
+            exchange.internal_error = description
 
     def _priced(self, records: list[store.RequestRecord]) -> None:
         """Called on the writer thread once rows are written: show their cost in mitmweb."""
@@ -417,4 +498,4 @@ def _blocked(host: str) -> str:
 
 
 __all__ = ["Metrion", "contentview"]
-addons = [Metrion()]
+addons = [Metrion(), FlowDisplay()]  # FlowDisplay after Metrion: it logs the refusals Metrion marked

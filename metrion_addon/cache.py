@@ -19,7 +19,7 @@ from .errors import MetrionError
 from .request_body import RequestBody, needs_stream_usage
 from .routes import Route
 from .sse import SSEDecoder
-from .store import RequestRecord
+from .store import CacheEntry, RequestRecord
 
 HEADER = "x-metrion-cache"
 DEFAULT_MAX_AGE = 7 * 86_400
@@ -54,28 +54,6 @@ class CachePlan:
     mode: Mode
     key: str
     max_age: int  # seconds an entry stored from this request stays fresh
-
-
-@dataclass(frozen=True)
-class CacheEntry:
-    """One stored reply: what the client received, and what the original request cost (`cost_usd`)."""
-
-    key: str
-    token_name: str
-    provider: str
-    model: str | None
-    status: int
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
-    stream: bool
-    created_at: float
-    expires_at: float
-    cost_usd: float | None = None
-
-    @property
-    def size(self) -> int:
-        """Bytes counted against `cache.max_mb`: the body and the headers."""
-        return len(self.body) + sum(len(name) + len(value) for name, value in self.headers)
 
 
 class CacheStore(Protocol):

@@ -23,7 +23,6 @@ import yaml
 from tabulate import tabulate
 
 from metrion_addon import report as queries
-from metrion_addon import store_cache as cache_store
 from metrion_addon.config import (
     DEFAULT_CONFIG_FILES,
     PROVIDERS,
@@ -33,6 +32,8 @@ from metrion_addon.config import (
     hash_token,
     load_config,
 )
+from metrion_addon.pricing import base_model
+from metrion_addon.store import cache as cache_store
 
 FORMATS = ("table", "json", "csv")
 WIDTH = 100  # table output fits a terminal this wide: long names are cut to share what is left
@@ -315,6 +316,34 @@ def quota(config_path: str | None, fmt: str, name: str | None) -> None:
     _emit(rows, queries.QUOTA_COLUMNS, fmt, columns)
 
 
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Config file; the default is ./config.yaml, then ./config.example.yaml.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8081, show_default=True, help="Port (0: any free).")
+@click.option("--hash-password", is_flag=True, help="Ask for a password, print its dashboard password_hash, exit.")
+def dashboard(config_path: str | None, host: str, port: int, hash_password: bool) -> None:
+    """Serve the web dashboard over the request log (read-only; the proxy runs separately)."""
+    # Imported here: the web stack would slow every other subcommand's start.
+    from metrion_addon.clock import clock_from_env
+    from metrion_addon.dashboard import access, app
+
+    if hash_password:
+        click.echo(access.hash_password(click.prompt("Password", hide_input=True, confirmation_prompt=True)))
+        return
+    config = _load(config_path)
+    if refused := access.refuse_open_bind(host, config.dashboard):
+        raise Problem(refused)
+    try:
+        app.serve(config, clock_from_env(), host, port, announce=lambda line: click.echo(line, err=True))
+    except OSError as e:
+        raise Problem(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+
+
 @main.group()
 def tokens() -> None:
     """Metrion tokens: the sk-metrion- keys that apps send instead of provider keys."""
@@ -381,7 +410,7 @@ def cache_clear(config_path: str | None, fmt: str, token: str | None, model: str
     config = _load(config_path)
     _open(config, "cache_entries").close()
     with closing(sqlite3.connect(config.database, timeout=10)) as conn:
-        removed = cache_store.clear_cache(conn, token, model)
+        removed = cache_store.clear_cache(conn, token, model, base_model)
     if fmt == "table":
         click.echo(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}")
     else:

@@ -130,6 +130,35 @@ class Token(_Strict):
         return keys
 
 
+_PASSWORD_HASH_RE = re.compile(r"pbkdf2_sha256\$\d+\$[0-9a-f]+\$[0-9a-f]{64}")
+
+
+class DashboardSettings(_Strict):
+    """`dashboard:`: a password (or its hash, from `metrion dashboard --hash-password`) for the web dashboard."""
+
+    password: SecretStr | None = None
+    password_hash: str | None = None
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash_format(cls, value: str | None) -> str | None:
+        if value is not None and not _PASSWORD_HASH_RE.fullmatch(value):
+            raise ValueError("expected pbkdf2_sha256$<iterations>$<salt>$<hex> (metrion dashboard --hash-password)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> DashboardSettings:
+        if self.password is not None and self.password_hash is not None:
+            raise ValueError("set password or password_hash, not both")
+        if self.password is not None and not self.password.get_secret_value():
+            raise ValueError("password: empty")
+        return self
+
+    @property
+    def protected(self) -> bool:
+        return self.password is not None or self.password_hash is not None
+
+
 class Config(_Strict):
     path: Path
     database: Path
@@ -141,6 +170,7 @@ class Config(_Strict):
     tokens: list[Token] = []
     prices: dict[str, ModelPrice] = {}
     cache: CacheSettings = CacheSettings()
+    dashboard: DashboardSettings = DashboardSettings()
 
     @field_validator("timeout", mode="before")
     @classmethod

@@ -40,6 +40,7 @@ class Exchange:
     failure: MetrionError | None = None  # Metrion answered instead of the provider
     cache: CachePlan | None = None  # the request asked for the response cache
     cache_hit: CacheEntry | None = None  # ... and was answered from it
+    internal_error: str | None = None  # Metrion's own code failed while metering the answer (guard.describe)
 
 
 class StreamTap:
@@ -54,9 +55,12 @@ class StreamTap:
         self._hide = hide_usage_chunk
         self._on_data = on_data
         self._decoder = SSEDecoder()
+        self.held_back = b""  # bytes received before this call and not forwarded yet (hidden mode only)
 
     def __call__(self, data: bytes) -> bytes | list[bytes]:
         self._on_data()
+        if self._hide:
+            self.held_back = self._decoder.pending
         if not data:
             rest = self._decoder.pending if self._hide else b""
             for event in self._decoder.close():
@@ -129,6 +133,8 @@ def build_record(
     usage = usage or Usage()
     if error is None and exchange.stream is not None and exchange.stream.error:
         error = f"provider error in stream: {exchange.stream.error}"
+    if exchange.internal_error:
+        error = _internal(exchange.internal_error) + (f"; {error}" if error else "")
     requested = exchange.request.model if exchange.request else None
     stream = exchange.stream is not None or bool(exchange.request and exchange.request.stream)
     return RequestRecord(
@@ -154,6 +160,28 @@ def build_record(
         auth_mode=exchange.identity.mode if exchange.identity else None,
         flow_id=flow_id,
     )
+
+
+def fallback_record(exchange: Exchange, status: int | None, internal_error: str) -> RequestRecord:
+    """The row of an exchange whose metering failed: who, where and what happened, no usage."""
+    failure = f"; {exchange.failure.message}" if exchange.failure else ""
+    return RequestRecord(
+        ts=iso_utc(exchange.started),
+        token_name=exchange.identity.token_name if exchange.identity else None,
+        requester=exchange.requester,
+        provider=exchange.route.provider,
+        model=exchange.request.model if exchange.request else None,
+        path=exchange.path,
+        method=exchange.method,
+        stream=exchange.stream is not None,
+        status=status,
+        error=_internal(exchange.internal_error or internal_error) + failure,
+        auth_mode=exchange.identity.mode if exchange.identity else None,
+    )
+
+
+def _internal(description: str) -> str:
+    return f"Metrion internal error while metering ({description}); usage not recorded"
 
 
 def summary(record: RequestRecord) -> str:

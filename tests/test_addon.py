@@ -117,7 +117,7 @@ def test_sqlite_and_pricing_never_run_on_the_event_loop_thread(tmp_path: Path) -
         with taddons.context(addon) as tctx:
             tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
             addon.running()
-            addon.writer._conn.set_trace_callback(lambda sql: threads.add(threading.get_ident()))
+            addon.writer._backend._conn.set_trace_callback(lambda sql: threads.add(threading.get_ident()))
             price = addon.writer._price
             addon.writer._price = lambda record: (threads.add(threading.get_ident()), price(record))[1]
             for _ in range(20):

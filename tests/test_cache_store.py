@@ -11,7 +11,7 @@ from pathlib import Path
 from metrion_addon import store
 from metrion_addon.cache import CacheEntry
 from metrion_addon.store import CacheTouch, CacheWrite, RequestRecord, Writer
-from metrion_addon.store_cache import SQLiteCacheStore
+from metrion_addon.store.cache import SQLiteCacheStore, write_cache
 
 
 def origin(cost: float | None = 0.5) -> RequestRecord:
@@ -39,26 +39,26 @@ def test_least_recently_used_entries_go_first_when_the_bound_is_passed(tmp_path:
     conn = open_db(tmp_path / "m.db")
     bound = 3 * entry("a").size
     with conn:
-        store.write_cache(conn, [CacheWrite(entry(k, created=1000 + n), origin(), bound)
+        write_cache(conn, [CacheWrite(entry(k, created=1000 + n), origin(), bound)
                                  for n, k in enumerate("abc")], [])
-        store.write_cache(conn, [], [CacheTouch("a", 1010)])
-        store.write_cache(conn, [CacheWrite(entry("d", created=1011), origin(), bound)], [])
+        write_cache(conn, [], [CacheTouch("a", 1010)])
+        write_cache(conn, [CacheWrite(entry("d", created=1011), origin(), bound)], [])
     assert keys(conn) == ["a", "c", "d"]
 
 
 def test_expired_entries_are_purged_when_new_ones_are_written(tmp_path: Path) -> None:
     conn = open_db(tmp_path / "m.db")
     with conn:
-        store.write_cache(conn, [CacheWrite(entry("old", lifetime=10), origin(), 1 << 20)], [])
-        store.write_cache(conn, [CacheWrite(entry("new", created=1010), origin(), 1 << 20)], [])
+        write_cache(conn, [CacheWrite(entry("old", lifetime=10), origin(), 1 << 20)], [])
+        write_cache(conn, [CacheWrite(entry("new", created=1010), origin(), 1 << 20)], [])
     assert keys(conn) == ["new"]
 
 
 def test_a_new_write_replaces_the_entry_and_takes_the_cost_of_its_priced_origin(tmp_path: Path) -> None:
     conn = open_db(tmp_path / "m.db")
     with conn:
-        store.write_cache(conn, [CacheWrite(entry("k", size=10), origin(0.5), 1 << 20)], [])
-        store.write_cache(conn, [CacheWrite(entry("k", size=20, created=1001), origin(None), 1 << 20)], [])
+        write_cache(conn, [CacheWrite(entry("k", size=10), origin(0.5), 1 << 20)], [])
+        write_cache(conn, [CacheWrite(entry("k", size=20, created=1001), origin(None), 1 << 20)], [])
     assert conn.execute("SELECT length(body), cost_usd, last_used FROM cache_entries").fetchall() == [
         (20, None, 1001.0)]
 
@@ -66,7 +66,7 @@ def test_a_new_write_replaces_the_entry_and_takes_the_cost_of_its_priced_origin(
 def test_the_writer_stores_entries_with_the_cost_it_priced_and_lookups_read_them_off_the_loop(
         tmp_path: Path) -> None:
     path = tmp_path / "m.db"
-    writer = Writer(open_db(path), price=lambda record: (0.75, "test"))
+    writer = Writer(store.SQLiteBackend(open_db(path)), price=lambda record: (0.75, "test"))
     writer.start()
     cache = SQLiteCacheStore(path, writer, 1 << 20)
     reader_threads: set[int] = set()
@@ -96,7 +96,7 @@ def test_the_writer_stores_entries_with_the_cost_it_priced_and_lookups_read_them
 def test_a_failing_lookup_is_a_miss(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     open_db(path).close()
-    cache = SQLiteCacheStore(path, Writer(open_db(path)), 1 << 20)
+    cache = SQLiteCacheStore(path, Writer(store.SQLiteBackend(open_db(path))), 1 << 20)
     cache._conn.execute("PRAGMA query_only = 1")
     cache._conn.close()  # every read now raises sqlite3.ProgrammingError, an sqlite3.Error
     assert asyncio.run(cache.get("k", 0.0)) is None

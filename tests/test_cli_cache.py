@@ -31,7 +31,7 @@ def seeded(tmp_path: Path) -> Path:
         replace(ROW, cache_status="REFRESH", cost_usd=0.02),
         replace(ROW, cost_usd=0.5),  # did not ask for the cache
     ]
-    writer = store.Writer(conn)
+    writer = store.Writer(store.SQLiteBackend(conn))
     writer.start()
     for row in rows:
         writer.put(row)

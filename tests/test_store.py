@@ -49,7 +49,7 @@ def test_a_database_from_an_older_metrion_gains_new_columns_and_keeps_its_rows(t
     conn = open_db(path)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
     assert set(store.COLUMNS) <= columns
-    writer = Writer(conn)
+    writer = Writer(store.SQLiteBackend(conn))
     writer.start()
     writer.put(record(7))
     writer.close()
@@ -59,7 +59,7 @@ def test_a_database_from_an_older_metrion_gains_new_columns_and_keeps_its_rows(t
 def test_rows_and_counters_are_written_and_flushed_on_close(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     priced: list[RequestRecord] = []
-    writer = Writer(open_db(path), price=lambda r: (0.5, "test"), on_written=priced.extend)
+    writer = Writer(store.SQLiteBackend(open_db(path)), price=lambda r: (0.5, "test"), on_written=priced.extend)
     writer.start()
     for n in range(500):
         writer.put(record(n))
@@ -76,7 +76,7 @@ def test_rows_and_counters_are_written_and_flushed_on_close(tmp_path: Path) -> N
 
 def test_rows_are_visible_within_a_second(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
-    writer = Writer(open_db(path))
+    writer = Writer(store.SQLiteBackend(open_db(path)))
     writer.start()
     writer.put(record())
     deadline = time.monotonic() + 1
@@ -88,7 +88,7 @@ def test_rows_are_visible_within_a_second(tmp_path: Path) -> None:
 
 def test_put_never_waits_for_the_database(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
-    writer = Writer(open_db(path), retry_seconds=0.05)
+    writer = Writer(store.SQLiteBackend(open_db(path)), retry_seconds=0.05)
     writer.start()
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # the writer's next transaction must wait for this one
@@ -109,7 +109,7 @@ def test_full_disk_keeps_rows_and_writes_them_once_there_is_room(tmp_path: Path)
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
     conn.execute(f"PRAGMA max_page_count = {pages}")  # SQLite now answers SQLITE_FULL, as on a full disk
     written = threading.Event()
-    writer = Writer(conn, on_written=lambda rows: written.set(), retry_seconds=0.05)
+    writer = Writer(store.SQLiteBackend(conn), on_written=lambda rows: written.set(), retry_seconds=0.05)
     writer.start()
     for n in range(200):
         writer.put(record(n, error="x" * 500))

@@ -1,6 +1,6 @@
-"""The response cache in the request database: lookups off the event loop, writes through the one writer.
+"""The response cache in SQLite: lookups off the event loop, writes applied by the one writer in its batches.
 
-Reads `cache_entries` on a read-only connection in one worker thread; store.write_cache applies the writes.
+`cache_entries` holds each reply under its key; least recently used entries go when the size bound is passed.
 """
 
 from __future__ import annotations
@@ -9,18 +9,64 @@ import asyncio
 import json
 import logging
 import sqlite3
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from .cache import CacheEntry
-from .pricing import base_model
-from .store import CacheTouch, CacheWrite, RequestRecord
+from .records import CacheEntry, CacheTouch, CacheWrite, RequestRecord
 
 log = logging.getLogger(__name__)
 
+_CACHE_COLUMNS = ("key", "token_name", "provider", "model", "status", "headers", "body", "stream", "created_at",
+                  "expires_at", "last_used", "size", "cost_usd")
+_UPSERT = (f"INSERT OR REPLACE INTO cache_entries ({', '.join(_CACHE_COLUMNS)}) "
+           f"VALUES ({', '.join('?' * len(_CACHE_COLUMNS))})")
 _READ = ("SELECT key, token_name, provider, model, status, headers, body, stream, created_at, expires_at, cost_usd "
          "FROM cache_entries WHERE key = ? AND expires_at > ?")
+
+
+def create_cache_schema(conn: sqlite3.Connection) -> None:
+    """The cache table and its indexes, if missing (idempotent)."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS cache_entries (key TEXT PRIMARY KEY, token_name TEXT NOT NULL, "
+        "provider TEXT NOT NULL, model TEXT, status INTEGER NOT NULL, headers TEXT NOT NULL, body BLOB NOT NULL, "
+        "stream INTEGER NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL, last_used REAL NOT NULL, "
+        "size INTEGER NOT NULL, cost_usd REAL)"
+    )
+    conn.execute("CREATE INDEX IF NOT EXISTS idx_cache_entries_lru ON cache_entries (last_used, size)")
+    conn.execute("CREATE INDEX IF NOT EXISTS idx_cache_entries_expires ON cache_entries (expires_at)")
+
+
+def write_cache(conn: sqlite3.Connection, writes: Sequence[CacheWrite], touches: Sequence[CacheTouch]) -> None:
+    """Apply a batch inside the writer's transaction: upserts, LRU touches, then purge and evict."""
+    for write in writes:
+        entry = write.entry
+        conn.execute(_UPSERT, (entry.key, entry.token_name, entry.provider, entry.model, entry.status,
+                               json.dumps(entry.headers), entry.body, entry.stream, entry.created_at,
+                               entry.expires_at, entry.created_at, entry.size, write.origin.cost_usd))
+    conn.executemany("UPDATE cache_entries SET last_used = max(last_used, ?) WHERE key = ?",
+                     [(touch.used_at, touch.key) for touch in touches])
+    if writes:
+        latest = writes[-1]
+        conn.execute("DELETE FROM cache_entries WHERE expires_at <= ?", (latest.entry.created_at,))
+        evict(conn, latest.max_bytes)
+
+
+def evict(conn: sqlite3.Connection, max_bytes: int) -> int:
+    """Delete the least recently used entries until the table holds at most `max_bytes`; how many went."""
+    (total,) = conn.execute("SELECT total(size) FROM cache_entries").fetchone()
+    excess = total - max_bytes
+    if excess <= 0:
+        return 0
+    victims, freed = [], 0
+    for rowid, size in conn.execute("SELECT rowid, size FROM cache_entries ORDER BY last_used, rowid"):
+        victims.append((rowid,))
+        freed += size
+        if freed >= excess:
+            break
+    conn.executemany("DELETE FROM cache_entries WHERE rowid = ?", victims)
+    return len(victims)
 
 
 def _entry(row: tuple[Any, ...]) -> CacheEntry:
@@ -83,9 +129,10 @@ def cache_stats(conn: sqlite3.Connection, now: float, start: str | None = None, 
             "refreshes": refreshes, "hit_rate": hits / lookups if lookups else None, "saved_usd": saved}
 
 
-def clear_cache(conn: sqlite3.Connection, token: str | None = None, model: str | None = None) -> int:
-    """Delete the entries of `token` and of `model` (as returned, or without its date stamp); how many went."""
-    conn.create_function("base_model", 1, lambda model: model and base_model(model), deterministic=True)
+def clear_cache(conn: sqlite3.Connection, token: str | None = None, model: str | None = None,
+                base_model: Callable[[str], str] = str) -> int:
+    """Delete the entries of `token` and of `model` (as returned, or as `base_model` of it); how many went."""
+    conn.create_function("base_model", 1, lambda stored: stored and base_model(stored), deterministic=True)
     with conn:
         cursor = conn.execute(
             "DELETE FROM cache_entries WHERE (:token IS NULL OR token_name = :token) "

@@ -1,0 +1,108 @@
+"""The SQLite backend: schema, connection, counter loading, and one transaction per batch of rows.
+
+Everything SQLite-specific lives here; the Writer (writer.py) only sees the Backend interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sqlite_utils
+
+from metrion_addon.aggregates import add_to_hourly, create_hourly
+
+from .cache import create_cache_schema, write_cache
+from .records import COLUMNS, BucketState, CacheTouch, CacheWrite, Counter, MonthlyCount, RequestRecord
+
+_ROW = f"({', '.join('?' * len(COLUMNS))})"
+_ROWS_PER_INSERT = 500  # under SQLite's 32,766 bound parameters per statement
+_INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES "
+_UPSERT_BUCKET = (
+    "INSERT INTO rate_buckets (token_name, tokens, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT(token_name) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at"
+)
+_UPSERT_MONTH = (
+    "INSERT INTO monthly_usage (token_name, month, requests) VALUES (?, ?, ?) "
+    "ON CONFLICT(token_name, month) DO UPDATE SET requests = excluded.requests"
+)
+
+
+def connect(path: Path | str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: no fsync per commit, still safe from corruption
+    return conn
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    """Create the tables and indexes if they are missing (idempotent)."""
+    conn.execute("PRAGMA journal_mode = WAL")
+    db = sqlite_utils.Database(conn)
+    types = {f.name: f.type for f in dataclasses.fields(RequestRecord)}
+    sql_types: dict[str, type] = {}
+    for name in COLUMNS:
+        kind = str(types[name])
+        sql_types[name] = int if ("int" in kind or "bool" in kind) else float if "float" in kind else str
+    db["requests"].create(
+        {"id": int, **sql_types},
+        pk="id",
+        not_null={"ts", "provider", "path", "method", "stream", "usage_source"},
+        if_not_exists=True,
+    )
+    existing = db["requests"].columns_dict
+    for name, kind in sql_types.items():  # a database made by an older Metrion gains the new columns in place
+        if name not in existing:
+            db["requests"].add_column(name, kind)
+    for columns in (["ts"], ["token_name", "ts"], ["provider", "ts"], ["model", "ts"]):
+        db["requests"].create_index(columns, if_not_exists=True)
+    db["rate_buckets"].create(
+        {"token_name": str, "tokens": float, "updated_at": float}, pk="token_name", if_not_exists=True
+    )
+    db["monthly_usage"].create(
+        {"token_name": str, "month": str, "requests": int}, pk=("token_name", "month"), if_not_exists=True
+    )
+    create_hourly(conn)  # a database from before the aggregates gets them built from its rows
+    create_cache_schema(conn)
+
+
+def load_counters(conn: sqlite3.Connection) -> tuple[list[BucketState], list[MonthlyCount]]:
+    buckets = [BucketState(*row) for row in conn.execute("SELECT token_name, tokens, updated_at FROM rate_buckets")]
+    months = [MonthlyCount(*row) for row in conn.execute("SELECT token_name, month, requests FROM monthly_usage")]
+    return buckets, months
+
+
+class SQLiteBackend:
+    """Writes batches into one SQLite connection, owned by the writer thread."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def write(self, records: Sequence[RequestRecord], counters: Sequence[Counter]) -> None:
+        """Write the rows and counters in one transaction, or nothing (and raise)."""
+        with self._conn:
+            self._conn.execute("BEGIN")
+            # One multi-row INSERT per 500 rows: sqlite3 hands the GIL back and forth on every statement,
+            # and each hand-off costs the event loop thread time, so fewer statements keep the loop fast.
+            for start in range(0, len(records), _ROWS_PER_INSERT):
+                chunk = records[start : start + _ROWS_PER_INSERT]
+                self._conn.execute(_INSERT + ", ".join([_ROW] * len(chunk)), _params(chunk))
+            add_to_hourly(self._conn, records)
+            for counter in counters:
+                if isinstance(counter, BucketState):
+                    self._conn.execute(_UPSERT_BUCKET, (counter.token_name, counter.tokens, counter.updated_at))
+                elif isinstance(counter, MonthlyCount):
+                    self._conn.execute(_UPSERT_MONTH, (counter.token_name, counter.month, counter.requests))
+            writes = [item for item in counters if isinstance(item, CacheWrite)]
+            touches = [item for item in counters if isinstance(item, CacheTouch)]
+            if writes or touches:
+                write_cache(self._conn, writes, touches)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _params(records: Iterable[RequestRecord]) -> list:
+    return [getattr(record, name) for record in records for name in COLUMNS]
