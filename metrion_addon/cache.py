@@ -18,7 +18,6 @@ from urllib.parse import parse_qsl
 from .errors import MetrionError
 from .request_body import RequestBody, needs_stream_usage
 from .routes import Route
-from .sse import SSEDecoder
 from .store import CacheEntry, RequestRecord
 
 HEADER = "x-metrion-cache"
@@ -31,7 +30,6 @@ _CREDENTIAL_PARAMS = frozenset({"key", "api_key", "apikey", "access_token", "tok
 # The provider headers a hit replays: what clients read (body type, encoding, the provider's request id).
 STORED_HEADERS = ("content-type", "content-encoding", "request-id", "x-request-id")
 _DIGITS = re.compile(r"[0-9]+")
-_TERMINAL_TYPES = frozenset({"message_stop", "response.completed", "response.incomplete"})
 
 
 class Mode(StrEnum):
@@ -134,15 +132,17 @@ def _query(query: str) -> list[tuple[str, str]]:
     return sorted((name, value) for name, value in pairs if name.lower() not in _CREDENTIAL_PARAMS)
 
 
-def cache_key(scope: str, route: Route, method: str, request: RequestBody | None, raw_body: bytes) -> str:
+def cache_key(scope: str, route: Route, method: str, request: RequestBody | None, raw_body: bytes,
+              include_usage: bool) -> str:
     """SHA-256 over everything that can change the answer or the bytes the client receives.
 
     `scope` is the Metrion token's name (or "*" when the config shares entries across tokens). Whether Metrion
-    hides an injected usage chunk from this client is part of the key: it changes the bytes of the stream.
+    hides an injected usage chunk from this client (`include_usage`: the provider is asked for one) is part of
+    the key: it changes the bytes of the stream.
     """
     _, _, query = route.upstream_url.partition("?")
     stream = bool(request and request.stream)
-    hidden_usage = bool(request and needs_stream_usage(route, request))
+    hidden_usage = bool(request and needs_stream_usage(route, request, include_usage))
     head = json.dumps([scope, route.provider, route.endpoint, _query(query), method.upper(), stream, hidden_usage],
                       separators=(",", ":")).encode("utf-8", "surrogatepass")
     body = canonical_body(request.parsed if request else None, raw_body)
@@ -150,43 +150,27 @@ def cache_key(scope: str, route: Route, method: str, request: RequestBody | None
 
 
 def plan(headers: Mapping[str, str], scope: str, route: Route, method: str, request: RequestBody | None,
-         raw_body: bytes) -> CachePlan | None:
+         raw_body: bytes, include_usage: bool) -> CachePlan | None:
     """The request's cache plan from its (lower-cased) headers; None if it did not ask; MetrionError(400) if bad."""
     mode = parse_mode(headers.get(HEADER))
     if mode is None:
         return None
     max_age = parse_max_age(headers.get("cache-control"))
-    return CachePlan(mode, cache_key(scope, route, method, request, raw_body), max_age)
+    return CachePlan(mode, cache_key(scope, route, method, request, raw_body, include_usage), max_age)
 
 
-def stream_complete(body: bytes) -> bool:
-    """True if an SSE body ends with its provider's closing event (a cut stream must never be replayed)."""
-    decoder = SSEDecoder()
-    events = [event for event in decoder.feed(body) if event.data is not None]
-    if decoder.pending.strip() or not events:
-        return False
-    last = events[-1].data or ""
-    if last.strip() == "[DONE]":
-        return True
-    try:
-        data = json.loads(last)
-    except ValueError:
-        return False
-    return isinstance(data, dict) and data.get("type") in _TERMINAL_TYPES
-
-
-def entry_for(plan: CachePlan, record: RequestRecord, headers: Mapping[str, str], body: bytes | None,
-              stream: bool, now: float, max_bytes: int) -> CacheEntry | None:
+def entry_for(plan: CachePlan, record: RequestRecord, headers: Mapping[str, str], body: bytes | None, *,
+              stream: bool, complete: bool, now: float, max_bytes: int) -> CacheEntry | None:
     """The entry to store for a finished reply, or None when it must not be cached.
 
     Only complete 2xx replies from the provider: no error on the row (Metrion's own answers, provider errors
-    and erroring streams all carry one), a stream that ended with its closing event, a lifetime above zero, and
-    at most `max_bytes`. Timeouts and cut streams never get here: they end in mitmproxy's error hook.
+    and erroring streams all carry one), a stream whose terminal event the meter saw (`complete`), a lifetime
+    above zero, and at most `max_bytes`. Timeouts and cut connections end in mitmproxy's error hook instead.
     """
     status = record.status
     if status is None or not 200 <= status < 300 or record.error is not None or record.token_name is None:
         return None
-    if body is None or plan.max_age <= 0 or (stream and not stream_complete(body)):
+    if body is None or plan.max_age <= 0 or not complete:
         return None
     kept = tuple((name, headers[name]) for name in STORED_HEADERS if name in headers)
     entry = CacheEntry(plan.key, record.token_name, record.provider, record.model, status, kept, body, stream,

@@ -25,7 +25,6 @@ from tabulate import tabulate
 from metrion_addon import report as queries
 from metrion_addon.config import (
     DEFAULT_CONFIG_FILES,
-    PROVIDERS,
     Config,
     ConfigError,
     find_config,
@@ -247,8 +246,8 @@ def report(config_path: str | None, fmt: str, since: str | None, until: str | No
 @click.option("--since", help="Start: 7d, 24h, 30m ago, a UTC date (2026-11-01) or an ISO time. Default: all.")
 @click.option("--until", help="End (exclusive), in the same forms as --since. Default: now.")
 @click.option("--token", help="Only this token's rows.")
-@click.option("--provider", type=click.Choice(PROVIDERS), help="Only this provider.")
-@click.option("--model", help="Only this model.")
+@click.option("--provider", help="Only this provider (anthropic, openai, gemini, mistral, grok or a configured one).")
+@click.option("--model", help="Only this model, as asked for or as answered (gpt-4o also finds gpt-4o-2024-08-06).")
 @click.option("--status", help="Only this status: a code (429) or a class (4xx).")
 @click.option("--requester", help="Only this requester.")
 def logs(
@@ -266,6 +265,8 @@ def logs(
     """The latest requests, newest first; in a table, each error on a line below its request."""
     config = _load(config_path)
     now = datetime.now(UTC)
+    if provider is not None and provider not in config.providers:
+        raise Problem(f"unknown provider {provider!r} (known: {', '.join(config.providers)})")
     try:
         codes = None if status is None else queries.parse_status(status)
     except ValueError as e:

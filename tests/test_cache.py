@@ -68,7 +68,8 @@ def test_any_whole_number_of_seconds_is_accepted_and_clamped(seconds, before, af
 
 def key(body: dict, scope: str = "app", route: Route = CHAT, method: str = "POST") -> str:
     raw = json.dumps(body).encode()
-    return cache.cache_key(scope, route, method, RequestBody(body.get("model"), body.get("stream") is True, body), raw)
+    request = RequestBody(body.get("model"), body.get("stream") is True, body)
+    return cache.cache_key(scope, route, method, request, raw, include_usage=route.provider == "openai")
 
 
 BASE = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5}
@@ -88,7 +89,7 @@ def test_key_ignores_key_order_and_whitespace(body: dict, random, indent) -> Non
     shuffled = dict(items)
     raw = json.dumps(shuffled, indent=indent).encode()
     request = RequestBody(None, False, shuffled)
-    assert cache.cache_key("app", CHAT, "POST", request, raw) == key(body)
+    assert cache.cache_key("app", CHAT, "POST", request, raw, True) == key(body)
 
 
 @pytest.mark.parametrize("field,value", [("user", "alice"), ("metadata", {"run": 1}),
@@ -128,8 +129,9 @@ def test_credentials_in_the_query_are_not_part_of_the_key() -> None:
 
 
 def test_bodies_that_are_not_json_objects_are_keyed_on_their_bytes() -> None:
-    one = cache.cache_key("app", CHAT, "GET", None, b"")
-    assert one == cache.cache_key("app", CHAT, "GET", None, b"") != cache.cache_key("app", CHAT, "GET", None, b"x")
+    one = cache.cache_key("app", CHAT, "GET", None, b"", True)
+    assert one == cache.cache_key("app", CHAT, "GET", None, b"", True) != cache.cache_key("app", CHAT, "GET", None,
+                                                                                          b"x", True)
 
 
 def test_a_body_nested_too_deep_to_re_encode_is_keyed_on_its_bytes() -> None:
@@ -140,31 +142,15 @@ def test_a_body_nested_too_deep_to_re_encode_is_keyed_on_its_bytes() -> None:
 
 
 def test_no_plan_without_the_header() -> None:
-    assert cache.plan({}, "app", CHAT, "POST", None, b"") is None
-    assert cache.plan({"x-metrion-cache": "false"}, "app", CHAT, "POST", None, b"") is None
-    planned = cache.plan({"x-metrion-cache": "refresh", "cache-control": "max-age=5"}, "app", CHAT, "POST", None, b"")
+    assert cache.plan({}, "app", CHAT, "POST", None, b"", True) is None
+    assert cache.plan({"x-metrion-cache": "false"}, "app", CHAT, "POST", None, b"", True) is None
+    headers = {"x-metrion-cache": "refresh", "cache-control": "max-age=5"}
+    planned = cache.plan(headers, "app", CHAT, "POST", None, b"", True)
     assert planned is not None and (planned.mode, planned.max_age) == (Mode.REFRESH, 5)
 
 
 ANTHROPIC_STREAM = (b'event: message_start\ndata: {"type":"message_start"}\n\n'
                     b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
-CHAT_STREAM = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
-RESPONSES_STREAM = b'event: response.completed\ndata: {"type":"response.completed","response":{}}\n\n'
-
-
-@pytest.mark.parametrize("body,complete", [
-    (ANTHROPIC_STREAM, True), (CHAT_STREAM, True), (CHAT_STREAM.replace(b"\n", b"\r\n"), True),
-    (RESPONSES_STREAM, True), (ANTHROPIC_STREAM[:60], False), (CHAT_STREAM[:-1], False),
-    (CHAT_STREAM.split(b"data: [DONE]")[0], False), (b"", False), (b": keep-alive\n\n", False),
-])
-def test_only_a_stream_that_ended_with_its_closing_event_is_complete(body: bytes, complete: bool) -> None:
-    assert cache.stream_complete(body) is complete
-
-
-@given(st.lists(st.integers(min_value=0, max_value=len(CHAT_STREAM)), max_size=5))
-def test_a_stream_cut_anywhere_before_its_end_is_incomplete(cuts: list[int]) -> None:
-    for cut in cuts:
-        assert cache.stream_complete(CHAT_STREAM[:cut]) is (cut == len(CHAT_STREAM))
 
 
 def record(**fields: object) -> RequestRecord:
@@ -180,25 +166,29 @@ HEADERS = {"content-type": "application/json", "x-request-id": "req_1", "set-coo
 
 
 def test_a_complete_2xx_reply_is_stored_with_the_headers_that_matter() -> None:
-    entry = cache.entry_for(PLAN, record(), HEADERS, b'{"ok":1}', False, 1000.0, 1 << 20)
+    entry = cache.entry_for(PLAN, record(), HEADERS, b'{"ok":1}', stream=False, complete=True, now=1000.0,
+                            max_bytes=1 << 20)
     assert entry == CacheEntry("k" * 64, "app", "openai", "gpt-4o-2024-08-06", 200,
                                (("content-type", "application/json"), ("x-request-id", "req_1")), b'{"ok":1}',
                                False, 1000.0, 1060.0)
 
 
-@pytest.mark.parametrize("fields,body,stream,max_age,limit", [
-    ({"status": 500, "error": "provider: boom"}, b"{}", False, 60, 1 << 20),
-    ({"status": 429}, b"{}", False, 60, 1 << 20),
+@pytest.mark.parametrize("fields,body,complete,max_age,limit", [
+    ({"status": 500, "error": "provider: boom"}, b"{}", True, 60, 1 << 20),
+    ({"status": 429}, b"{}", True, 60, 1 << 20),
     ({"error": "provider error in stream: Overloaded"}, ANTHROPIC_STREAM, True, 60, 1 << 20),
-    ({}, ANTHROPIC_STREAM[:60], True, 60, 1 << 20),
+    ({}, ANTHROPIC_STREAM[:60], False, 60, 1 << 20),
     ({}, None, True, 60, 1 << 20),
-    ({}, b"{}", False, 0, 1 << 20),
-    ({}, b"x" * 100, False, 60, 99),
-    ({"token_name": None}, b"{}", False, 60, 1 << 20),
-], ids=["provider error", "429", "stream error", "cut stream", "overflowed", "max-age 0", "too large", "no token"])
-def test_what_is_never_stored(fields: dict, body, stream: bool, max_age: int, limit: int) -> None:
+    ({}, b"{}", True, 0, 1 << 20),
+    ({}, b"x" * 100, True, 60, 99),
+    ({"token_name": None}, b"{}", True, 60, 1 << 20),
+], ids=["provider error", "429", "stream error", "no terminal event", "overflowed", "max-age 0", "too large",
+        "no token"])
+def test_what_is_never_stored(fields: dict, body, complete: bool, max_age: int, limit: int) -> None:
     plan = CachePlan(Mode.LOOKUP, "k", max_age)
-    assert cache.entry_for(plan, record(**fields), HEADERS, body, stream, 0.0, limit) is None
+    stored = cache.entry_for(plan, record(**fields), HEADERS, body, stream=True, complete=complete, now=0.0,
+                             max_bytes=limit)
+    assert stored is None
 
 
 def test_a_hit_replays_status_headers_and_body_and_says_how_old_it_is() -> None:

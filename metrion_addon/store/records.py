@@ -38,6 +38,7 @@ class RequestRecord:
     cached: bool = False  # answered from Metrion's response cache
     saved_usd: float | None = None  # on a cache hit: what the original request cost
     cache_status: str | None = None  # HIT, MISS or REFRESH when the request asked for the cache
+    requested_model: str | None = None  # the model the client asked for; `model` is what the provider answered
     flow_id: str | None = dataclasses.field(default=None, compare=False)  # for mitmweb, not stored
 
 
