@@ -6,7 +6,6 @@ work; a streamed answer chunk containing `FAULT` makes the stream tap raise. Pro
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 from mitmproxy import ctx, http
@@ -22,25 +21,17 @@ class InjectedFault(RuntimeError):
 
 
 def _faulty(hook: Callable) -> Callable:
-    def check(flow: http.HTTPFlow, when: str) -> None:
-        if flow.request.headers.get("x-fault", "") == hook.__name__ + when:
-            raise InjectedFault(hook.__name__ + when)
-
     def run(self, flow: http.HTTPFlow, *rest: object) -> object:
-        check(flow, "")
+        fault = flow.request.headers.get("x-fault", "")
+        if fault == hook.__name__:
+            raise InjectedFault(hook.__name__)
         result = hook(self, flow, *rest)
-        check(flow, "-after")
+        if fault == f"{hook.__name__}-after":
+            raise InjectedFault(fault)
         return result
 
-    async def run_async(self, flow: http.HTTPFlow, *rest: object) -> object:
-        check(flow, "")
-        result = await hook(self, flow, *rest)
-        check(flow, "-after")
-        return result
-
-    faulty = run_async if inspect.iscoroutinefunction(hook) else run
-    faulty.__name__ = hook.__name__
-    return faulty
+    run.__name__ = hook.__name__
+    return run
 
 
 def _faulty_tap(tap: Callable) -> Callable:

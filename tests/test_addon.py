@@ -50,7 +50,7 @@ def test_metered_flow_is_annotated_for_mitmweb_and_its_secrets_redacted(tmp_path
             tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
             addon.running()
             flow = chat_flow()
-            await addon.request(flow)
+            addon.request(flow)
             assert flow.request.url == "https://api.openai.com/v1/chat/completions"
             assert flow.request.headers["authorization"] == "Bearer sk-stored-openai"
             assert "x-metrion-user" not in flow.request.headers
@@ -78,7 +78,7 @@ def test_rejected_flow_is_marked_and_the_token_never_shown(tmp_path: Path) -> No
             tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
             flow = chat_flow()
             flow.request.headers["authorization"] = "Bearer sk-metrion-" + "d" * 32
-            await addon.request(flow)
+            addon.request(flow)
             assert flow.response.status_code == 401 and flow.marked == ":no_entry:"
             assert flow.request.headers["authorization"] == "Bearer [redacted]"
             addon.response(flow)
@@ -97,7 +97,7 @@ def test_full_disk_refuses_new_requests_with_503_and_keeps_their_rows(tmp_path: 
             tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
             addon.writer.error = "database or disk is full"
             flow = chat_flow()
-            await addon.request(flow)
+            addon.request(flow)
             assert flow.response.status_code == 503
             assert "database write failed" in json.loads(flow.response.content)["error"]["message"]
             addon.response(flow)
@@ -122,7 +122,7 @@ def test_sqlite_and_pricing_never_run_on_the_event_loop_thread(tmp_path: Path) -
             addon.writer._price = lambda record: (threads.add(threading.get_ident()), price(record))[1]
             for _ in range(20):
                 flow = chat_flow()
-                await addon.request(flow)
+                addon.request(flow)
                 flow.response = tutils.tresp(content=json.dumps(ANSWER).encode())
                 addon.responseheaders(flow)
                 addon.response(flow)
@@ -152,7 +152,7 @@ def test_shutdown_records_requests_still_in_flight(tmp_path: Path) -> None:
         addon = Metrion(clock=lambda: 1_795_000_000.0)
         with taddons.context(addon) as tctx:
             tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
-            await addon.request(chat_flow())
+            addon.request(chat_flow())
             addon.done()
 
     run(scenario)

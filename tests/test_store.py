@@ -128,3 +128,19 @@ def test_full_disk_keeps_rows_and_writes_them_once_there_is_room(tmp_path: Path)
 def test_columns_are_the_documented_ones(tmp_path: Path, name: str) -> None:
     columns = {row[1] for row in open_db(tmp_path / "m.db").execute("PRAGMA table_info(requests)")}
     assert name in columns and "flow_id" not in columns
+
+
+def test_budget_snapshots_keep_the_latest_version_whatever_order_they_arrive_in(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    settled = store.BudgetState("app", "2026-11", 900, 0, 7)
+    writer = Writer(store.SQLiteBackend(open_db(path)), settle=lambda row: settled if row.flow_id == "f1" else None)
+    writer.start()
+    writer.put(record(1, flow_id="f1"))  # its settlement is written in the row's own transaction
+    writer.close()
+    writer = Writer(store.SQLiteBackend(open_db(path)))
+    writer.start()
+    writer.put(store.BudgetState("app", "2026-11", 0, 500, 6))  # an older reservation snapshot, late
+    writer.put(store.BudgetState("app", "2026-12", 10, 0, 8))
+    writer.close()
+    saved = sorted(store.load_budgets(open_db(path)), key=lambda state: state.month)
+    assert saved == [settled, store.BudgetState("app", "2026-12", 10, 0, 8)]

@@ -3,14 +3,25 @@
 Callers import from here; a backend module (sqlite.py today) is chosen once, in the addon's configure.
 """
 
-from .records import COLUMNS, BucketState, CacheEntry, CacheTouch, CacheWrite, Counter, MonthlyCount, RequestRecord
-from .sqlite import SQLiteBackend, connect, create_schema, load_counters
-from .writer import Backend, Pricer, Writer
+from .records import (
+    COLUMNS,
+    BucketState,
+    BudgetState,
+    CacheEntry,
+    CacheTouch,
+    CacheWrite,
+    Counter,
+    MonthlyCount,
+    RequestRecord,
+)
+from .sqlite import SQLiteBackend, connect, create_schema, load_budgets, load_counters
+from .writer import Backend, Pricer, Settler, Writer
 
 __all__ = [
     "COLUMNS",
     "Backend",
     "BucketState",
+    "BudgetState",
     "CacheEntry",
     "CacheTouch",
     "CacheWrite",
@@ -19,8 +30,10 @@ __all__ = [
     "Pricer",
     "RequestRecord",
     "SQLiteBackend",
+    "Settler",
     "Writer",
     "connect",
     "create_schema",
+    "load_budgets",
     "load_counters",
 ]

@@ -57,6 +57,17 @@ class MonthlyCount:
 
 
 @dataclass(frozen=True)
+class BudgetState:
+    """A token's dollar budget this month in nano-USD; `version` orders snapshots taken on different threads."""
+
+    token_name: str
+    month: str
+    spent_nanousd: int
+    reserved_nanousd: int
+    version: int
+
+
+@dataclass(frozen=True)
 class CacheEntry:
     """One stored reply: what the client received, and what the original request cost (`cost_usd`)."""
 
@@ -96,6 +107,6 @@ class CacheTouch:
 
 
 # Latest-state items: in one batch only the last of each kind and key is written.
-Counter = BucketState | MonthlyCount | CacheWrite | CacheTouch
+Counter = BucketState | MonthlyCount | BudgetState | CacheWrite | CacheTouch
 
 COLUMNS = [f.name for f in dataclasses.fields(RequestRecord) if f.name != "flow_id"]

@@ -12,11 +12,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from .records import BucketState, CacheTouch, CacheWrite, Counter, MonthlyCount, RequestRecord
+from .records import BucketState, BudgetState, CacheTouch, CacheWrite, Counter, MonthlyCount, RequestRecord
 
 log = logging.getLogger(__name__)
 
 Pricer = Callable[[RequestRecord], tuple[float | None, str | None]]
+Settler = Callable[[RequestRecord], BudgetState | None]
 _CLOSE = object()
 
 
@@ -40,9 +41,11 @@ class Writer:
         on_written: Callable[[list[RequestRecord]], None] | None = None,
         retry_seconds: float = 1.0,
         batch_seconds: float = 0.05,
+        settle: Settler | None = None,
     ) -> None:
         self._backend = backend
         self._price = price
+        self._settle = settle  # a priced row's budget settlement, written in the same transaction as the row
         self._on_written = on_written
         self._retry_seconds = retry_seconds
         self._batch_seconds = batch_seconds  # gather rows this long: fewer wake-ups and commits under load
@@ -85,7 +88,7 @@ class Writer:
                 except queue.Empty:
                     break
             if records or counters:
-                if self._write(records, list(counters.values())):
+                if self._write(records, counters):
                     records, counters = [], {}
                 elif closing:
                     log.error("metrion: %d request rows could not be written: %s", len(records), self.error)
@@ -106,18 +109,22 @@ class Writer:
             counters[(BucketState, item.token_name, "")] = item
         elif isinstance(item, MonthlyCount):
             counters[(MonthlyCount, item.token_name, item.month)] = item
+        elif isinstance(item, BudgetState):
+            _keep_latest(counters, item)
         elif isinstance(item, CacheWrite):
             counters[(CacheWrite, item.entry.key, "")] = item
         elif isinstance(item, CacheTouch):
             counters[(CacheTouch, item.key, "")] = item
         return False
 
-    def _write(self, records: list[RequestRecord], counters: list[Counter]) -> bool:
+    def _write(self, records: list[RequestRecord], counters: dict[tuple[type, str, str], Counter]) -> bool:
         for record in records:
             if self._price and record.price_source is None:
                 record.cost_usd, record.price_source = self._price(record)
+            if self._settle and (state := self._settle(record)) is not None:
+                _keep_latest(counters, state)
         try:
-            self._backend.write(records, counters)
+            self._backend.write(records, list(counters.values()))
         except Exception as e:  # any backend's error: keep the batch and retry
             if self.error is None:
                 log.error("metrion: database write failed, will retry: %s", e)
@@ -129,3 +136,10 @@ class Writer:
         if self._on_written and records:
             self._on_written(records)
         return True
+
+
+def _keep_latest(counters: dict, state: BudgetState) -> None:
+    """Budget snapshots come from two threads: the newest version wins, whichever arrived last."""
+    key = (BudgetState, state.token_name, state.month)
+    if (known := counters.get(key)) is None or known.version < state.version:
+        counters[key] = state
