@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 import weakref
@@ -27,6 +28,7 @@ from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
 from metrion_addon.display import FlowDisplay
 from metrion_addon.errors import MetrionError, error_body, error_headers, provider_error_message
 from metrion_addon.guard import GuardedStream, guarded, guarded_coroutine
+from metrion_addon.health import health, metrion_version
 from metrion_addon.limits import Admission, Limits
 from metrion_addon.metering import (
     Exchange,
@@ -37,6 +39,7 @@ from metrion_addon.metering import (
     stream_tap,
     summary,
 )
+from metrion_addon.metrics import CONTENT_TYPE, Metrics
 from metrion_addon.pricing import Pricer, context_window
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
 from metrion_addon.routes import (
@@ -53,6 +56,8 @@ from metrion_addon.upstream import IdleTimer, answer_upstream_failures, cancel_u
 
 log = logging.getLogger(__name__)
 
+_OWN_ENDPOINTS = ("/metrion/health", "/metrion/metrics")
+
 _CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-goog-api-key", b"x-metrion-token", b"proxy-authorization")
 _REDACTED = b"[redacted]"
 _REQUEST_HOOKS = ("request", "http_connect")  # a failure here must answer the request: it is not forwarded yet
@@ -67,6 +72,8 @@ class Metrion:
         self.cache: cache.CacheStore | None = None
         self.limits = Limits(1, {})
         self.shared: SharedLimits | None = None  # the limits on Redis, when the config has `shared:`
+        self.metrics = Metrics()  # one per process: a reload keeps the counts
+        self._version = metrion_version()
         self.budgets = Budgets({}, MemoryBudgetCounters(), Pricer({}), lambda provider, model: None)
         self._tokens: dict = {}
         self._exchanges: dict[str, Exchange] = {}
@@ -107,9 +114,10 @@ class Metrion:
         limits = {token.name: (config.budget_usd(token), config.unpriced(token)) for token in config.tokens}
         self.budgets = Budgets(token_budgets(limits), MemoryBudgetCounters(store.load_budgets(conn)),
                                Pricer(config.prices, price_ids), functools.partial(context_window, price_ids))
-        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._priced,
+        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._written,
                                    settle=self.budgets.settle)
         self.writer.start()
+        self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
         self.cache = SQLiteCacheStore(config.database, self.writer, config.cache.max_bytes)
         self.config = config
         caps = {name: plan.monthly_requests for name, plan in config.plans.items()}
@@ -200,6 +208,10 @@ class Metrion:
         the one round trip never blocks the loop, and a single instance pays nothing for it."""
         if flow.response or flow.error or not flow.live or self.config is None:
             return None
+        if flow.request.path in _OWN_ENDPOINTS and host_provider(flow.request.host, flow.request.port,
+                                                                  self._hosts) is None:
+            flow.response = self._own_endpoint(flow.request.path)
+            return None
         path, query_key = lift_query_key(flow.request.path)  # Gemini's ?key= becomes x-goog-api-key: never logged
         route = self._route(flow, path)
         if route is None:
@@ -281,7 +293,20 @@ class Metrion:
         return self.budgets.admit(exchange.identity.token_name, now, exchange.route, flow.request.method,
                                   flow.request.raw_content or b"", exchange.request)
 
+    def _own_endpoint(self, path: str) -> http.Response:
+        """GET /metrion/health for load balancers, GET /metrion/metrics for Prometheus."""
+        if path == "/metrion/metrics":
+            return http.Response.make(200, self.metrics.render(), {"content-type": CONTENT_TYPE})
+        assert self.config is not None and self.writer is not None
+        shared = self.shared
+        state = health(writer_error=self.writer.error, backlog=self.writer.backlog, database="sqlite",
+                       redis_error=False if shared is None else shared.error,
+                       redis_closed=shared is not None and shared.on_failure == "closed", version=self._version)
+        return http.Response.make(state.status, json.dumps(state.body).encode(),
+                                  {"content-type": "application/json", "cache-control": "no-store"})
+
     def _refuse(self, flow: http.HTTPFlow, exchange: Exchange, error: MetrionError) -> None:
+        self.metrics.rejected(error.code)
         exchange.failure = error
         flow.response = self._error_response(exchange.route.format, error, exchange)
         flow.marked = _REJECTED_MARK
@@ -565,8 +590,9 @@ class Metrion:
         if exchange := self._exchanges.get(flow_id):
             exchange.internal_error = description
 
-    def _priced(self, records: list[store.RequestRecord]) -> None:
-        """Called on the writer thread once rows are written: show their cost in mitmweb."""
+    def _written(self, records: list[store.RequestRecord]) -> None:
+        """Called on the writer thread once rows are written: count them, and show their cost in mitmweb."""
+        self.metrics.rows_written(records)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._annotate, records)
 

@@ -52,10 +52,16 @@ class Writer:
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="metrion-writer", daemon=True)
         self.error: str | None = None  # the last write error, None while writes succeed
+        self._held = 0  # rows of the batch being retried
 
     @property
     def healthy(self) -> bool:
         return self.error is None
+
+    @property
+    def backlog(self) -> int:
+        """Items not written yet: queued, plus the rows of a batch waiting to be retried."""
+        return self._queue.qsize() + self._held
 
     def start(self) -> None:
         self._thread.start()
@@ -129,7 +135,9 @@ class Writer:
             if self.error is None:
                 log.error("metrion: database write failed, will retry: %s", e)
             self.error = str(e)
+            self._held = len(records)
             return False
+        self._held = 0
         if self.error is not None:
             log.warning("metrion: database writes work again")
         self.error = None
