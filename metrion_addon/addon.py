@@ -40,6 +40,7 @@ from metrion_addon.metering import (
     summary,
 )
 from metrion_addon.metrics import CONTENT_TYPE, Metrics
+from metrion_addon.notify import AlertMonitor
 from metrion_addon.pricing import Pricer, context_window
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
 from metrion_addon.routes import (
@@ -70,6 +71,7 @@ class Metrion:
         self.config: Config | None = None
         self.writer: store.Writer | None = None
         self.cache: cache.CacheStore | None = None
+        self.monitor: AlertMonitor | None = None
         self.limits = Limits(1, {})
         self.shared: SharedLimits | None = None  # the limits on Redis, when the config has `shared:`
         self.metrics = Metrics()  # one per process: a reload keeps the counts
@@ -119,6 +121,10 @@ class Metrion:
         self.writer.start()
         self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
         self.cache = SQLiteCacheStore(config.database, self.writer, config.cache.max_bytes)
+        if config.alerts.rules:
+            self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put,
+                                        store.load_alert_history(conn))
+            self.monitor.start()
         self.config = config
         caps = {name: plan.monthly_requests for name, plan in config.plans.items()}
         self.limits = Limits(config.rate_limit, caps, buckets, months)
@@ -163,6 +169,9 @@ class Metrion:
                      error="Metrion shut down before the request finished", flow_id=flow_id)
 
     def _close_writer(self) -> None:
+        if self.monitor is not None:  # first: its last notifications are recorded by the writer
+            self.monitor.close()
+            self.monitor = None
         if self.cache is not None:
             self.cache.close()
             self.cache = None
@@ -591,8 +600,11 @@ class Metrion:
             exchange.internal_error = description
 
     def _written(self, records: list[store.RequestRecord]) -> None:
-        """Called on the writer thread once rows are written: count them, and show their cost in mitmweb."""
+        """Called on the writer thread once rows are written: count them, let alert rules look again, and show
+        their cost in mitmweb."""
         self.metrics.rows_written(records)
+        if self.monitor is not None:
+            self.monitor.poke()
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._annotate, records)
 

@@ -5,6 +5,7 @@ Callers import from here; a backend module (sqlite.py today) is chosen once, in 
 
 from .records import (
     COLUMNS,
+    AlertEvent,
     BucketState,
     BudgetState,
     CacheEntry,
@@ -14,11 +15,21 @@ from .records import (
     MonthlyCount,
     RequestRecord,
 )
-from .sqlite import SQLiteBackend, connect, create_schema, load_budgets, load_counters
+from .sqlite import (
+    SQLiteBackend,
+    connect,
+    create_schema,
+    insert_alert_event,
+    latest_alerts,
+    load_alert_history,
+    load_budgets,
+    load_counters,
+)
 from .writer import Backend, Pricer, Settler, Writer
 
 __all__ = [
     "COLUMNS",
+    "AlertEvent",
     "Backend",
     "BucketState",
     "BudgetState",
@@ -34,6 +45,9 @@ __all__ = [
     "Writer",
     "connect",
     "create_schema",
+    "insert_alert_event",
+    "latest_alerts",
+    "load_alert_history",
     "load_budgets",
     "load_counters",
 ]

@@ -68,6 +68,26 @@ class BudgetState:
 
 
 @dataclass(frozen=True)
+class AlertEvent:
+    """One alert notification to one channel, delivered or not: a row of `alert_events`."""
+
+    ts: str
+    rule: str
+    level: str  # "warning" | "alert"
+    channel: str
+    kind: str  # "webhook" | "email"
+    value: float | None
+    threshold: float
+    unit: str
+    period_start: str
+    period_end: str
+    delivered: bool
+    attempts: int
+    error: str | None
+    test: bool
+
+
+@dataclass(frozen=True)
 class CacheEntry:
     """One stored reply: what the client received, and what the original request cost (`cost_usd`)."""
 
@@ -106,7 +126,8 @@ class CacheTouch:
     used_at: float
 
 
-# Latest-state items: in one batch only the last of each kind and key is written.
-Counter = BucketState | MonthlyCount | BudgetState | CacheWrite | CacheTouch
+# Everything but rows the writer stores; in one batch only the latest of each kind and key is written (alert
+# events each have a key of their own).
+Counter = BucketState | MonthlyCount | BudgetState | AlertEvent | CacheWrite | CacheTouch
 
 COLUMNS = [f.name for f in dataclasses.fields(RequestRecord) if f.name != "flow_id"]
