@@ -204,6 +204,13 @@ class Token(_Strict):
         return keys
 
 
+class Shared(_Strict):
+    """State shared by several instances: the limits on Redis, and what to do while Redis is unreachable."""
+
+    redis: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://\S+$")]
+    on_failure: Literal["closed", "local"] = "closed"
+
+
 _PASSWORD_HASH_RE = re.compile(r"pbkdf2_sha256\$\d+\$[0-9a-f]+\$[0-9a-f]{64}")
 
 
@@ -243,6 +250,7 @@ class Config(_Strict):
     providers: dict[str, Provider] = Field(default_factory=dict, validate_default=True)
     tokens: list[Token] = []
     prices: dict[str, ModelPrice] = {}
+    shared: Shared | None = None
     dashboard: DashboardSettings = DashboardSettings()
 
     @field_validator("timeout", mode="before")
@@ -278,6 +286,18 @@ class Config(_Strict):
                     known = ", ".join(self.providers)
                     raise ValueError(f"tokens[{i}].keys: unknown provider {provider!r} (known: {known})")
         return self
+
+    def limits_fingerprint(self) -> str:
+        """What instances sharing Redis must agree on (tokens, plans, limits), as a short digest.
+
+        Provider keys are left out: they may differ per host, and a digest of a secret is not kept anywhere.
+        """
+        shape = {
+            "rate_limit": self.rate_limit,
+            "plans": {name: plan.model_dump() for name, plan in sorted(self.plans.items())},
+            "tokens": sorted(repr(sorted(t.model_dump(exclude={"keys"}).items())) for t in self.tokens),
+        }
+        return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
 
     def budget_usd(self, token: Token) -> float | None:
         """The monthly budget: the token's own `monthly_usd` if the file sets one (even null), else its plan's."""
