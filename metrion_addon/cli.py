@@ -11,6 +11,7 @@ import json
 import secrets
 import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -21,7 +22,10 @@ import click
 import yaml
 from tabulate import tabulate
 
+from metrion_addon import alerts as alert_rules
+from metrion_addon import notify, store
 from metrion_addon import report as queries
+from metrion_addon.clock import clock_from_env
 from metrion_addon.config import (
     DEFAULT_CONFIG_FILES,
     Config,
@@ -30,6 +34,8 @@ from metrion_addon.config import (
     hash_token,
     load_config,
 )
+from metrion_addon.pricing import base_model
+from metrion_addon.store import cache as cache_store
 
 FORMATS = ("table", "json", "csv")
 WIDTH = 100  # table output fits a terminal this wide: long names are cut to share what is left
@@ -78,6 +84,13 @@ def _cost(value: float | None) -> str:
         return f"${value:,.2f}"
     digits = f"{Decimal(f'{value:.3g}'):f}"
     return f"${digits}{'0' * (4 - len(digits))}"  # at least two decimals: $0.50, not $0.5
+
+
+def _size(value: int) -> str:
+    for threshold, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if value >= threshold:
+            return f"{value / threshold:.1f} {unit}"
+    return f"{value} B"
 
 
 def _dollars(value: float | None) -> str:
@@ -344,6 +357,63 @@ def dashboard(config_path: str | None, host: str, port: int, hash_password: bool
 
 
 @main.group()
+def alerts() -> None:
+    """Alert rules: their current state, and test notifications."""
+
+
+@alerts.command("status")
+@_options
+def alerts_status(config_path: str | None, fmt: str) -> None:
+    """Each rule's current value, threshold, level (ok, warning, alert) and when it last notified."""
+    config = _load(config_path)
+    rows = alert_rules.status(_open(config, "alert_events"), config, clock_from_env()())
+    columns = [
+        Column("rule", "rule", right=False, name=True),
+        Column("type", "type", right=False),
+        Column("value", "value", lambda value: "-" if value is None else f"{value:,.4g}"),
+        Column("threshold", "threshold", lambda value: f"{value:,.4g}"),
+        Column("unit", "unit", right=False),
+        Column("level", "level", right=False),
+        Column("last notified", "last_notified", lambda ts: "never" if ts is None else ts[:19].replace("T", " "),
+               right=False),
+        Column("as", "last_level", _text, right=False),
+    ]
+    _emit(rows, alert_rules.STATUS_COLUMNS, fmt, columns)
+
+
+@alerts.command("test")
+@_options
+@click.argument("rule")
+def alerts_test(config_path: str | None, fmt: str, rule: str) -> None:
+    """Send a clearly marked test notification for RULE to each of its channels now, and record it."""
+    config = _load(config_path)
+    chosen = next((r for r in config.alerts.rules if r.name == rule), None)
+    if chosen is None:
+        known = ", ".join(r.name for r in config.alerts.rules) or "none"
+        raise Problem(f"no alert rule named {rule!r} in {config.path} (known: {known})")
+    reader = _open(config, "alert_events")
+    now = clock_from_env()()
+    body = alert_rules.payload(chosen, alert_rules.measure(reader, chosen, now), "test", test=True)
+    reader.close()
+    rows = []
+    writer = store.connect(config.database)  # the one write the CLI makes: its own test notifications
+    for name in chosen.notify:
+        channel = config.alerts.channels[name]
+        event = notify.event_of(name, channel, body, notify.deliver(channel, config.alerts, body), now)
+        with writer:
+            store.insert_alert_event(writer, event)
+        rows.append({"channel": name, "kind": event.kind, "delivered": event.delivered, "attempts": event.attempts,
+                     "error": event.error})
+    writer.close()
+    columns = [Column("channel", "channel", right=False, name=True), Column("kind", "kind", right=False),
+               Column("delivered", "delivered", lambda ok: "yes" if ok else "NO"), Column("attempts", "attempts"),
+               Column("error", "error", _text, right=False, name=True)]
+    _emit(rows, ["channel", "kind", "delivered", "attempts", "error"], fmt, columns)
+    if not all(row["delivered"] for row in rows):
+        raise Problem(f"{sum(not row['delivered'] for row in rows)} of {len(rows)} channel(s) failed")
+
+
+@main.group()
 def tokens() -> None:
     """Metrion tokens: the sk-metrion- keys that apps send instead of provider keys."""
 
@@ -370,6 +440,50 @@ def tokens_new(config_path: str | None, fmt: str, name: str, plan: str) -> None:
     else:
         row = {"name": name, "plan": plan, "token": token, "token_hash": stored, "yaml": snippet}
         _emit([row], list(row), fmt, [])
+
+
+@main.group()
+def cache() -> None:
+    """The response cache (requests sent with x-metrion-cache): what it holds and saves, and clearing it."""
+
+
+@cache.command("stats")
+@_options
+@click.option("--since", help="Hits and savings from: 7d, 24h, 30m ago, a UTC date or an ISO time. Default: all.")
+@click.option("--until", help="End (exclusive), in the same forms as --since. Default: now.")
+def cache_stats(config_path: str | None, fmt: str, since: str | None, until: str | None) -> None:
+    """Entries and bytes stored now; lookups, hits, hit rate and USD saved over the period."""
+    config = _load(config_path)
+    now = datetime.now(UTC)
+    start, end = _time(since, now), _time(until, now)
+    row = cache_store.cache_stats(_open(config, "cache_entries"), now.timestamp(), start, end)
+    columns = [
+        Column("entries", "entries"),
+        Column("expired", "expired"),
+        Column("size", "bytes", _size),
+        Column("lookups", "lookups"),
+        Column("hits", "hits"),
+        Column("refreshes", "refreshes"),
+        Column("hit rate", "hit_rate", lambda rate: "-" if rate is None else f"{rate:.1%}"),
+        Column("saved", "saved_usd", _cost),
+    ]
+    _emit([row], cache_store.STATS_COLUMNS, fmt, columns)
+
+
+@cache.command("clear")
+@_options
+@click.option("--token", help="Only this token's entries.")
+@click.option("--model", help="Only this model's entries (as the provider returned it, or without its date stamp).")
+def cache_clear(config_path: str | None, fmt: str, token: str | None, model: str | None) -> None:
+    """Delete cache entries (all of them, or those of a token and/or a model); works while the proxy runs."""
+    config = _load(config_path)
+    _open(config, "cache_entries").close()
+    with closing(sqlite3.connect(config.database, timeout=10)) as conn:
+        removed = cache_store.clear_cache(conn, token, model, base_model)
+    if fmt == "table":
+        click.echo(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}")
+    else:
+        _emit([{"removed": removed}], ["removed"], fmt, [])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from .records import BucketState, BudgetState, Counter, MonthlyCount, RequestRecord
+from .records import AlertEvent, BucketState, BudgetState, CacheTouch, CacheWrite, Counter, MonthlyCount, RequestRecord
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,16 @@ class Writer:
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="metrion-writer", daemon=True)
         self.error: str | None = None  # the last write error, None while writes succeed
+        self._held = 0  # rows of the batch being retried
 
     @property
     def healthy(self) -> bool:
         return self.error is None
+
+    @property
+    def backlog(self) -> int:
+        """Items not written yet: queued, plus the rows of a batch waiting to be retried."""
+        return self._queue.qsize() + self._held
 
     def start(self) -> None:
         self._thread.start()
@@ -111,6 +117,12 @@ class Writer:
             counters[(MonthlyCount, item.token_name, item.month)] = item
         elif isinstance(item, BudgetState):
             _keep_latest(counters, item)
+        elif isinstance(item, AlertEvent):  # events are inserted, never merged: each gets a key of its own
+            counters[(AlertEvent, str(id(item)), item.ts)] = item
+        elif isinstance(item, CacheWrite):
+            counters[(CacheWrite, item.entry.key, "")] = item
+        elif isinstance(item, CacheTouch):
+            counters[(CacheTouch, item.key, "")] = item
         return False
 
     def _write(self, records: list[RequestRecord], counters: dict[tuple[type, str, str], Counter]) -> bool:
@@ -125,7 +137,9 @@ class Writer:
             if self.error is None:
                 log.error("metrion: database write failed, will retry: %s", e)
             self.error = str(e)
+            self._held = len(records)
             return False
+        self._held = 0
         if self.error is not None:
             log.warning("metrion: database writes work again")
         self.error = None
