@@ -248,6 +248,10 @@ class Metrion:
         route = self._route(flow, path)
         if route is None:
             return None
+        if query_key is not None and route.provider != "gemini":  # only Google's API takes ?key=: leave others be
+            path, query_key = flow.request.path, None
+            route = self._route(flow, path)
+            assert route is not None
         if query_key is not None:
             flow.request.path = path
             if "x-goog-api-key" not in flow.request.headers:

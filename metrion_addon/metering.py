@@ -260,6 +260,7 @@ def metadata(record: RequestRecord) -> dict:
         "cache_read_tokens": record.cache_read_tokens,
         "cache_write_tokens": record.cache_write_tokens,
         "reasoning_tokens": record.reasoning_tokens,
+        "total_tokens": record.total_tokens,
         "usage_source": record.usage_source,
         "cost_usd": record.cost_usd,
         "latency_ms": record.latency_ms,
