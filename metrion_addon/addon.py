@@ -1,6 +1,6 @@
 """Metrion's mitmproxy hooks: route, authenticate, limit and forward; meter the answer into SQLite.
 
-Run with `mitmdump -s metrion_addon/addon.py --set metrion_config=config.yaml` (or mitmweb).
+Run with `mitmdump -s metrion_addon/addon.py --listen-host 127.0.0.1 --set metrion_config=config.yaml` (or mitmweb).
 """
 
 from __future__ import annotations
@@ -10,16 +10,21 @@ import contextlib
 import functools
 import json
 import logging
+import os
+import sqlite3
+import sys
 import time
 import weakref
 from collections.abc import Coroutine
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, hooks, http
+from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import server_hooks
 
-from metrion_addon import contentview, store  # importing contentview registers the LLM stream view for mitmweb
-from metrion_addon.auth import Upstream, authenticate, identify_forward, lift_query_key, requester
+from metrion_addon import cache, contentview, store  # importing contentview registers the LLM stream view for mitmweb
+from metrion_addon.auth import Upstream, authenticate, identify_forward, lift_query_key, other_host_identity, requester
 from metrion_addon.budgets import Budgets, Hold, MemoryBudgetCounters, token_budgets
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
@@ -41,6 +46,7 @@ from metrion_addon.metering import (
 from metrion_addon.metrics import CONTENT_TYPE, Metrics
 from metrion_addon.notify import AlertMonitor
 from metrion_addon.pricing import Pricer, context_window
+from metrion_addon.redact import redact_query, request_secrets
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
 from metrion_addon.routes import (
     Route,
@@ -51,7 +57,14 @@ from metrion_addon.routes import (
     route_provider_host,
 )
 from metrion_addon.shared_limits import SharedLimits
-from metrion_addon.upstream import IdleTimer, answer_upstream_failures, cancel_upstream
+from metrion_addon.store.cache import SQLiteCacheStore
+from metrion_addon.upstream import (
+    IdleTimer,
+    answer_upstream_failures,
+    cancel_upstream,
+    connect_lazily_unless_chosen,
+    watch_response_bodies,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +81,7 @@ class Metrion:
         self.clock = clock or clock_from_env()
         self.config: Config | None = None
         self.writer: store.Writer | None = None
+        self.cache: cache.CacheStore | None = None
         self.monitor: AlertMonitor | None = None
         self.limits = Limits(1, {})
         self.shared: SharedLimits | None = None  # the limits on Redis, when the config has `shared:`
@@ -83,6 +97,7 @@ class Metrion:
         self._urls: dict[str, str] = {}
         self._hosts: dict[str, str] = {}  # provider hosts recognised in forward-proxy use
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = False
 
     # lifecycle
 
@@ -98,14 +113,14 @@ class Metrion:
     def configure(self, updated: set[str]) -> None:
         if "metrion_config" not in updated:
             return
+        connect_lazily_unless_chosen()
         try:
             config = load_config(find_config(ctx.options.metrion_config))
+            self._close_writer()
+            conn = _open_database(config)
         except ConfigError as e:
-            raise exceptions.OptionsError(f"metrion: {e}") from e
-        self._close_writer()
+            self._bad_config(f"metrion: {e}", e)
         self._close_shared()
-        conn = store.connect(config.database)
-        store.create_schema(conn)
         buckets, months = store.load_counters(conn)
         price_ids = {name: provider.price_as for name, provider in config.providers.items()}
         pricer = Pricer(config.prices, price_ids)
@@ -117,6 +132,7 @@ class Metrion:
                                    settle=self.budgets.settle)
         self.writer.start()
         self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
+        self.cache = SQLiteCacheStore(config.database, self.writer, config.cache.max_bytes)
         if config.alerts.rules:
             self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put,
                                         store.load_alert_history(conn))
@@ -129,7 +145,7 @@ class Metrion:
             try:
                 shared.connect(self.clock())
             except ConfigError as e:
-                raise exceptions.OptionsError(f"metrion: {config.path}: {e}") from e
+                self._bad_config(f"metrion: {config.path}: {e}", e)
             self.shared = shared
             with contextlib.suppress(RuntimeError):  # no loop yet at start-up: running() starts it
                 shared.start()
@@ -138,9 +154,16 @@ class Metrion:
         self._hosts = provider_hosts(self._urls)
         self._upstream_hosts = {urlsplit(url).hostname for url in self._urls.values()}
         answer_upstream_failures(self._answer_upstream_failure)
+        watch_response_bodies(self._body_data)
+
+    def _bad_config(self, line: str, cause: Exception) -> NoReturn:
+        if self.config is None and not self._running:  # start-up: one line, no proxy behind a broken meter
+            _refuse_to_start(line)
+        raise exceptions.OptionsError(line) from cause
 
     @guarded
     def running(self) -> None:
+        self._running = True
         # Only a UI (mitmweb's or the console's flow view) shows the cost once the writer has priced a row.
         self._loop = asyncio.get_running_loop() if ctx.master.addons.get("view") is not None else None
         if self.shared is not None:
@@ -156,6 +179,7 @@ class Metrion:
             timer.cancel()
         self._timers.clear()
         answer_upstream_failures(None)
+        watch_response_bodies(None)
         self._close_writer()
         self._close_shared()
 
@@ -168,6 +192,9 @@ class Metrion:
         if self.monitor is not None:  # first: its last notifications are recorded by the writer
             self.monitor.close()
             self.monitor = None
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -183,17 +210,19 @@ class Metrion:
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or self.config is None:
             return
-        if host_provider(flow.request.host, flow.request.port, self._hosts):
-            try:
-                self._tunnels[flow.client_conn] = identify_forward(
-                    flow.request.headers.get("proxy-authorization"), self._tokens
-                )
-            except MetrionError as e:
-                flow.response = self._error_response(None, e)
-                flow.marked = _REJECTED_MARK
-        elif self.config.block_other_hosts:
-            flow.response = self._error_response(None, MetrionError(403, "host_blocked", _blocked(flow.request.host)))
+        credentials = flow.request.headers.get("proxy-authorization")
+        try:
+            if host_provider(flow.request.host, flow.request.port, self._hosts):
+                self._tunnels[flow.client_conn] = identify_forward(credentials, self._tokens)
+            elif self.config.block_other_hosts:
+                raise MetrionError(403, "host_blocked", _blocked(flow.request.host))
+            elif identity := other_host_identity(credentials, self._tokens, tunnel=None,
+                                                 open_to_all=self.config.allow_other_hosts_without_token):
+                self._tunnels[flow.client_conn] = identity
+        except MetrionError as e:
+            flow.response = self._error_response(None, e)
             flow.marked = _REJECTED_MARK
+        _redact(flow.request.headers)  # CONNECT flows are kept and saved like any other
 
     @guarded
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
@@ -214,19 +243,36 @@ class Metrion:
                                                                   self._hosts) is None:
             flow.response = self._own_endpoint(flow.request.path)
             return None
-        path, query_key = lift_query_key(flow.request.path)  # Gemini's ?key= becomes x-goog-api-key: never logged
+        original_path = flow.request.path
+        path, query_key = lift_query_key(original_path)  # Gemini's ?key= becomes x-goog-api-key: never logged
         route = self._route(flow, path)
         if route is None:
             return None
+        if query_key is not None and route.provider != "gemini":  # only Google's API takes ?key=: leave others be
+            path, query_key = flow.request.path, None
+            route = self._route(flow, path)
+            assert route is not None
         if query_key is not None:
             flow.request.path = path
             if "x-goog-api-key" not in flow.request.headers:
                 flow.request.headers["x-goog-api-key"] = query_key
-        exchange = Exchange(route, path, flow.request.method, started=self.clock())
-        self._exchanges[flow.id] = exchange
         headers = _lowercase(flow.request.headers)
+        exchange = Exchange(route, redact_query(path), flow.request.method, started=self.clock(),
+                            secrets=request_secrets(headers, original_path))
+        self._exchanges[flow.id] = exchange
         try:
             credentials = self._check(flow, exchange, headers)
+        except MetrionError as e:
+            self._refuse(flow, exchange, e)
+            return None
+        if exchange.cache is not None and exchange.cache.mode is cache.Mode.LOOKUP and self.cache is not None:
+            return self._request_cached(flow, self.cache, exchange, headers, credentials)
+        return self._admit(flow, exchange, headers, credentials)
+
+    def _admit(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str],
+               credentials: Upstream | None) -> Coroutine[None, None, None] | None:
+        """Reserve the budget and count the limits, then forward; a coroutine when the limits live on Redis."""
+        try:
             now = self.clock()
             hold = self._hold(flow, exchange, now)
             if self.shared is not None:
@@ -242,6 +288,28 @@ class Metrion:
             return None
         self._let_through(flow, exchange, admission, hold, headers, credentials)
         return None
+
+    @guarded_coroutine("request")
+    async def _request_cached(self, flow: http.HTTPFlow, entries: cache.CacheStore, exchange: Exchange,
+                              headers: dict[str, str], credentials: Upstream | None) -> None:
+        """Answer from the response cache (rate bucket only: the monthly cap counts what reached a provider)."""
+        assert exchange.cache is not None and exchange.identity is not None
+        hit = await entries.get(exchange.cache.key, self.clock())
+        if hit is None:
+            if (admitting := self._admit(flow, exchange, headers, credentials)) is not None:
+                await admitting
+            return
+        try:
+            admission = self.limits.admit_cached(exchange.identity.token_name, exchange.identity.plan, self.clock())
+        except MetrionError as e:
+            self._refuse(flow, exchange, e)
+            return
+        assert self.writer is not None
+        for state in admission.saved:
+            self.writer.put(state)
+        exchange.limit_headers, exchange.cache_hit = admission.headers, hit
+        flow.response = _replayed(cache.replay(hit, self.clock()))
+        _redact_flow(flow)
 
     @guarded_coroutine("request")
     async def _request_shared(self, flow: http.HTTPFlow, shared: SharedLimits, exchange: Exchange,
@@ -279,7 +347,7 @@ class Metrion:
         exchange.failure = error
         flow.response = self._error_response(exchange.route.format, error, exchange)
         flow.marked = _REJECTED_MARK
-        _redact(flow.request.headers)
+        _redact_flow(flow)
 
     def _let_through(self, flow: http.HTTPFlow, exchange: Exchange, admission: Admission, hold: Hold | None,
                      headers: dict[str, str], credentials: Upstream | None) -> None:
@@ -290,12 +358,12 @@ class Metrion:
         if hold:
             self.budgets.track(flow.id, hold)
         drop = {name for name in headers if name.startswith("x-metrion-")}
-        if host_provider(flow.request.host, flow.request.port, self._hosts) is not None:
-            drop.add("proxy-authorization")
+        drop.add("proxy-authorization")  # sent by forward-proxy clients, for Metrion only
         replace = {"accept-encoding": "identity"}  # the meter must read plain text
         if credentials is not None:
             drop.update(credentials.drop_headers)
             replace.update(credentials.set_headers or {})
+            exchange.secrets += request_secrets(credentials.set_headers or {})
         _rewrite(flow.request.headers, drop, replace)
         self._forward(flow, exchange)
 
@@ -304,9 +372,7 @@ class Metrion:
         if provider := host_provider(flow.request.host, flow.request.port, self._hosts):
             return route_provider_host(provider, flow.request.host, path, self._urls)
         if not is_metrion_path(path):
-            if self.config.block_other_hosts:
-                error = MetrionError(403, "host_blocked", _blocked(flow.request.host))
-                flow.response = self._error_response(None, error)
+            self._pass_other_host(flow)
             return None
         route = route_metrion_path(path, self._urls)
         if route is None:
@@ -315,6 +381,23 @@ class Metrion:
                                  f"use /api/proxy/v1/messages or /api/proxy/{{{others}}}/v1/...")
             flow.response = self._error_response(None, error)
         return route
+
+    def _pass_other_host(self, flow: http.HTTPFlow) -> None:
+        """Traffic that is not Metrion's: blocked, or passed on for a token holder (or anyone, if configured)."""
+        assert self.config is not None
+        headers = flow.request.headers
+        try:
+            if self.config.block_other_hosts:
+                raise MetrionError(403, "host_blocked", _blocked(flow.request.host))
+            other_host_identity(headers.get("proxy-authorization"), self._tokens,
+                                tunnel=self._tunnels.get(flow.client_conn),
+                                open_to_all=self.config.allow_other_hosts_without_token)
+        except MetrionError as e:
+            flow.response = self._error_response(None, e)
+            flow.marked = _REJECTED_MARK
+            _redact(headers)
+            return
+        _rewrite(headers, {"proxy-authorization"}, {})  # the proxy's credential is for Metrion, never the host
 
     def _check(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str]) -> Upstream | None:
         """Authenticate and validate the request (the limits come next); raise MetrionError to refuse it.
@@ -335,6 +418,10 @@ class Metrion:
         exchange.request = inspect_body(
             route, flow.request.method, headers.get("content-type", ""), flow.request.raw_content or b""
         )
+        scope = "*" if self.config.cache.share_across_tokens else identity.token_name
+        include_usage = self.config.providers[route.provider].include_usage
+        exchange.cache = cache.plan(headers, scope, route, flow.request.method, exchange.request,
+                                    flow.request.raw_content or b"", include_usage)
         if not self.writer.healthy:
             raise MetrionError(503, "metering_unavailable", "Metrion cannot record usage right now "
                                f"(database write failed: {self.writer.error}); request not forwarded.")
@@ -365,7 +452,7 @@ class Metrion:
         exchange = self._exchanges.get(flow.id)
         if exchange is None or flow.response is None:
             return
-        _redact(flow.request.headers)
+        _redact_flow(flow)
         if exchange.failure is None:  # Metrion's own answers carry these already
             limits = tuple((name.encode(), value.encode()) for name, value in exchange.limit_headers.items())
             flow.response.headers.fields += limits
@@ -377,6 +464,10 @@ class Metrion:
         if tap := stream_tap(exchange, flow.response.status_code, content_type, timer.touch):
             flow.response.stream = GuardedStream(tap, lambda: tap.held_back,
                                                  functools.partial(self._note_internal_error, flow.id))
+        if exchange.cache is not None and exchange.cache_hit is None and self.config is not None:
+            flow.response.headers[cache.HEADER] = cache.outcome(exchange.cache).value
+            if exchange.stream is not None:
+                flow.response.stream = cache.StreamRecorder(flow.response.stream, self.config.cache.max_entry_bytes)
 
     @guarded
     def response(self, flow: http.HTTPFlow) -> None:
@@ -384,7 +475,7 @@ class Metrion:
         if exchange is None or flow.response is None:
             return
         self._stop_timer(flow.id)
-        _redact(flow.request.headers)
+        _redact_flow(flow)
         response = flow.response
         body = None if exchange.stream is not None else _plain_body(response)
         if exchange.failure is not None:
@@ -396,11 +487,13 @@ class Metrion:
         start = flow.request.timestamp_start
         # A whole answer settles at its cost; so does a connection that never opened (nothing reached the provider).
         settles = exchange.failure is None or flow.server_conn.timestamp_tcp_setup is None
-        self._record(
+        record = self._record(
             flow, exchange, status=response.status_code, body=body, error=error,
             latency_ms=((response.timestamp_end or time.time()) - start) * 1000,
             ttfb_ms=None if exchange.failure else (response.timestamp_start - start) * 1000, complete=settles,
         )
+        if exchange.cache is not None and exchange.cache_hit is None:
+            self._store_reply(response, exchange, record)
 
     @guarded
     def error(self, flow: http.HTTPFlow) -> None:
@@ -408,7 +501,7 @@ class Metrion:
         if exchange is None:
             return
         self._stop_timer(flow.id)
-        _redact(flow.request.headers)
+        _redact_flow(flow)
         message = flow.error.msg if flow.error else "unknown error"
         if exchange.timed_out and self.config is not None:
             message = f"upstream silent for {self.config.timeout:g} s; connection closed"
@@ -434,6 +527,12 @@ class Metrion:
             log.warning("metrion: flow %s timed out but had no upstream connection to close", flow.id)
 
     @guarded
+    def _body_data(self, flow: http.HTTPFlow) -> None:
+        """Any byte from the provider means it is not silent, body bytes of a buffered reply included."""
+        if timer := self._timers.get(flow.id):
+            timer.touch()
+
+    @guarded
     def _answer_upstream_failure(self, flow: http.HTTPFlow, message: str) -> http.Response | None:
         exchange = self._exchanges.get(flow.id)
         if exchange is None or self.config is None:
@@ -455,16 +554,30 @@ class Metrion:
 
     def _record(self, flow: http.HTTPFlow | None, exchange: Exchange, *, status: int | None, body: bytes | None,
                 error: str | None, latency_ms: float | None = None, ttfb_ms: float | None = None,
-                flow_id: str | None = None, complete: bool = False) -> None:
+                flow_id: str | None = None, complete: bool = False) -> store.RequestRecord:
         flow_id = flow.id if flow else flow_id
         record = build_record(exchange, status=status, body=body, latency_ms=latency_ms, ttfb_ms=ttfb_ms,
                               error=error, flow_id=flow_id)
+        if exchange.cache is not None:
+            record = cache.account(record, exchange.cache, exchange.cache_hit)
         if flow is not None:
             flow.metadata["metrion"] = metadata(record)
             flow.comment = summary(record)
             if self._loop is not None:  # a UI will want the cost once the row is priced
                 self._flows[flow.id] = flow
         self._put(flow_id, record, complete)
+        return record
+
+    def _store_reply(self, response: http.Response, exchange: Exchange, record: store.RequestRecord) -> None:
+        assert exchange.cache is not None and self.config is not None
+        recorder = response.stream if isinstance(response.stream, cache.StreamRecorder) else None
+        body = recorder.body if recorder is not None else response.raw_content
+        meter = exchange.stream
+        entry = cache.entry_for(exchange.cache, record, _lowercase(response.headers), body, stream=meter is not None,
+                                complete=meter is None or meter.complete, now=self.clock(),
+                                max_bytes=self.config.cache.max_entry_bytes)
+        if entry is not None and self.cache is not None:
+            self.cache.put(entry, record)
 
     def _put(self, flow_id: str | None, record: store.RequestRecord, complete: bool = False) -> None:
         """Hand the row to the writer; the exchange is finished only now (contain() looks for unfinished ones).
@@ -489,7 +602,7 @@ class Metrion:
             self._refuse_after_internal_error(flow, description)
         elif hook in _FINAL_HOOKS:
             self._stop_timer(flow.id)
-            _redact(flow.request.headers)
+            _redact_flow(flow)
             if exchange := self._exchanges.get(flow.id):
                 status = flow.response.status_code if flow.response else None
                 self._put(flow.id, fallback_record(exchange, status, description))
@@ -525,7 +638,7 @@ class Metrion:
         if route is None:
             return None
         flow.request.path = path  # a ?key= never stays in the flow
-        exchange = Exchange(route, path, flow.request.method, started=self.clock(),
+        exchange = Exchange(route, redact_query(path), flow.request.method, started=self.clock(),
                             requester=requester({"x-metrion-user": flow.request.headers.get("x-metrion-user", "")}))
         self._exchanges[flow.id] = exchange
         return exchange
@@ -561,6 +674,31 @@ class Metrion:
         return http.Response.make(error.status, error_body(error_format, error), headers)
 
 
+def _open_database(config: Config) -> sqlite3.Connection:
+    try:
+        conn = store.connect(config.database)
+        store.create_schema(conn)
+    except (sqlite3.Error, OSError) as e:
+        raise ConfigError(f"{config.path}: database: cannot use {config.database}: {e}") from e
+    return conn
+
+
+def _refuse_to_start(line: str) -> NoReturn:
+    """Print `line` and end the process now: mitmproxy would log a traceback for a script and listen anyway.
+
+    os._exit, because SystemExit raised in a script's configure is swallowed by mitmproxy's script loader task.
+    """
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    os._exit(2)
+
+
+def _replayed(replay: cache.Replay) -> http.Response:
+    now = time.time()
+    reason = status_codes.RESPONSES.get(replay.status, "").encode()
+    return http.Response(b"HTTP/1.1", replay.status, reason, http.Headers(replay.headers), replay.body, None, now, now)
+
+
 def _plain_body(response: http.Response) -> bytes | None:
     if "content-encoding" not in response.headers:
         return response.raw_content
@@ -587,6 +725,14 @@ def _target(url: str) -> tuple[str, str, int, str]:
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     return parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), path
+
+
+def _redact_flow(flow: http.HTTPFlow) -> None:
+    """Once the request is sent (or refused): no credential header or credential query parameter stays in it."""
+    _redact(flow.request.headers)
+    path = flow.request.path
+    if "?" in path and (redacted := redact_query(path)) != path:
+        flow.request.path = redacted
 
 
 def _redact(headers: http.Headers) -> None:
