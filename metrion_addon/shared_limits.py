@@ -172,6 +172,10 @@ class SharedLimits:
     def up(self) -> bool:
         return self.error is None
 
+    def reconfigure(self, per_minute: int, caps: Mapping[str, int | None], fingerprint: str) -> None:
+        """New limits from a reloaded config (the next heartbeat tells the others); the counts stay in Redis."""
+        self.per_minute, self._caps, self.fingerprint = per_minute, caps, fingerprint
+
     # start-up, in configure: the only blocking calls, before any request
 
     def connect(self, now: float) -> None:
