@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable, Coroutine
@@ -39,6 +40,7 @@ from metrion_addon.metering import (
     summary,
 )
 from metrion_addon.metrics import CONTENT_TYPE, Metrics
+from metrion_addon.notify import AlertMonitor
 from metrion_addon.pricing import Pricer, context_window
 from metrion_addon.reload import ConfigWatcher, needs_restart
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
@@ -68,6 +70,7 @@ class Metrion:
         self.clock = clock or clock_from_env()
         self.config: Config | None = None
         self.writer: store.Writer | None = None
+        self.monitor: AlertMonitor | None = None
         self.limits = Limits(1, {})
         self.shared: SharedLimits | None = None  # the limits on Redis, when the config has `shared:`
         self.metrics = Metrics()  # one per process: a reload keeps the counts
@@ -114,6 +117,10 @@ class Metrion:
                                    settle=self.budgets.settle)
         self.writer.start()
         self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
+        if config.alerts.rules:
+            self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put,
+                                        store.load_alert_history(conn))
+            self.monitor.start()
         caps = _caps(config)
         self.limits = Limits(config.rate_limit, caps, buckets, months)
         if config.shared is not None:
@@ -160,8 +167,23 @@ class Metrion:
         self.limits.reconfigure(config.rate_limit, caps)
         if self.shared is not None:
             self.shared.reconfigure(config.rate_limit, caps, config.limits_fingerprint())
+        if config.alerts != self.config.alerts:
+            self._replace_monitor(config)
         self._use(config)
         log.info("metrion: reloaded %s: %d token(s)", config.path, len(config.tokens))
+
+    def _replace_monitor(self, config: Config) -> None:
+        """New alert rules: the old monitor stops on a thread of its own (it may be delivering), a new one starts."""
+        assert self.writer is not None
+        old, self.monitor = self.monitor, None
+        if old is not None:
+            threading.Thread(target=old.close, name="metrion-alerts-stop", daemon=True).start()
+        if config.alerts.rules:
+            with contextlib.closing(store.connect(config.database)) as conn:
+                history = store.load_alert_history(conn)
+            self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put, history)
+            self.monitor.start()
+            self.monitor.poke()  # evaluate the new rules now, not at the next written row
 
     def _stop_watching(self) -> None:
         if self._watcher is not None:
@@ -197,6 +219,9 @@ class Metrion:
                      error="Metrion shut down before the request finished", flow_id=flow_id)
 
     def _close_writer(self) -> None:
+        if self.monitor is not None:  # first: its last notifications are recorded by the writer
+            self.monitor.close()
+            self.monitor = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -565,8 +590,11 @@ class Metrion:
             exchange.internal_error = description
 
     def _written(self, records: list[store.RequestRecord]) -> None:
-        """Called on the writer thread once rows are written: count them, and show their cost in mitmweb."""
+        """Called on the writer thread once rows are written: count them, let alert rules look again, and show
+        their cost in mitmweb."""
         self.metrics.rows_written(records)
+        if self.monitor is not None:
+            self.monitor.poke()
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._annotate, records)
 

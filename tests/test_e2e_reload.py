@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import yaml
 from harness import APP_TOKEN, Proxy, token
+from receivers import WebhookReceiver, wait_for
 from test_e2e_metering import request_for
 
 METRION = Path(sys.executable).parent / "metrion"
@@ -97,3 +98,21 @@ def test_sighup_reloads_a_change_the_file_watch_cannot_see(start_proxy) -> None:
         proxy.process.send_signal(signal.SIGHUP)
         wait_for_log(proxy, "metrion: reloaded", offset)
         assert post(client, proxy, APP_TOKEN).headers["x-metrion-ratelimit-limit"] == "200"
+
+
+def test_alert_rules_added_by_a_reload_start_notifying(start_proxy) -> None:
+    receiver = WebhookReceiver().start()
+    try:
+        proxy = start_proxy(prices={"gpt-4o": {"input": 0, "output": 1_000_000}})  # $3 a request
+        with httpx.Client(timeout=30) as client:
+            assert [post(client, proxy, APP_TOKEN).status_code for _ in range(4)] == [200] * 4
+        proxy.rows(n=4)
+        rule = {"name": "spend", "type": "budget", "threshold": 10, "unit": "usd", "period": "month",
+                "notify": ["ops"]}
+        offset = edit(proxy, {"alerts": {"channels": {"ops": {"webhook": receiver.url}}, "rules": [rule],
+                                         "check_every": "1s"}})
+        wait_for_log(proxy, "metrion: reloaded", offset)
+        assert wait_for(lambda: [body["level"] for body in receiver.received] == ["alert"])
+        assert receiver.received[0]["rule"] == "spend"
+    finally:
+        receiver.stop()

@@ -22,7 +22,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from metrion_addon import queries
+from metrion_addon import alerts, queries
 from metrion_addon.clock import Clock
 from metrion_addon.config import Config
 from metrion_addon.dashboard.access import PasswordRequired
@@ -51,6 +51,7 @@ PAGES = (
     Page("costs", "Costs", "/costs", lambda conn, view, config, now: queries.costs(conn, view.filters, now)),
     Page("tokens", "Tokens", "/tokens",
          lambda conn, view, config, now: queries.tokens(conn, config, view.filters, now)),
+    Page("alerts", "Alerts", "/alerts", lambda conn, view, config, now: alerts.status(conn, config, now.timestamp())),
 )
 
 

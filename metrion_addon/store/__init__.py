@@ -3,12 +3,22 @@
 Callers import from here; a backend module (sqlite.py today) is chosen once, in the addon's configure.
 """
 
-from .records import COLUMNS, BucketState, BudgetState, Counter, MonthlyCount, RequestRecord
-from .sqlite import SQLiteBackend, connect, create_schema, load_budgets, load_counters
+from .records import COLUMNS, AlertEvent, BucketState, BudgetState, Counter, MonthlyCount, RequestRecord
+from .sqlite import (
+    SQLiteBackend,
+    connect,
+    create_schema,
+    insert_alert_event,
+    latest_alerts,
+    load_alert_history,
+    load_budgets,
+    load_counters,
+)
 from .writer import Backend, Pricer, Settler, Writer
 
 __all__ = [
     "COLUMNS",
+    "AlertEvent",
     "Backend",
     "BucketState",
     "BudgetState",
@@ -21,6 +31,9 @@ __all__ = [
     "Writer",
     "connect",
     "create_schema",
+    "insert_alert_event",
+    "latest_alerts",
+    "load_alert_history",
     "load_budgets",
     "load_counters",
 ]

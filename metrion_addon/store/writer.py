@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from .records import BucketState, BudgetState, Counter, MonthlyCount, RequestRecord
+from .records import AlertEvent, BucketState, BudgetState, Counter, MonthlyCount, RequestRecord
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,8 @@ class Writer:
             counters[(MonthlyCount, item.token_name, item.month)] = item
         elif isinstance(item, BudgetState):
             _keep_latest(counters, item)
+        elif isinstance(item, AlertEvent):  # events are inserted, never merged: each gets a key of its own
+            counters[(AlertEvent, str(id(item)), item.ts)] = item
         return False
 
     def _write(self, records: list[RequestRecord], counters: dict[tuple[type, str, str], Counter]) -> bool:
