@@ -3,7 +3,18 @@
 Callers import from here; a backend module (sqlite.py today) is chosen once, in the addon's configure.
 """
 
-from .records import COLUMNS, AlertEvent, BucketState, BudgetState, Counter, MonthlyCount, RequestRecord
+from .records import (
+    COLUMNS,
+    AlertEvent,
+    BucketState,
+    BudgetState,
+    CacheEntry,
+    CacheTouch,
+    CacheWrite,
+    Counter,
+    MonthlyCount,
+    RequestRecord,
+)
 from .sqlite import (
     SQLiteBackend,
     connect,
@@ -22,6 +33,9 @@ __all__ = [
     "Backend",
     "BucketState",
     "BudgetState",
+    "CacheEntry",
+    "CacheTouch",
+    "CacheWrite",
     "Counter",
     "MonthlyCount",
     "Pricer",

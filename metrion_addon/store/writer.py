@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from .records import AlertEvent, BucketState, BudgetState, Counter, MonthlyCount, RequestRecord
+from .records import AlertEvent, BucketState, BudgetState, CacheTouch, CacheWrite, Counter, MonthlyCount, RequestRecord
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,10 @@ class Writer:
             _keep_latest(counters, item)
         elif isinstance(item, AlertEvent):  # events are inserted, never merged: each gets a key of its own
             counters[(AlertEvent, str(id(item)), item.ts)] = item
+        elif isinstance(item, CacheWrite):
+            counters[(CacheWrite, item.entry.key, "")] = item
+        elif isinstance(item, CacheTouch):
+            counters[(CacheTouch, item.key, "")] = item
         return False
 
     def _write(self, records: list[RequestRecord], counters: dict[tuple[type, str, str], Counter]) -> bool:
