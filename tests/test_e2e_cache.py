@@ -180,6 +180,23 @@ def test_another_token_does_not_share_entries(proxy: Proxy, mock: MockProvider) 
     assert len(received_for(mock, who)) == 2
 
 
+def test_a_client_with_its_own_provider_key_only_reads_entries_made_with_that_key(proxy: Proxy,
+                                                                                   mock: MockProvider) -> None:
+    who = label()
+    before = entry_keys(proxy)
+    chat(proxy, who, key="sk-client-one", headers={"x-metrion-token": PASS_TOKEN})
+    wait_for_new_entry(proxy, before)
+    # the same Metrion token with another (say, wrong or revoked) provider key: the provider must see it
+    other = chat(proxy, who, key="sk-client-two", headers={"x-metrion-token": PASS_TOKEN})
+    same = chat(proxy, who, key="sk-client-one", headers={"x-metrion-token": PASS_TOKEN})
+    assert (other.headers["x-metrion-cache"], same.headers["x-metrion-cache"]) == ("MISS", "HIT")
+    assert [r.headers["authorization"] for r in received_for(mock, who)] == ["Bearer sk-client-one",
+                                                                             "Bearer sk-client-two"]
+    with sqlite3.connect(proxy.db_path) as conn:
+        stored = conn.execute("SELECT key, token_name, headers, body FROM cache_entries").fetchall()
+    assert stored and not any(b"sk-client" in str(field).encode() for row in stored for field in row)
+
+
 def test_requests_without_the_header_are_neither_served_nor_stored(proxy: Proxy, mock: MockProvider) -> None:
     who = label()
     before = entry_keys(proxy)
@@ -319,6 +336,9 @@ def test_a_hit_counts_against_the_rate_limit_but_not_the_monthly_cap(start_proxy
     answers = [chat(proxy, who, key=capped) for _ in range(4)]
     assert [a.status_code for a in answers] == [200, 200, 200, 429]  # a runaway loop is throttled: 4 a minute
     assert answers[-1].json()["error"]["code"] == "rate_limit_exceeded"
+    assert "x-metrion-cache" not in answers[-1].headers
+    statuses = [row["cache_status"] for row in proxy.rows("requester = ?", (who,), n=5)]
+    assert statuses == ["MISS", "HIT", "HIT", "HIT", None]  # the refused one was told nothing
     assert answers[0].headers["x-metrion-quota-remaining"] == "1"  # hits leave the monthly count alone
     set_clock(clock, "2026-03-10T12:01:00Z")  # a minute later the bucket is full again
     fresh = chat(proxy, label(), key=capped)
