@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .auth import Identity
-from .cache import CacheEntry, CachePlan
+from .cache import CacheEntry, CachePlan, Outcome
 from .clock import iso_utc
 from .errors import MetrionError
 from .json_array import JSONArrayDecoder
@@ -43,6 +43,7 @@ class Exchange:
     failure: MetrionError | None = None  # Metrion answered instead of the provider
     cache: CachePlan | None = None  # the request asked for the response cache
     cache_hit: CacheEntry | None = None  # ... and was answered from it
+    cache_told: Outcome | None = None  # the x-metrion-cache header the client was sent
     internal_error: str | None = None  # Metrion's own code failed while metering the answer (guard.describe)
     secrets: tuple[str, ...] = field(default=(), repr=False)  # the request's credentials, scrubbed from errors
 

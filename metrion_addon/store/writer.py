@@ -58,6 +58,10 @@ class Writer:
     def healthy(self) -> bool:
         return self.error is None
 
+    def reprice(self, price: Pricer) -> None:
+        """Price the rows of later batches with `price` (a reloaded config's prices)."""
+        self._price = price
+
     @property
     def backlog(self) -> int:
         """Items not written yet: queued, plus the rows of a batch waiting to be retried."""
