@@ -37,7 +37,9 @@ USAGE_SUMS = (
     "ttfb_us",
     "ttfb_count",
 )
-LATENCY_KEY = ("hour", "provider", "model", "token_name", "status", "bucket")  # no requester: that would multiply rows
+# No requester (that would multiply the rows); the bucket right after the model, so that SQLite groups by
+# (time, provider, model, bucket) in key order, without sorting.
+LATENCY_KEY = ("hour", "provider", "model", "bucket", "token_name", "status")
 LEVELS = {"hourly": ("hour", 13), "daily": ("day", 10)}  # table prefix: (time column, length of its ts prefix)
 ROW_COLUMNS = (
     "ts",
@@ -175,7 +177,7 @@ def fold(rows: Iterable[Row]) -> tuple[dict[tuple, list[int]], dict[tuple, int]]
             for i, value in enumerate(sums):
                 into[i] += value
         if row.latency_ms is not None:
-            lkey = (key[0], key[1], key[2], key[3], key[5], latency_bucket(row.latency_ms))
+            lkey = (key[0], key[1], key[2], latency_bucket(row.latency_ms), key[3], key[5])
             latency[lkey] = latency.get(lkey, 0) + 1
     return usage, latency
 
@@ -305,8 +307,8 @@ def _backfill(conn: sqlite3.Connection) -> int:
             f"INSERT INTO {level}_usage ({time_column}, {', '.join(USAGE_KEY[1:] + USAGE_SUMS)}) "
             f"SELECT {', '.join(keys + sums)} FROM requests GROUP BY {', '.join(keys)}"
         )
-        keys = [f"substr(ts, 1, {cut})", "provider", "coalesce(model, '')", "coalesce(token_name, '')",
-                "coalesce(status, 0)", "metrion_latency_bucket(latency_ms)"]
+        keys = [f"substr(ts, 1, {cut})", "provider", "coalesce(model, '')", "metrion_latency_bucket(latency_ms)",
+                "coalesce(token_name, '')", "coalesce(status, 0)"]
         conn.execute(
             f"INSERT INTO {level}_latency ({time_column}, {', '.join(LATENCY_KEY[1:])}, requests) "
             f"SELECT {', '.join(keys)}, count(*) FROM requests WHERE latency_ms IS NOT NULL GROUP BY {', '.join(keys)}"

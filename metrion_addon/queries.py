@@ -135,7 +135,8 @@ def _aggregate_rows(conn: sqlite3.Connection, f: Filters, parts: list[Segment], 
         if part.level is None:
             continue
         time_column, cut = aggregates.LEVELS[part.level]
-        columns = [expression.format(time=time_column) for expression in selected.values()]
+        whole = f"substr({time_column}, 1, {cut})"  # the column itself: SQLite can then group in key order
+        columns = [expression.format(time=time_column).replace(whole, time_column) for expression in selected.values()]
         sql = (
             f"SELECT {''.join(f'{column}, ' for column in columns)}{sums} FROM {part.level}_{kind}"
             f" WHERE {' AND '.join([f'{time_column} >= ? AND {time_column} < ?', *clauses])}"

@@ -133,12 +133,12 @@ def latency(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
     labels = buckets(f)
     groups = usage(conn, f, (_time_key(f), "provider", "model", "failed"))
     source = percentile_source(f, groups)
-    found = latencies(conn, f, ("time",), source)
+    found = latencies(conn, f, ("time", "provider", "model"), source)
     over_time = found.percentiles((0,))
     averages = {label: totals(sums) for (label,), sums in rollup(groups, (0,)).items()}
     series = {f"p{p}": [over_time.get((label,), {}).get(f"p{p}") for label in labels] for p in PERCENTS}
     series["ttfb_avg"] = [averages.get(label, {}).get("ttfb_avg_ms") for label in labels]
-    by_model = latencies(conn, f, ("provider", "model"), source).percentiles((0, 1))
+    by_model = found.percentiles((1, 2))
     table = []
     for row in with_errors(rollup(groups, (1, 2, 3)), 2):
         provider, model = row.pop("key")
