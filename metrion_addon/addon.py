@@ -41,6 +41,7 @@ class Metrion:
         self.clock = clock or clock_from_env()
         self.config: Config | None = None
         self.writer: store.Writer | None = None
+        self._ownership: store.Ownership | None = None
         self.limits = Limits(1, {})
         self._tokens: dict = {}
         self._exchanges: dict[str, Exchange] = {}
@@ -69,6 +70,10 @@ class Metrion:
         except ConfigError as e:
             raise exceptions.OptionsError(f"metrion: {e}") from e
         self._close_writer()
+        try:  # with limits kept in a shared store, several processes may share the database: skip this claim
+            self._ownership = store.claim(config.database)
+        except store.DatabaseInUse as e:
+            raise exceptions.OptionsError(f"metrion: {e}") from e
         conn = store.connect(config.database)
         store.create_schema(conn)
         buckets, months = store.load_counters(conn)
@@ -104,6 +109,9 @@ class Metrion:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self._ownership is not None:
+            self._ownership.release()
+            self._ownership = None
 
     # forward-proxy tunnels
 
@@ -184,9 +192,9 @@ class Metrion:
         exchange.request = inspect_body(
             route, flow.request.method, headers.get("content-type", ""), flow.request.raw_content or b""
         )
-        if not self.writer.healthy:
+        if trouble := self.writer.trouble:
             raise MetrionError(503, "metering_unavailable", "Metrion cannot record usage right now "
-                               f"(database write failed: {self.writer.error}); request not forwarded.")
+                               f"({trouble}); request not forwarded.")
         admission = self.limits.admit(identity.token_name, identity.plan, self.clock())
         exchange.limit_headers = admission.headers
         for state in admission.saved:
@@ -207,6 +215,7 @@ class Metrion:
             request.content = with_stream_usage(request.raw_content or b"", exchange.request.parsed)
             exchange.hide_usage_chunk = True
         request.scheme, request.host, request.port, request.path = _target(route.upstream_url)  # in this order
+        exchange.forwarded = True
         self._timers[flow.id] = IdleTimer(self.config.timeout, lambda: self._time_out(flow))
         token = exchange.identity.token_name if exchange.identity else None
         flow.metadata["metrion"] = {"provider": route.provider, "token": token}

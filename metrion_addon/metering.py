@@ -37,6 +37,7 @@ class Exchange:
     stream: StreamUsage | None = None
     timed_out: bool = False
     failure: MetrionError | None = None  # Metrion answered instead of the provider
+    forwarded: bool = False  # sent on to the provider: its row is never dropped
 
 
 class StreamTap:
@@ -150,6 +151,7 @@ def build_record(
         error=error,
         auth_mode=exchange.identity.mode if exchange.identity else None,
         flow_id=flow_id,
+        forwarded=exchange.forwarded,
     )
 
 

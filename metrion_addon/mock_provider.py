@@ -228,7 +228,24 @@ def _rand_id(prefix: str, n: int = 24) -> str:
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate (echoed, or `surrogate-model`): escaped, as real APIs do
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _inflate_usage(obj: Any) -> Any:
+    """`huge-usage`: every count in a `usage` object becomes 10**30 (more than any 64-bit column holds)."""
+    if isinstance(obj, dict):
+        return {k: (_inflate_usage_counts(v) if k == "usage" else _inflate_usage(v)) for k, v in obj.items()}
+    return obj
+
+
+def _inflate_usage_counts(usage: Any) -> Any:
+    if isinstance(usage, dict):
+        return {k: _inflate_usage_counts(v) for k, v in usage.items()}
+    return 10**30 if isinstance(usage, int) and not isinstance(usage, bool) else usage
 
 
 # --------------------------------------------------------------------------- errors
@@ -733,7 +750,7 @@ class MockProvider:
         if provider == "mistral" and "stream_options" in body:
             return self._json(rid, request, scenario, 422, MISTRAL_STREAM_OPTIONS_422, provider)
 
-        model = response_model(provider, str(body.get("model", "")))
+        model = "\udcff" if "surrogate-model" in scenario else response_model(provider, str(body.get("model", "")))
         stream = bool(body.get("stream"))
         if endpoint == "messages/count_tokens":
             return self._json(rid, request, scenario, 200, expected_usage(provider, endpoint, body), provider)
@@ -787,7 +804,7 @@ class MockProvider:
         obj: Any,
         provider: str | None = None,
     ) -> web.Response:
-        payload = _dumps(obj)
+        payload = _dumps(_inflate_usage(obj) if "huge-usage" in scenario else obj)
         headers = self._headers(rid, provider, status)
         if "gzip" in scenario and _accepts_gzip(request.headers.get("accept-encoding", "")):
             payload = gzip.compress(payload, mtime=0)

@@ -3,7 +3,8 @@
 Callers import from here; a backend module (sqlite.py today) is chosen once, in the addon's configure.
 """
 
-from .records import COLUMNS, BucketState, Counter, MonthlyCount, RequestRecord
+from .owner import DatabaseInUse, Ownership, claim
+from .records import COLUMNS, BucketState, Counter, DeadLetter, MonthlyCount, RequestRecord, storable
 from .sqlite import SQLiteBackend, connect, create_schema, load_counters
 from .writer import Backend, Pricer, Writer
 
@@ -12,12 +13,17 @@ __all__ = [
     "Backend",
     "BucketState",
     "Counter",
+    "DatabaseInUse",
+    "DeadLetter",
     "MonthlyCount",
+    "Ownership",
     "Pricer",
     "RequestRecord",
     "SQLiteBackend",
     "Writer",
+    "claim",
     "connect",
     "create_schema",
     "load_counters",
+    "storable",
 ]

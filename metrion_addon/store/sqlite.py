@@ -5,6 +5,7 @@ Everything SQLite-specific lives here; the Writer (writer.py) only sees the Back
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -14,11 +15,13 @@ import sqlite_utils
 
 from metrion_addon.aggregates import add_to_hourly, create_hourly
 
-from .records import COLUMNS, BucketState, Counter, MonthlyCount, RequestRecord
+from .records import COLUMNS, BucketState, Counter, DeadLetter, MonthlyCount, RequestRecord
 
 _ROW = f"({', '.join('?' * len(COLUMNS))})"
 _ROWS_PER_INSERT = 500  # under SQLite's 32,766 bound parameters per statement
 _INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES "
+_WAL_BYTES = 4 * 1024 * 1024
+_INSERT_DEAD = "INSERT INTO dead_letters (ts, error, row) VALUES (?, ?, ?)"
 _UPSERT_BUCKET = (
     "INSERT INTO rate_buckets (token_name, tokens, updated_at) VALUES (?, ?, ?) "
     "ON CONFLICT(token_name) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at"
@@ -33,6 +36,7 @@ def connect(path: Path | str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA busy_timeout = 5000")
     conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: no fsync per commit, still safe from corruption
+    conn.execute(f"PRAGMA journal_size_limit = {_WAL_BYTES}")  # a checkpointed WAL gives its disk space back
     return conn
 
 
@@ -63,6 +67,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
     db["monthly_usage"].create(
         {"token_name": str, "month": str, "requests": int}, pk=("token_name", "month"), if_not_exists=True
     )
+    db["dead_letters"].create({"id": int, "ts": str, "error": str, "row": str}, pk="id", if_not_exists=True)
     create_hourly(conn)  # a database from before the aggregates gets them built from its rows
 
 
@@ -78,8 +83,27 @@ class SQLiteBackend:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
 
-    def write(self, records: Sequence[RequestRecord], counters: Sequence[Counter]) -> None:
-        """Write the rows and counters in one transaction, or nothing (and raise)."""
+    def write(self, records: Sequence[RequestRecord], counters: Sequence[Counter],
+              dead_letters: Sequence[DeadLetter]) -> None:
+        """Write rows, counters and dead letters in one transaction, or nothing (and raise)."""
+        try:
+            self._transaction(records, counters, dead_letters)
+        except sqlite3.OperationalError:
+            self._give_back_space()
+            raise
+
+    def is_outage(self, error: Exception) -> bool:
+        # OperationalError: full, locked, I/O error, read-only, missing table; a plain DatabaseError: corruption.
+        # A closed connection (ProgrammingError) fails every row alike, which the writer tells by writing none.
+        return isinstance(error, sqlite3.OperationalError) or type(error) is sqlite3.DatabaseError
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _transaction(self, records: Sequence[RequestRecord], counters: Sequence[Counter],
+                     dead_letters: Sequence[DeadLetter]) -> None:
+        if self._conn.in_transaction:  # a rollback that failed (I/O error) left one open
+            self._conn.rollback()
         with self._conn:
             self._conn.execute("BEGIN")
             # One multi-row INSERT per 500 rows: sqlite3 hands the GIL back and forth on every statement,
@@ -93,9 +117,13 @@ class SQLiteBackend:
                     self._conn.execute(_UPSERT_BUCKET, (counter.token_name, counter.tokens, counter.updated_at))
                 else:
                     self._conn.execute(_UPSERT_MONTH, (counter.token_name, counter.month, counter.requests))
+            if dead_letters:
+                self._conn.executemany(_INSERT_DEAD, [(d.ts, d.error, d.row) for d in dead_letters])
 
-    def close(self) -> None:
-        self._conn.close()
+    def _give_back_space(self) -> None:
+        """After a failed write (a full disk, typically): shrink the WAL so that freed space is not eaten again."""
+        with contextlib.suppress(sqlite3.Error):  # the next attempt will say what is wrong
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def _params(records: Iterable[RequestRecord]) -> list:
