@@ -16,24 +16,41 @@ from mitmproxy import ctx, exceptions, hooks, http
 from mitmproxy.proxy import server_hooks
 
 from metrion_addon import contentview, store  # importing contentview registers the LLM stream view for mitmweb
-from metrion_addon.auth import authenticate, identify_forward, requester
+from metrion_addon.auth import authenticate, identify_forward, lift_query_key, requester
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
 from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
 from metrion_addon.display import FlowDisplay
 from metrion_addon.errors import MetrionError, error_body, error_headers, provider_error_message
+from metrion_addon.guard import GuardedStream, guarded
 from metrion_addon.limits import Limits
-from metrion_addon.metering import Exchange, StreamTap, build_record, metadata, summary
+from metrion_addon.metering import (
+    Exchange,
+    build_record,
+    disconnect_error,
+    fallback_record,
+    metadata,
+    stream_tap,
+    summary,
+)
 from metrion_addon.pricing import Pricer
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
-from metrion_addon.routes import PROVIDER_HOSTS, Route, is_metrion_path, route_metrion_path, route_provider_host
+from metrion_addon.routes import (
+    Route,
+    host_provider,
+    is_metrion_path,
+    provider_hosts,
+    route_metrion_path,
+    route_provider_host,
+)
 from metrion_addon.upstream import IdleTimer, answer_upstream_failures, cancel_upstream
-from metrion_addon.usage import StreamUsage
 
 log = logging.getLogger(__name__)
 
-_CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-metrion-token", b"proxy-authorization")
+_CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-goog-api-key", b"x-metrion-token", b"proxy-authorization")
 _REDACTED = b"[redacted]"
+_REQUEST_HOOKS = ("request", "http_connect")  # a failure here must answer the request: it is not forwarded yet
+_FINAL_HOOKS = ("response", "error")  # a failure here must still leave the row
 
 
 class Metrion:
@@ -49,6 +66,8 @@ class Metrion:
         self._flows: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
         self._tunnels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client conn -> Identity
         self._upstream_hosts: set[str] = set()
+        self._urls: dict[str, str] = {}
+        self._hosts: dict[str, str] = {}  # provider hosts recognised in forward-proxy use
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # lifecycle
@@ -77,7 +96,7 @@ class Metrion:
         conn = store.connect(config.database)
         store.create_schema(conn)
         buckets, months = store.load_counters(conn)
-        pricer = Pricer(config.prices)
+        pricer = Pricer(config.prices, {name: p.price_as for name, p in config.providers.items()})
         pricer.warm()
         self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._priced)
         self.writer.start()
@@ -85,25 +104,32 @@ class Metrion:
         caps = {name: plan.monthly_requests for name, plan in config.plans.items()}
         self.limits = Limits(config.rate_limit, caps, buckets, months)
         self._tokens = config.token_by_hash()
-        self._upstream_hosts = {urlsplit(url).hostname for url in config.providers.values()}
+        self._urls = {name: provider.url for name, provider in config.providers.items()}
+        self._hosts = provider_hosts(self._urls)
+        self._upstream_hosts = {urlsplit(url).hostname for url in self._urls.values()}
         answer_upstream_failures(self._answer_upstream_failure)
 
+    @guarded
     def running(self) -> None:
         # Only a UI (mitmweb's or the console's flow view) shows the cost once the writer has priced a row.
         self._loop = asyncio.get_running_loop() if ctx.master.addons.get("view") is not None else None
         if self.config is not None:
             log.info("metrion: metering %d token(s) into %s", len(self.config.tokens), self.config.database)
 
+    @guarded
     def done(self) -> None:
-        for flow_id, exchange in list(self._exchanges.items()):
-            self._record(None, exchange, status=None, body=None, error="Metrion shut down before the request finished",
-                         flow_id=flow_id)
-        self._exchanges.clear()
+        for flow_id in list(self._exchanges):
+            self._abandon(flow_id)
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
         answer_upstream_failures(None)
         self._close_writer()
+
+    @guarded
+    def _abandon(self, flow_id: str) -> None:
+        self._record(None, self._exchanges[flow_id], status=None, body=None,
+                     error="Metrion shut down before the request finished", flow_id=flow_id)
 
     def _close_writer(self) -> None:
         if self.writer is not None:
@@ -115,10 +141,11 @@ class Metrion:
 
     # forward-proxy tunnels
 
+    @guarded
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or self.config is None:
             return
-        if flow.request.host.lower() in PROVIDER_HOSTS:
+        if host_provider(flow.request.host, flow.request.port, self._hosts):
             try:
                 self._tunnels[flow.client_conn] = identify_forward(
                     flow.request.headers.get("proxy-authorization"), self._tokens
@@ -130,6 +157,7 @@ class Metrion:
             flow.response = self._error_response(None, MetrionError(403, "host_blocked", _blocked(flow.request.host)))
             flow.marked = _REJECTED_MARK
 
+    @guarded
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         # One upstream connection per flow (HTTP/1.1) lets a timeout close exactly one request.
         address = data.server.address
@@ -138,38 +166,44 @@ class Metrion:
 
     # the request's way up
 
+    @guarded
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.config is None:
             return
-        route = self._route(flow)
+        path, query_key = lift_query_key(flow.request.path)  # Gemini's ?key= becomes x-goog-api-key: never logged
+        route = self._route(flow, path)
         if route is None:
             return
-        exchange = Exchange(route, flow.request.path, flow.request.method, started=self.clock())
+        if query_key is not None:
+            flow.request.path = path
+            if "x-goog-api-key" not in flow.request.headers:
+                flow.request.headers["x-goog-api-key"] = query_key
+        exchange = Exchange(route, path, flow.request.method, started=self.clock())
         self._exchanges[flow.id] = exchange
         try:
             self._admit(flow, exchange, _lowercase(flow.request.headers))
         except MetrionError as e:
             exchange.failure = e
-            flow.response = self._error_response(route.provider, e, exchange)
+            flow.response = self._error_response(route.format, e, exchange)
             flow.marked = _REJECTED_MARK
             _redact(flow.request.headers)
             return
         self._forward(flow, exchange)
 
-    def _route(self, flow: http.HTTPFlow) -> Route | None:
+    def _route(self, flow: http.HTTPFlow, path: str) -> Route | None:
         assert self.config is not None
-        providers = self.config.providers
-        if route := route_provider_host(flow.request.host, flow.request.path, providers):
-            return route
-        if not is_metrion_path(flow.request.path):
+        if provider := host_provider(flow.request.host, flow.request.port, self._hosts):
+            return route_provider_host(provider, flow.request.host, path, self._urls)
+        if not is_metrion_path(path):
             if self.config.block_other_hosts:
                 error = MetrionError(403, "host_blocked", _blocked(flow.request.host))
                 flow.response = self._error_response(None, error)
             return None
-        route = route_metrion_path(flow.request.path, providers)
+        route = route_metrion_path(path, self._urls)
         if route is None:
-            error = MetrionError(404, "unknown_route", f"Metrion has no route {flow.request.path.split('?')[0]!r}: "
-                                 "use /api/proxy/v1/messages or /api/proxy/{openai,gemini,mistral,grok}/v1/...")
+            others = ",".join(name for name in self._urls if name != "anthropic")
+            error = MetrionError(404, "unknown_route", f"Metrion has no route {path.split('?')[0]!r}: "
+                                 f"use /api/proxy/v1/messages or /api/proxy/{{{others}}}/v1/...")
             flow.response = self._error_response(None, error)
         return route
 
@@ -181,13 +215,13 @@ class Metrion:
         assert self.config is not None and self.writer is not None
         route = exchange.route
         exchange.requester = requester(headers)
-        if route_is_forward := flow.request.host.lower() in PROVIDER_HOSTS:
+        if route_is_forward := host_provider(flow.request.host, flow.request.port, self._hosts) is not None:
             identity = self._tunnels.get(flow.client_conn) or identify_forward(
                 headers.get("proxy-authorization"), self._tokens
             )
             credentials = None
         else:
-            identity, credentials = authenticate(route.provider, headers, self._tokens)
+            identity, credentials = authenticate(route.provider, headers, self._tokens, route.format)
         exchange.identity = identity
         exchange.request = inspect_body(
             route, flow.request.method, headers.get("content-type", ""), flow.request.raw_content or b""
@@ -211,7 +245,10 @@ class Metrion:
     def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         assert self.config is not None
         request, route = flow.request, exchange.route
-        if exchange.request and exchange.request.parsed is not None and needs_stream_usage(route, exchange.request):
+        asks = self.config.providers[route.provider].include_usage
+        if exchange.request and exchange.request.parsed is not None and needs_stream_usage(
+            route, exchange.request, asks
+        ):
             request.content = with_stream_usage(request.raw_content or b"", exchange.request.parsed)
             exchange.hide_usage_chunk = True
         request.scheme, request.host, request.port, request.path = _target(route.upstream_url)  # in this order
@@ -222,6 +259,7 @@ class Metrion:
 
     # the answer's way down
 
+    @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         exchange = self._exchanges.get(flow.id)
         if exchange is None or flow.response is None:
@@ -234,12 +272,14 @@ class Metrion:
         if timer is None:
             return
         timer.touch()
-        if flow.response.headers.get("content-type", "").lower().startswith("text/event-stream"):
-            exchange.stream = StreamUsage(exchange.route.provider, exchange.route.api)
-            flow.response.stream = StreamTap(exchange.stream, exchange.hide_usage_chunk, timer.touch)
+        content_type = flow.response.headers.get("content-type", "")
+        if tap := stream_tap(exchange, flow.response.status_code, content_type, timer.touch):
+            flow.response.stream = GuardedStream(tap, lambda: tap.held_back,
+                                                 functools.partial(self._note_internal_error, flow.id))
 
+    @guarded
     def response(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.pop(flow.id, None)
+        exchange = self._exchanges.get(flow.id)
         if exchange is None or flow.response is None:
             return
         self._stop_timer(flow.id)
@@ -259,8 +299,9 @@ class Metrion:
             ttfb_ms=None if exchange.failure else (response.timestamp_start - start) * 1000,
         )
 
+    @guarded
     def error(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.pop(flow.id, None)
+        exchange = self._exchanges.get(flow.id)
         if exchange is None:
             return
         self._stop_timer(flow.id)
@@ -269,7 +310,7 @@ class Metrion:
         if exchange.timed_out and self.config is not None:
             message = f"upstream silent for {self.config.timeout:g} s; connection closed"
         elif message == "Client disconnected.":
-            message = "client disconnected before the response finished"
+            message = disconnect_error(exchange)  # None once the provider's terminal event reached the client
         response = flow.response
         start = flow.request.timestamp_start
         self._record(
@@ -280,6 +321,7 @@ class Metrion:
 
     # timeouts and upstream failures
 
+    @guarded
     def _time_out(self, flow: http.HTTPFlow) -> None:
         exchange = self._exchanges.get(flow.id)
         if exchange is None:
@@ -288,6 +330,7 @@ class Metrion:
         if not cancel_upstream(flow):
             log.warning("metrion: flow %s timed out but had no upstream connection to close", flow.id)
 
+    @guarded
     def _answer_upstream_failure(self, flow: http.HTTPFlow, message: str) -> http.Response | None:
         exchange = self._exchanges.get(flow.id)
         if exchange is None or self.config is None:
@@ -299,7 +342,7 @@ class Metrion:
             error = MetrionError(502, "upstream_unreachable", f"Metrion could not reach the provider: {message}")
         exchange.failure = error
         flow.marked = _REJECTED_MARK
-        return self._error_response(exchange.route.provider, error, exchange)
+        return self._error_response(exchange.route.format, error, exchange)
 
     def _stop_timer(self, flow_id: str) -> None:
         if timer := self._timers.pop(flow_id, None):
@@ -310,15 +353,80 @@ class Metrion:
     def _record(self, flow: http.HTTPFlow | None, exchange: Exchange, *, status: int | None, body: bytes | None,
                 error: str | None, latency_ms: float | None = None, ttfb_ms: float | None = None,
                 flow_id: str | None = None) -> None:
+        flow_id = flow.id if flow else flow_id
         record = build_record(exchange, status=status, body=body, latency_ms=latency_ms, ttfb_ms=ttfb_ms,
-                              error=error, flow_id=flow.id if flow else flow_id)
+                              error=error, flow_id=flow_id)
         if flow is not None:
             flow.metadata["metrion"] = metadata(record)
             flow.comment = summary(record)
             if self._loop is not None:  # a UI will want the cost once the row is priced
                 self._flows[flow.id] = flow
+        self._put(flow_id, record)
+
+    def _put(self, flow_id: str | None, record: store.RequestRecord) -> None:
+        """Hand the row to the writer; the exchange is finished only now (contain() looks for unfinished ones)."""
+        self._exchanges.pop(flow_id or "", None)
         if self.writer is not None:
             self.writer.put(record)
+
+    # failures of Metrion's own code (guard.py)
+
+    def contain(self, hook: str, arg: object, description: str) -> None:
+        """An unexpected exception in `hook`: never forward the request, always leave its row."""
+        if hook == "_abandon" and isinstance(arg, str):
+            self._put(arg, fallback_record(self._exchanges[arg], None, description))
+        if not isinstance(arg, http.HTTPFlow):
+            return  # lifecycle and connection hooks: the guard logged it; no request is waiting on them
+        flow = arg
+        if hook in _REQUEST_HOOKS:
+            self._refuse_after_internal_error(flow, description)
+        elif hook in _FINAL_HOOKS:
+            self._stop_timer(flow.id)
+            _redact(flow.request.headers)
+            if exchange := self._exchanges.get(flow.id):
+                status = flow.response.status_code if flow.response else None
+                self._put(flow.id, fallback_record(exchange, status, description))
+        else:
+            self._note_internal_error(flow.id, description)
+
+    def _refuse_after_internal_error(self, flow: http.HTTPFlow, description: str) -> None:
+        self._stop_timer(flow.id)
+        flow.metadata.pop("metrion", None)
+        error = MetrionError(500, "metrion_internal_error",
+                             f"Metrion failed while handling this request ({description}); it was not forwarded.")
+        exchange = self._exchanges.get(flow.id) or self._exchange_after_internal_error(flow)
+        error_format = exchange.route.format if exchange else None
+        if exchange is not None:
+            exchange.failure = error
+        flow.response = self._error_response(error_format, error, exchange)
+        flow.marked = _REJECTED_MARK
+        headers = flow.request.headers
+        _rewrite(headers, {name.decode("latin-1").lower() for name, _ in headers.fields
+                           if name.lower().startswith(b"x-metrion-")}, {})
+        _redact(headers)
+
+    def _exchange_after_internal_error(self, flow: http.HTTPFlow) -> Exchange | None:
+        """The exchange of a request that failed before Metrion routed it; None if it is no provider route."""
+        if self.config is None or flow.request.method == "CONNECT":
+            return None
+        path, _ = lift_query_key(flow.request.path)
+        route = None
+        if provider := host_provider(flow.request.host, flow.request.port, self._hosts):
+            route = route_provider_host(provider, flow.request.host, path, self._urls)
+        elif is_metrion_path(path):
+            route = route_metrion_path(path, self._urls)
+        if route is None:
+            return None
+        flow.request.path = path  # a ?key= never stays in the flow
+        exchange = Exchange(route, path, flow.request.method, started=self.clock(),
+                            requester=requester({"x-metrion-user": flow.request.headers.get("x-metrion-user", "")}))
+        self._exchanges[flow.id] = exchange
+        return exchange
+
+    def _note_internal_error(self, flow_id: str, description: str) -> None:
+        """Metering failed mid-answer: the answer goes on, and the row will say why its usage may be missing."""
+        if exchange := self._exchanges.get(flow_id):
+            exchange.internal_error = description
 
     def _priced(self, records: list[store.RequestRecord]) -> None:
         """Called on the writer thread once rows are written: show their cost in mitmweb."""
@@ -336,10 +444,10 @@ class Metrion:
         if flows:
             ctx.master.addons.trigger(hooks.UpdateHook(flows))
 
-    def _error_response(self, provider: str | None, error: MetrionError, exchange: Exchange | None = None
+    def _error_response(self, error_format: str | None, error: MetrionError, exchange: Exchange | None = None
                         ) -> http.Response:
         headers = {**(exchange.limit_headers if exchange else {}), **error_headers(error)}
-        return http.Response.make(error.status, error_body(provider, error), headers)
+        return http.Response.make(error.status, error_body(error_format, error), headers)
 
 
 def _plain_body(response: http.Response) -> bytes | None:

@@ -1,7 +1,7 @@
-"""Hourly aggregates of the request log, kept up to date by the writer in the same transaction as the rows.
+"""Hourly and daily aggregates of the request log, kept up to date by the writer in the rows' own transaction.
 
-`hourly_usage` sums requests, tokens, cost and latency per hour and per filterable dimension; `hourly_latency`
-counts latencies per hour, provider, model and status in fine log-scale buckets, so charts never scan raw rows.
+`*_usage` sums requests, tokens, cost and latency per hour (or day) and per filterable dimension; `*_latency`
+counts latencies per hour (or day), provider, model, token and status in log-scale buckets: charts never scan rows.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ USAGE_SUMS = (
     "ttfb_us",
     "ttfb_count",
 )
-LATENCY_KEY = ("hour", "provider", "model", "status", "bucket")
+LATENCY_KEY = ("hour", "provider", "model", "token_name", "status", "bucket")
+LEVELS = {"hourly": ("hour", 13), "daily": ("day", 10)}  # table prefix: (time column, length of its ts prefix)
 ROW_COLUMNS = (
     "ts",
     "provider",
@@ -174,35 +175,63 @@ def fold(rows: Iterable[Row]) -> tuple[dict[tuple, list[int]], dict[tuple, int]]
             for i, value in enumerate(sums):
                 into[i] += value
         if row.latency_ms is not None:
-            lkey = (key[0], key[1], key[2], key[5], latency_bucket(row.latency_ms))
+            lkey = (key[0], key[1], key[2], key[3], key[5], latency_bucket(row.latency_ms))
             latency[lkey] = latency.get(lkey, 0) + 1
     return usage, latency
 
 
-_USAGE_UPSERT = (
-    f"INSERT INTO hourly_usage ({', '.join(USAGE_KEY + USAGE_SUMS)}) "
-    f"VALUES ({', '.join('?' * (len(USAGE_KEY) + len(USAGE_SUMS)))}) "
-    f"ON CONFLICT ({', '.join(USAGE_KEY)}) DO UPDATE SET "
-    + ", ".join(f"{name} = hourly_usage.{name} + excluded.{name}" for name in USAGE_SUMS)
-)
-_LATENCY_UPSERT = (
-    f"INSERT INTO hourly_latency ({', '.join(LATENCY_KEY)}, requests) VALUES ({', '.join('?' * len(LATENCY_KEY))}, ?) "
-    f"ON CONFLICT ({', '.join(LATENCY_KEY)}) DO UPDATE SET requests = hourly_latency.requests + excluded.requests"
-)
+def _upserts(level: str) -> tuple[str, str]:
+    time_column = LEVELS[level][0]
+    usage_key = (time_column, *USAGE_KEY[1:])
+    latency_key = (time_column, *LATENCY_KEY[1:])
+    usage = (
+        f"INSERT INTO {level}_usage ({', '.join(usage_key + USAGE_SUMS)}) "
+        f"VALUES ({', '.join('?' * (len(usage_key) + len(USAGE_SUMS)))}) "
+        f"ON CONFLICT ({', '.join(usage_key)}) DO UPDATE SET "
+        + ", ".join(f"{name} = {level}_usage.{name} + excluded.{name}" for name in USAGE_SUMS)
+    )
+    latency = (
+        f"INSERT INTO {level}_latency ({', '.join(latency_key)}, requests) "
+        f"VALUES ({', '.join('?' * len(latency_key))}, ?) "
+        f"ON CONFLICT ({', '.join(latency_key)}) DO UPDATE SET requests = {level}_latency.requests + excluded.requests"
+    )
+    return usage, latency
+
+
+_UPSERTS = {level: _upserts(level) for level in LEVELS}
+TABLES = tuple(f"{level}_{kind}" for level in LEVELS for kind in ("usage", "latency"))
+
+
+def _by_day(sums: dict[tuple, Any]) -> dict[tuple, Any]:
+    days: dict[tuple, Any] = {}
+    for key, value in sums.items():
+        day_key = (key[0][:10], *key[1:])
+        if isinstance(value, int):
+            days[day_key] = days.get(day_key, 0) + value
+        elif day_key in days:
+            days[day_key] = [a + b for a, b in zip(days[day_key], value, strict=True)]
+        else:
+            days[day_key] = list(value)
+    return days
 
 
 def add_to_hourly(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
-    """Add `rows` to the hourly aggregates. The writer calls this inside the transaction that inserts them."""
+    """Add `rows` to the hourly and daily aggregates. The writer calls this inside the transaction that inserts
+    them, so the aggregates never disagree with the rows."""
     usage, latency = fold(rows)
-    conn.executemany(_USAGE_UPSERT, [(*key, *sums) for key, sums in usage.items()])
-    conn.executemany(_LATENCY_UPSERT, [(*key, count) for key, count in latency.items()])
+    for level, (usage_sql, latency_sql) in _UPSERTS.items():
+        if level == "daily":
+            usage, latency = _by_day(usage), _by_day(latency)
+        conn.executemany(usage_sql, [(*key, *sums) for key, sums in usage.items()])
+        conn.executemany(latency_sql, [(*key, count) for key, count in latency.items()])
 
 
 def _tables_exist(conn: sqlite3.Connection) -> bool:
     found = conn.execute(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('hourly_usage', 'hourly_latency')"
+        f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ({', '.join('?' * len(TABLES))})",
+        TABLES,
     ).fetchone()[0]
-    return found == 2
+    return found == len(TABLES)
 
 
 def create_hourly(conn: sqlite3.Connection) -> None:
@@ -214,18 +243,10 @@ def create_hourly(conn: sqlite3.Connection) -> None:
         if _tables_exist(conn):
             conn.execute("COMMIT")
             return
-        conn.execute("DROP TABLE IF EXISTS hourly_usage")  # one of the two alone is an interrupted older build
-        conn.execute("DROP TABLE IF EXISTS hourly_latency")
-        usage_columns = ", ".join(
-            [f"{name} {'INTEGER' if name in ('status', 'failed', 'own') else 'TEXT'} NOT NULL" for name in USAGE_KEY]
-            + [f"{name} INTEGER NOT NULL DEFAULT 0" for name in USAGE_SUMS]
-        )
-        conn.execute(f"CREATE TABLE hourly_usage ({usage_columns}, PRIMARY KEY ({', '.join(USAGE_KEY)}))")
-        conn.execute(
-            "CREATE TABLE hourly_latency (hour TEXT NOT NULL, provider TEXT NOT NULL, model TEXT NOT NULL,"
-            " status INTEGER NOT NULL, bucket INTEGER NOT NULL, requests INTEGER NOT NULL DEFAULT 0,"
-            f" PRIMARY KEY ({', '.join(LATENCY_KEY)}))"
-        )
+        for table in TABLES:  # some but not all of them: an interrupted older build
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+        for level, (time_column, _) in LEVELS.items():
+            _create_tables(conn, level, time_column)
         backfilled = 0
         for chunk in _stored_rows(conn):
             add_to_hourly(conn, chunk)
@@ -242,6 +263,23 @@ def create_hourly(conn: sqlite3.Connection) -> None:
 STORED_ROW_SELECT = ", ".join(
     f"coalesce({name}, 0)" if name.endswith("_tokens") else name for name in ROW_COLUMNS
 )
+
+
+def _create_tables(conn: sqlite3.Connection, level: str, time_column: str) -> None:
+    usage_key = (time_column, *USAGE_KEY[1:])
+    columns = ", ".join(
+        [f"{name} {'INTEGER' if name in ('status', 'failed', 'own') else 'TEXT'} NOT NULL" for name in usage_key]
+        + [f"{name} INTEGER NOT NULL DEFAULT 0" for name in USAGE_SUMS]
+    )
+    conn.execute(f"CREATE TABLE {level}_usage ({columns}, PRIMARY KEY ({', '.join(usage_key)}))")
+    latency_key = (time_column, *LATENCY_KEY[1:])
+    columns = ", ".join(
+        f"{name} {'INTEGER' if name in ('status', 'bucket') else 'TEXT'} NOT NULL" for name in latency_key
+    )
+    conn.execute(
+        f"CREATE TABLE {level}_latency ({columns}, requests INTEGER NOT NULL DEFAULT 0,"
+        f" PRIMARY KEY ({', '.join(latency_key)}))"
+    )
 
 
 def _stored_rows(conn: sqlite3.Connection, chunk: int = 50_000) -> Iterator[list[StoredRow]]:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from .config import TOKEN_RE, Token, hash_token
 from .errors import MetrionError
 
 METRION_PREFIX = "sk-metrion-"
 MAX_REQUESTER = 200
+_QUERY_KEY = re.compile(r"(?:^|(?<=&))key=([^&]*)&?")
 
 
 @dataclass(frozen=True)
@@ -45,17 +48,39 @@ def _lookup(token: str, tokens: Mapping[str, Token]) -> Token:
     return entry
 
 
-def _credential_slot(provider: str, headers: Mapping[str, str]) -> str | None:
-    """The provider credential the client sent: x-api-key for Anthropic, else the Bearer token."""
-    if provider == "anthropic" and (key := headers.get("x-api-key")):
-        return key.strip()
+def lift_query_key(path: str) -> tuple[str, str | None]:
+    """Split Google's `?key=` API key out of a path: (the path without it, the key or None)."""
+    base, sep, query = path.partition("?")
+    keys = _QUERY_KEY.findall(query) if sep else []
+    if not keys:
+        return path, None
+    rest = _QUERY_KEY.sub("", query).strip("&")
+    return base + (f"?{rest}" if rest else ""), unquote(keys[0])
+
+
+_SLOTS = {"anthropic": "x-api-key", "gemini": "x-goog-api-key"}
+
+
+def _credential_slot(api_format: str, headers: Mapping[str, str]) -> str | None:
+    """The provider credential the client sent: x-api-key for Anthropic, x-goog-api-key for Gemini's native API
+    (where a `?key=` has been moved), else the Bearer token."""
+    slot = _SLOTS.get(api_format)
+    if slot and (key := headers.get(slot, "").strip()):
+        return key
     scheme, _, value = headers.get("authorization", "").strip().partition(" ")
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def authenticate(provider: str, headers: Mapping[str, str], tokens: Mapping[str, Token]) -> tuple[Identity, Upstream]:
-    """Resolve the caller from request headers; raise MetrionError(401) when they can't be metered."""
-    credential = _credential_slot(provider, headers)
+def authenticate(
+    provider: str, headers: Mapping[str, str], tokens: Mapping[str, Token], api_format: str | None = None
+) -> tuple[Identity, Upstream]:
+    """Resolve the caller from request headers; raise MetrionError(401) when they can't be metered.
+
+    `api_format` is the route's wire format (anthropic, gemini or openai; default: the provider's usual one):
+    it says where the key goes.
+    """
+    api_format = api_format or ("anthropic" if provider == "anthropic" else "openai")
+    credential = _credential_slot(api_format, headers)
     if credential and credential.startswith(METRION_PREFIX):
         entry = _lookup(credential, tokens)
         key = entry.keys.get(provider)
@@ -66,8 +91,8 @@ def authenticate(provider: str, headers: Mapping[str, str], tokens: Mapping[str,
                 "no_stored_key",
             )
         secret = key.get_secret_value()
-        if provider == "anthropic":
-            upstream = Upstream({"x-api-key": secret}, ("authorization",))
+        if header := _SLOTS.get(api_format):
+            upstream = Upstream({header: secret}, ("authorization",))
         else:
             upstream = Upstream({"authorization": f"Bearer {secret}"})
         return Identity(entry.name, entry.plan, "stored"), upstream

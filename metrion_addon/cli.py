@@ -24,7 +24,6 @@ from tabulate import tabulate
 from metrion_addon import report as queries
 from metrion_addon.config import (
     DEFAULT_CONFIG_FILES,
-    PROVIDERS,
     Config,
     ConfigError,
     find_config,
@@ -237,8 +236,8 @@ def report(config_path: str | None, fmt: str, since: str | None, until: str | No
 @click.option("--since", help="Start: 7d, 24h, 30m ago, a UTC date (2026-11-01) or an ISO time. Default: all.")
 @click.option("--until", help="End (exclusive), in the same forms as --since. Default: now.")
 @click.option("--token", help="Only this token's rows.")
-@click.option("--provider", type=click.Choice(PROVIDERS), help="Only this provider.")
-@click.option("--model", help="Only this model.")
+@click.option("--provider", help="Only this provider (anthropic, openai, gemini, mistral, grok or a configured one).")
+@click.option("--model", help="Only this model, as asked for or as answered (gpt-4o also finds gpt-4o-2024-08-06).")
 @click.option("--status", help="Only this status: a code (429) or a class (4xx).")
 @click.option("--requester", help="Only this requester.")
 def logs(
@@ -256,6 +255,8 @@ def logs(
     """The latest requests, newest first; in a table, each error on a line below its request."""
     config = _load(config_path)
     now = datetime.now(UTC)
+    if provider is not None and provider not in config.providers:
+        raise Problem(f"unknown provider {provider!r} (known: {', '.join(config.providers)})")
     try:
         codes = None if status is None else queries.parse_status(status)
     except ValueError as e:
@@ -304,6 +305,34 @@ def quota(config_path: str | None, fmt: str, name: str | None) -> None:
         Column("resets", "resets", right=False),
     ]
     _emit(rows, queries.QUOTA_COLUMNS, fmt, columns)
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Config file; the default is ./config.yaml, then ./config.example.yaml.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8081, show_default=True, help="Port (0: any free).")
+@click.option("--hash-password", is_flag=True, help="Ask for a password, print its dashboard password_hash, exit.")
+def dashboard(config_path: str | None, host: str, port: int, hash_password: bool) -> None:
+    """Serve the web dashboard over the request log (read-only; the proxy runs separately)."""
+    # Imported here: the web stack would slow every other subcommand's start.
+    from metrion_addon.clock import clock_from_env
+    from metrion_addon.dashboard import access, app
+
+    if hash_password:
+        click.echo(access.hash_password(click.prompt("Password", hide_input=True, confirmation_prompt=True)))
+        return
+    config = _load(config_path)
+    if refused := access.refuse_open_bind(host, config.dashboard):
+        raise Problem(refused)
+    try:
+        app.serve(config, clock_from_env(), host, port, announce=lambda line: click.echo(line, err=True))
+    except OSError as e:
+        raise Problem(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
 
 
 @main.group()

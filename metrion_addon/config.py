@@ -23,6 +23,24 @@ DEFAULT_PROVIDER_URLS = {
     "mistral": "https://api.mistral.ai/v1",
     "grok": "https://api.x.ai/v1",
 }
+BUILTIN_PRICE_IDS = {"anthropic": "anthropic", "openai": "openai", "gemini": "google", "mistral": "mistral",
+                     "grok": "x-ai"}
+# OpenAI-compatible providers whose public base URL Metrion knows: `url:` may be left out, and their host is
+# recognised through HTTPS_PROXY. Their genai-prices provider id is their name.
+KNOWN_COMPATIBLE_URLS = {
+    "groq": "https://api.groq.com/openai/v1",
+    "deepseek": "https://api.deepseek.com",
+    "openrouter": "https://openrouter.ai/api/v1",
+    "together": "https://api.together.xyz/v1",
+    "fireworks": "https://api.fireworks.ai/inference/v1",
+    "cerebras": "https://api.cerebras.ai/v1",
+    "perplexity": "https://api.perplexity.ai",
+}
+_ASKS_STREAM_USAGE = ("openai", "grok", "groq")  # accept stream_options.include_usage; Mistral rejects it
+FORMATS = ("openai",)
+_URL_RE = re.compile(r"https?://[^/\s]+(/\S*)?")
+_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,39}")
+_RESERVED_NAMES = ("v1", "messages")  # /api/proxy/v1/... and /api/proxy/messages are Anthropic's
 TOKEN_RE = re.compile(r"sk-metrion-[0-9a-f]{32}")
 _HASH_RE = re.compile(r"sha256:([0-9a-f]{64})")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -69,6 +87,68 @@ class ModelPrice(_Strict):
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+class Provider(_Strict):
+    """One upstream: where it is, which wire format it speaks, how it is priced and whether to ask for stream usage."""
+
+    url: str
+    format: str = "openai"  # "anthropic" for Anthropic; every other provider speaks OpenAI's format
+    price_as: str | None = None  # genai-prices provider id; None: priced only by `prices:` overrides
+    include_usage: bool = False  # add stream_options.include_usage to streams that lack it
+    builtin: bool = False
+
+
+class _ProviderEntry(_Strict):
+    """The long form of a `providers:` entry, for OpenAI-compatible providers beyond the five."""
+
+    url: str | None = None
+    format: str
+    price_as: str | None = None
+    include_usage: bool | None = None
+
+
+def _price_ids() -> frozenset[str]:
+    from genai_prices import data_snapshot  # imported here: the CLI's config check need not load the price data
+
+    return frozenset(provider.id for provider in data_snapshot.get_snapshot().providers)
+
+
+def _provider(name: str, value: Any) -> Provider:
+    """One `providers:` entry, validated: a built-in's URL, or a configured provider's mapping."""
+    if name in PROVIDERS:
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: expected the provider's base URL")
+        url, entry = value, None
+    elif not _NAME_RE.fullmatch(name) or name in _RESERVED_NAMES:
+        raise ValueError(f"{name!r}: a provider name is lowercase letters, digits, '-' and '_' (not v1 or messages)")
+    elif isinstance(value, str):
+        raise ValueError(f"unknown provider {name!r} (known: {', '.join(PROVIDERS)}); "
+                         "add others as {url: ..., format: openai}")
+    else:
+        try:
+            entry = _ProviderEntry.model_validate(value)
+        except ValidationError as e:
+            error = e.errors()[0]
+            raise ValueError(f"{name}.{_location(error['loc'])}: {error['msg']}") from None
+        if entry.format not in FORMATS:
+            raise ValueError(f"{name}.format: unknown format {entry.format!r} (known: {', '.join(FORMATS)})")
+        url = entry.url or KNOWN_COMPATIBLE_URLS.get(name)
+        if url is None:
+            raise ValueError(f"{name}.url: required (Metrion does not know {name}'s base URL)")
+    if not _URL_RE.fullmatch(url):
+        raise ValueError(f"{name}: not an http(s) URL: {url!r}")
+    if entry is None:
+        return Provider(url=url.rstrip("/"), format="anthropic" if name == "anthropic" else "openai",
+                        price_as=BUILTIN_PRICE_IDS[name], include_usage=name in _ASKS_STREAM_USAGE, builtin=True)
+    known = _price_ids()
+    price_as = entry.price_as
+    if "price_as" not in entry.model_fields_set:
+        price_as = name if name in known else None
+    elif price_as is not None and price_as not in known:
+        raise ValueError(f"{name}.price_as: genai-prices has no provider {price_as!r}")
+    include_usage = entry.include_usage if entry.include_usage is not None else name in _ASKS_STREAM_USAGE
+    return Provider(url=url.rstrip("/"), price_as=price_as, include_usage=include_usage)
+
+
 class Token(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     token_hash: str = Field(alias="token")
@@ -93,9 +173,7 @@ class Token(_Strict):
         if not isinstance(value, dict):
             return value
         keys = {}
-        for provider, key in value.items():
-            if provider not in PROVIDERS:
-                raise ValueError(f"unknown provider {provider!r} (known: {', '.join(PROVIDERS)})")
+        for provider, key in value.items():  # provider names are checked against `providers:` by Config
             if not isinstance(key, str):
                 raise ValueError(f"{provider}: expected a string")
             try:
@@ -109,6 +187,35 @@ class Token(_Strict):
         return keys
 
 
+_PASSWORD_HASH_RE = re.compile(r"pbkdf2_sha256\$\d+\$[0-9a-f]+\$[0-9a-f]{64}")
+
+
+class DashboardSettings(_Strict):
+    """`dashboard:`: a password (or its hash, from `metrion dashboard --hash-password`) for the web dashboard."""
+
+    password: SecretStr | None = None
+    password_hash: str | None = None
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash_format(cls, value: str | None) -> str | None:
+        if value is not None and not _PASSWORD_HASH_RE.fullmatch(value):
+            raise ValueError("expected pbkdf2_sha256$<iterations>$<salt>$<hex> (metrion dashboard --hash-password)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> DashboardSettings:
+        if self.password is not None and self.password_hash is not None:
+            raise ValueError("set password or password_hash, not both")
+        if self.password is not None and not self.password.get_secret_value():
+            raise ValueError("password: empty")
+        return self
+
+    @property
+    def protected(self) -> bool:
+        return self.password is not None or self.password_hash is not None
+
+
 class Config(_Strict):
     path: Path
     database: Path
@@ -116,24 +223,24 @@ class Config(_Strict):
     rate_limit: Annotated[int, Field(gt=0)] = 100
     block_other_hosts: bool = False
     plans: dict[str, Plan] = {"free": Plan(monthly_requests=10000), "pro": Plan(monthly_requests=None)}
-    providers: dict[str, str] = Field(default_factory=dict, validate_default=True)
+    providers: dict[str, Provider] = Field(default_factory=dict, validate_default=True)
     tokens: list[Token] = []
     prices: dict[str, ModelPrice] = {}
+    dashboard: DashboardSettings = DashboardSettings()
 
     @field_validator("timeout", mode="before")
     @classmethod
     def _int_is_a_timeout(cls, value: Any) -> Any:
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
-    @field_validator("providers", mode="after")
+    @field_validator("providers", mode="before")
     @classmethod
-    def _providers(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, url in value.items():
-            if name not in PROVIDERS:
-                raise ValueError(f"unknown provider {name!r} (known: {', '.join(PROVIDERS)})")
-            if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
-                raise ValueError(f"{name}: not an http(s) URL: {url!r}")
-        return {**DEFAULT_PROVIDER_URLS, **{name: url.rstrip("/") for name, url in value.items()}}
+    def _providers(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        given = {str(name): _provider(str(name), entry) for name, entry in value.items()}
+        defaults = {name: _provider(name, url) for name, url in DEFAULT_PROVIDER_URLS.items() if name not in given}
+        return {**defaults, **given}
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -149,6 +256,10 @@ class Config(_Strict):
                 raise ValueError(f"tokens[{i}].token: the same token is listed twice")
             names.add(token.name)
             hashes.add(token.token_hash)
+            for provider in token.keys:
+                if provider not in self.providers:
+                    known = ", ".join(self.providers)
+                    raise ValueError(f"tokens[{i}].keys: unknown provider {provider!r} (known: {known})")
         return self
 
     def token_by_hash(self) -> dict[str, Token]:

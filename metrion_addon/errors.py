@@ -1,6 +1,7 @@
 """Metrion's own error answers, shaped like the provider's so its SDK raises its usual exception.
 
-Anthropic gets `{"type":"error","error":{...}}`; the OpenAI-style providers get `{"error":{message,type,param,code}}`.
+Anthropic gets `{"type":"error","error":{...}}`, Gemini's native API `{"error":{code,message,status}}`, the
+OpenAI-style providers `{"error":{message,type,param,code}}`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ _OPENAI_TYPES = {
     504: "timeout",
 }
 
+_GOOGLE_STATUSES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    407: "UNAUTHENTICATED",
+    429: "RESOURCE_EXHAUSTED",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
 
 @dataclass(frozen=True)
 class MetrionError(Exception):
@@ -45,10 +58,14 @@ class MetrionError(Exception):
         return self.message
 
 
-def error_body(provider: str | None, error: MetrionError) -> bytes:
-    if provider == "anthropic":
+def error_body(api_format: str | None, error: MetrionError) -> bytes:
+    """The error in the route's wire format (`anthropic`, `gemini`, else OpenAI's)."""
+    if api_format == "anthropic":
         kind = _ANTHROPIC_TYPES.get(error.status, "api_error")
         payload: dict = {"type": "error", "error": {"type": kind, "message": error.message}}
+    elif api_format == "gemini":
+        status = _GOOGLE_STATUSES.get(error.status, "INTERNAL")
+        payload = {"error": {"code": error.status, "message": error.message, "status": status}}
     else:
         kind = _OPENAI_TYPES.get(error.status, "server_error")
         payload = {"error": {"message": error.message, "type": kind, "param": None, "code": error.code}}

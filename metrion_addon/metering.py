@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from .auth import Identity
 from .clock import iso_utc
 from .errors import MetrionError
+from .json_array import JSONArrayDecoder
 from .request_body import RequestBody, prompt_chars
 from .routes import Route
 from .sse import SSEDecoder
 from .store import RequestRecord
 from .usage import StreamUsage, Usage, estimate, from_body
 
-_GENERATIVE = ("messages", "chat", "responses")
+_GENERATIVE = ("messages", "chat", "responses", "generate")
+CLIENT_DISCONNECTED = "client disconnected before the response finished"
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Exchange:
     timed_out: bool = False
     failure: MetrionError | None = None  # Metrion answered instead of the provider
     forwarded: bool = False  # sent on to the provider: its row is never dropped
+    internal_error: str | None = None  # Metrion's own code failed while metering the answer (guard.describe)
 
 
 class StreamTap:
@@ -52,9 +55,12 @@ class StreamTap:
         self._hide = hide_usage_chunk
         self._on_data = on_data
         self._decoder = SSEDecoder()
+        self.held_back = b""  # bytes received before this call and not forwarded yet (hidden mode only)
 
     def __call__(self, data: bytes) -> bytes | list[bytes]:
         self._on_data()
+        if self._hide:
+            self.held_back = self._decoder.pending
         if not data:
             rest = self._decoder.pending if self._hide else b""
             for event in self._decoder.close():
@@ -69,13 +75,52 @@ class StreamTap:
         return [b"".join(kept)] if kept else []
 
 
+class ArrayTap:
+    """`response.stream` for Gemini's streamed JSON array: forward each chunk untouched, meter each element."""
+
+    def __init__(self, meter: StreamUsage, on_data: Callable[[], None]) -> None:
+        self.meter = meter
+        self._on_data = on_data
+        self._decoder = JSONArrayDecoder()
+        self.held_back = b""  # every chunk is forwarded as it comes
+
+    def __call__(self, data: bytes) -> bytes:
+        self._on_data()
+        for element in self._decoder.feed(data):
+            if isinstance(element, dict):
+                self.meter.feed_object(element)
+        if self._decoder.closed:
+            self.meter.complete = True
+        return data
+
+
+def stream_tap(
+    exchange: Exchange, status: int, content_type: str, on_data: Callable[[], None]
+) -> StreamTap | ArrayTap | None:
+    """The tap that streams and meters this response, or None to let mitmproxy buffer it (plain JSON)."""
+    route, content_type = exchange.route, content_type.lower()
+    if content_type.startswith("text/event-stream"):
+        exchange.stream = StreamUsage(route.provider, route.api)
+        return StreamTap(exchange.stream, exchange.hide_usage_chunk, on_data)
+    if route.streams_json_array and 200 <= status < 300 and "json" in content_type:
+        exchange.stream = StreamUsage(route.provider, route.api)
+        return ArrayTap(exchange.stream, on_data)
+    return None
+
+
+def disconnect_error(exchange: Exchange) -> str | None:
+    """A client that leaves after the provider's terminal event (the openai SDK closes on `[DONE]`) ended normally."""
+    return None if exchange.stream is not None and exchange.stream.complete else CLIENT_DISCONNECTED
+
+
 def _completion_chars(body: bytes) -> int:
     """Characters of generated text in a JSON reply that carried no usage."""
     try:
         parsed = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return 0
-    total, stack = 0, [parsed.get(key) for key in ("choices", "content", "output")] if isinstance(parsed, dict) else []
+    keys = ("choices", "content", "output", "candidates")
+    total, stack = 0, [parsed.get(key) for key in keys] if isinstance(parsed, dict) else []
     while stack:
         item = stack.pop()
         if isinstance(item, list):
@@ -92,24 +137,25 @@ def _completion_chars(body: bytes) -> int:
 def measured_usage(
     exchange: Exchange, status: int | None, body: bytes | None
 ) -> tuple[str | None, Usage | None, str]:
-    """(model, usage, usage_source) for a finished or broken exchange."""
+    """(model, usage, usage_source) for a finished or broken exchange.
+
+    A generative endpoint whose successful reply carries no usage (or a stream cut before it) gets an estimate;
+    `none` is for endpoints that have no usage and for answers that generated nothing (errors).
+    """
     api, provider = exchange.route.api, exchange.route.provider
+    prompt = prompt_chars(exchange.request.parsed if exchange.request else None)
     if exchange.stream is not None:
         meter = exchange.stream
         if meter.final:
             return meter.model, meter.usage, "provider"
-        if meter.usage or meter.completion_chars:
-            prompt = prompt_chars(exchange.request.parsed if exchange.request else None)
+        if meter.usage or meter.completion_chars or api in _GENERATIVE:
             return meter.model, estimate(prompt, meter.completion_chars, meter.usage), "estimated"
         return meter.model, None, "none"
-    if not body:
-        return None, None, "none"
-    model, usage = from_body(provider, body)
+    model, usage = from_body(provider, body) if body else (None, None)
     if usage is not None:
         return model, usage, "provider"
     if status is not None and 200 <= status < 300 and api in _GENERATIVE:
-        prompt = prompt_chars(exchange.request.parsed if exchange.request else None)
-        return model, estimate(prompt, _completion_chars(body)), "estimated"
+        return model, estimate(prompt, _completion_chars(body) if body else 0), "estimated"
     return model, None, "none"
 
 
@@ -127,7 +173,9 @@ def build_record(
     usage = usage or Usage()
     if error is None and exchange.stream is not None and exchange.stream.error:
         error = f"provider error in stream: {exchange.stream.error}"
-    requested = exchange.request.model if exchange.request else None
+    if exchange.internal_error:
+        error = _internal(exchange.internal_error) + (f"; {error}" if error else "")
+    requested = (exchange.request.model if exchange.request else None) or exchange.route.model
     stream = exchange.stream is not None or bool(exchange.request and exchange.request.stream)
     return RequestRecord(
         ts=iso_utc(exchange.started),
@@ -135,6 +183,7 @@ def build_record(
         requester=exchange.requester,
         provider=exchange.route.provider,
         model=model or requested,
+        requested_model=requested,
         path=exchange.path,
         method=exchange.method,
         stream=stream,
@@ -153,6 +202,28 @@ def build_record(
         flow_id=flow_id,
         forwarded=exchange.forwarded,
     )
+
+
+def fallback_record(exchange: Exchange, status: int | None, internal_error: str) -> RequestRecord:
+    """The row of an exchange whose metering failed: who, where and what happened, no usage."""
+    failure = f"; {exchange.failure.message}" if exchange.failure else ""
+    return RequestRecord(
+        ts=iso_utc(exchange.started),
+        token_name=exchange.identity.token_name if exchange.identity else None,
+        requester=exchange.requester,
+        provider=exchange.route.provider,
+        model=exchange.request.model if exchange.request else None,
+        path=exchange.path,
+        method=exchange.method,
+        stream=exchange.stream is not None,
+        status=status,
+        error=_internal(exchange.internal_error or internal_error) + failure,
+        auth_mode=exchange.identity.mode if exchange.identity else None,
+    )
+
+
+def _internal(description: str) -> str:
+    return f"Metrion internal error while metering ({description}); usage not recorded"
 
 
 def summary(record: RequestRecord) -> str:
@@ -177,6 +248,7 @@ def metadata(record: RequestRecord) -> dict:
         "requester": record.requester,
         "provider": record.provider,
         "model": record.model,
+        "requested_model": record.requested_model,
         "status": record.status,
         "input_tokens": record.input_tokens,
         "output_tokens": record.output_tokens,

@@ -840,6 +840,8 @@ class MockProvider:
                     await asyncio.sleep(delay)
             await self._write(rid, resp, event)
             sent_events += 0 if is_comment else 1
+        if hold := scenario.number("hold-end"):
+            await asyncio.sleep(hold)  # the body stays open after the last event, as real providers' sometimes do
         await resp.write_eof()
         return resp
 

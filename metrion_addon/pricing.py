@@ -15,18 +15,10 @@ import genai_prices
 from genai_prices import Usage, calc_price, data_snapshot
 from genai_prices import types as genai_types
 
-from metrion_addon.config import ModelPrice
+from metrion_addon.config import BUILTIN_PRICE_IDS, ModelPrice
 from metrion_addon.store import RequestRecord
 
 log = logging.getLogger(__name__)
-
-PROVIDER_IDS = {
-    "anthropic": "anthropic",
-    "openai": "openai",
-    "gemini": "google",
-    "mistral": "mistral",
-    "grok": "x-ai",
-}
 CONFIG_SOURCE = "config"
 GENAI_PRICES_SOURCE = f"genai-prices {genai_prices.__version__}"
 _DATE_STAMP = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
@@ -81,10 +73,14 @@ def _linear_rates(price: genai_types.ModelPrice) -> tuple[Decimal, ...] | None:
 
 
 class Pricer:
-    """Prices rows: a config override for the model wins, else genai-prices; unknown models cost NULL."""
+    """Prices rows: a config override for the model wins, else genai-prices; unknown models cost NULL.
 
-    def __init__(self, overrides: Mapping[str, ModelPrice]) -> None:
+    `price_ids` maps each provider to its genai-prices provider id (None: only overrides price it).
+    """
+
+    def __init__(self, overrides: Mapping[str, ModelPrice], price_ids: Mapping[str, str | None] | None = None) -> None:
         self._overrides = dict(overrides)
+        self._price_ids = dict(BUILTIN_PRICE_IDS if price_ids is None else price_ids)
         self._unknown: set[tuple[str, str]] = set()  # a miss scans every model in genai-prices: remember it
         self._rates: dict[int, tuple[genai_types.ModelPrice, tuple[Decimal, ...] | None]] = {}
 
@@ -99,7 +95,7 @@ class Pricer:
         override = self._overrides.get(model) or self._overrides.get(base_model(model))
         if override is not None:
             return override_cost(override, record), CONFIG_SOURCE
-        provider_id = PROVIDER_IDS.get(record.provider)
+        provider_id = self._price_ids.get(record.provider)
         if provider_id is None or (provider_id, model) in self._unknown:
             return None, None
         when = _request_time(record.ts)

@@ -41,6 +41,7 @@ LOG_COLUMNS = [
     "requester",
     "provider",
     "model",
+    "requested_model",
     "path",
     "method",
     "stream",
@@ -183,12 +184,14 @@ def logs(conn: sqlite3.Connection, limit: int, filters: LogFilter) -> list[dict[
     for column, value in (
         ("token_name", filters.token),
         ("provider", filters.provider),
-        ("model", filters.model),
         ("requester", filters.requester),
     ):
         if value is not None:
             clauses.append(f"{column} = ?")
             params.append(value)
+    if filters.model is not None:  # the model as asked or as answered (gpt-4o finds gpt-4o-2024-08-06)
+        clauses.append("(model = ? OR requested_model = ?)")
+        params.extend([filters.model, filters.model])
     if filters.status is not None:
         clauses.append("status BETWEEN ? AND ?")
         params.extend(filters.status)

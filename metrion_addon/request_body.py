@@ -12,7 +12,6 @@ from .errors import MetrionError
 from .routes import Route
 
 _REQUIRED = {"chat": ("model", "messages"), "messages": ("model", "messages", "max_tokens")}
-_STREAM_USAGE_ON_REQUEST = ("openai", "grok")  # Gemini sends usage anyway; Mistral rejects stream_options
 _INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
 
 
@@ -47,9 +46,13 @@ def inspect_body(route: Route, method: str, content_type: str, body: bytes) -> R
     return RequestBody(model if isinstance(model, str) else None, parsed.get("stream") is True, parsed)
 
 
-def needs_stream_usage(route: Route, request: RequestBody) -> bool:
-    """True when Metrion must ask for stream usage the client did not ask for (and hide it again)."""
-    if route.provider not in _STREAM_USAGE_ON_REQUEST or route.api != "chat" or not request.stream:
+def needs_stream_usage(route: Route, request: RequestBody, provider_accepts: bool) -> bool:
+    """True when Metrion must ask for stream usage the client did not ask for (and hide it again).
+
+    `provider_accepts`: the provider takes `stream_options` (OpenAI, xAI, Groq; Gemini sends usage anyway and
+    Mistral rejects it).
+    """
+    if not provider_accepts or route.api != "chat" or not request.stream:
         return False
     options = (request.parsed or {}).get("stream_options")
     return not (isinstance(options, dict) and options.get("include_usage") is True)
@@ -69,7 +72,8 @@ def prompt_chars(parsed: dict | None) -> int:
     if not parsed:
         return 0
     total = 0
-    stack: list[object] = [parsed.get(key) for key in ("system", "messages", "input", "prompt", "instructions")]
+    stack: list[object] = [parsed.get(key) for key in ("system", "messages", "input", "prompt", "instructions",
+                                                      "contents", "systemInstruction", "system_instruction")]
     while stack:
         item = stack.pop()
         if isinstance(item, str):

@@ -36,18 +36,46 @@ def _sub(raw: dict, outer: str, inner: str) -> int:
     return _int(details.get(inner)) if isinstance(details, dict) else 0
 
 
+def _anthropic(raw: dict) -> Usage:
+    """Anthropic usage; with `iterations` (compaction, server-tool loops, advisors) the bill is their sum.
+
+    Anthropic's API reference: a `compaction` entry's tokens are not in the top-level fields, and the tokens billed
+    for the request are the sum over every entry of `usage.iterations`.
+    """
+    steps = [step for step in raw.get("iterations") or () if isinstance(step, dict)]
+    if not isinstance(raw.get("iterations"), list) or not steps:
+        steps = [raw]
+    cache_read = sum(_int(step.get("cache_read_input_tokens")) for step in steps)
+    cache_write = sum(_int(step.get("cache_creation_input_tokens")) for step in steps)
+    return Usage(
+        input_tokens=sum(_int(step.get("input_tokens")) for step in steps) + cache_read + cache_write,
+        output_tokens=sum(_int(step.get("output_tokens")) for step in steps),
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        reasoning_tokens=_sub(raw, "output_tokens_details", "thinking_tokens"),
+    )
+
+
+def _gemini_native(raw: dict) -> Usage:
+    """Gemini's `usageMetadata`: the prompt includes cached content; thoughts and tool-use prompts are separate."""
+    thoughts = _int(raw.get("thoughtsTokenCount"))
+    return Usage(
+        input_tokens=_int(raw.get("promptTokenCount")) + _int(raw.get("toolUsePromptTokenCount")),
+        output_tokens=_int(raw.get("candidatesTokenCount")) + thoughts,
+        cache_read_tokens=_int(raw.get("cachedContentTokenCount")),
+        reasoning_tokens=thoughts,
+    )
+
+
+_GEMINI_NATIVE_KEYS = ("promptTokenCount", "candidatesTokenCount", "totalTokenCount", "thoughtsTokenCount")
+
+
 def normalize(provider: str, raw: dict) -> Usage:
-    """One provider usage object (Anthropic, Responses-style or chat-style) in Metrion's terms."""
+    """One provider usage object (Anthropic, Gemini usageMetadata, Responses-style or chat-style) in Metrion's terms."""
     if provider == "anthropic":
-        cache_read = _int(raw.get("cache_read_input_tokens"))
-        cache_write = _int(raw.get("cache_creation_input_tokens"))
-        return Usage(
-            input_tokens=_int(raw.get("input_tokens")) + cache_read + cache_write,
-            output_tokens=_int(raw.get("output_tokens")),
-            cache_read_tokens=cache_read,
-            cache_write_tokens=cache_write,
-            reasoning_tokens=_sub(raw, "output_tokens_details", "thinking_tokens"),
-        )
+        return _anthropic(raw)
+    if any(key in raw for key in _GEMINI_NATIVE_KEYS):
+        return _gemini_native(raw)
     if "prompt_tokens" not in raw and "input_tokens" in raw:  # OpenAI Responses API
         return Usage(
             input_tokens=_int(raw.get("input_tokens")),
@@ -96,9 +124,13 @@ def _tail_value(body: bytes, key: bytes) -> object:
 
 
 def from_body(provider: str, body: bytes) -> tuple[str | None, Usage | None]:
-    """The model and usage of a non-streamed JSON response; (None, None) if it has neither."""
+    """The model and usage of a non-streamed JSON response; (None, None) if it has neither.
+
+    Gemini's native API says `modelVersion` and `usageMetadata` where the others say `model` and `usage`.
+    """
     if len(body) > _LARGE_BODY:
-        model, raw = _tail_value(body, b"model"), _tail_value(body, b"usage")
+        model = _tail_value(body, b"model") or _tail_value(body, b"modelVersion")
+        raw = _tail_value(body, b"usage") or _tail_value(body, b"usageMetadata")
     else:
         try:
             parsed = json.loads(body)
@@ -106,18 +138,21 @@ def from_body(provider: str, body: bytes) -> tuple[str | None, Usage | None]:
             return None, None
         if not isinstance(parsed, dict):
             return None, None
-        model, raw = parsed.get("model"), parsed.get("usage")
+        model = parsed.get("model") or parsed.get("modelVersion")
+        raw = parsed.get("usage") or parsed.get("usageMetadata")
     return (model if isinstance(model, str) else None), (normalize(provider, raw) if isinstance(raw, dict) else None)
 
 
 class StreamUsage:
-    """Follows one SSE response event by event: model, usage so far, text length, in-stream errors."""
+    """Follows one streamed response event by event: model, usage so far, text length, in-stream errors, and
+    whether the provider's terminal event has passed (after which a client disconnect is a normal end)."""
 
     def __init__(self, provider: str, api: str) -> None:
         self.provider = provider
         self.api = api
         self.model: str | None = None
         self.final = False  # the provider's closing usage has been seen
+        self.complete = False  # the provider's terminal event has been seen
         self.completion_chars = 0
         self.error: str | None = None
         self._raw: dict = {}
@@ -127,20 +162,28 @@ class StreamUsage:
         return normalize(self.provider, self._raw) if self._raw else None
 
     def feed(self, event: Event) -> bool:
-        """Take one event; True if it is a usage-only chunk (`choices: []` with usage)."""
-        if not event.data or event.data.startswith("[DONE]"):
+        """Take one SSE event; True if it is a usage-only chunk (`choices: []` with usage)."""
+        if not event.data:
+            return False
+        if event.data.startswith("[DONE]"):
+            self.complete = True
             return False
         try:
             data = json.loads(event.data)
         except ValueError:
             return False
-        if not isinstance(data, dict):
-            return False
+        return self.feed_object(data) if isinstance(data, dict) else False
+
+    def feed_object(self, data: dict) -> bool:
+        """Take one decoded chunk (an SSE event's JSON, or an element of Gemini's streamed array)."""
         if self.provider == "anthropic":
             self._anthropic(data)
             return False
         if self.api == "responses":
             self._responses(data)
+            return False
+        if self.api == "generate":
+            self._gemini(data)
             return False
         return self._chat(data)
 
@@ -157,6 +200,8 @@ class StreamUsage:
         elif kind == "message_delta" and isinstance(usage := data.get("usage"), dict):
             self._raw.update({key: value for key, value in usage.items() if value is not None})
             self.final = True
+        elif kind == "message_stop":
+            self.complete = True
         elif kind == "error":
             self.error = _message(data.get("error"))
 
@@ -168,7 +213,9 @@ class StreamUsage:
             self.model = response.get("model") or self.model
             if isinstance(usage := response.get("usage"), dict):
                 self._raw = usage
-                self.final = kind in ("response.completed", "response.incomplete", "response.failed")
+            if kind in ("response.completed", "response.incomplete", "response.failed"):
+                self.complete = True
+                self.final = bool(self._raw)
         elif kind == "error":
             self.error = _message(data)
 
@@ -190,11 +237,35 @@ class StreamUsage:
                 if isinstance(function, dict) and isinstance(args := function.get("arguments"), str):
                     self.completion_chars += len(args)
         usage = data.get("usage")
+        if not isinstance(usage, dict) and isinstance(groq := data.get("x_groq"), dict):
+            usage = groq.get("usage")  # Groq's own place for stream usage when include_usage was not asked for
         if not isinstance(usage, dict):
             return False
         self._raw = usage
         self.final = True
+        if self.provider == "gemini" and any(isinstance(c, dict) and c.get("finish_reason") for c in choices or ()):
+            self.complete = True  # Gemini's compat stream: its closing usage rides on the finish_reason chunk
         return choices == []
+
+    def _gemini(self, data: dict) -> None:
+        if isinstance(model := data.get("modelVersion"), str):
+            self.model = model
+        if "error" in data:
+            self.error = _message(data["error"])
+        candidates = data.get("candidates")
+        for candidate in candidates if isinstance(candidates, list) else ():
+            if not isinstance(candidate, dict):
+                continue
+            content = candidate.get("content")
+            parts = content.get("parts") if isinstance(content, dict) else None
+            for part in parts if isinstance(parts, list) else ():
+                if isinstance(part, dict) and isinstance(text := part.get("text"), str):
+                    self.completion_chars += len(text)
+            if candidate.get("finishReason"):
+                self.complete = True
+        if isinstance(usage := data.get("usageMetadata"), dict):
+            self._raw.update({key: value for key, value in usage.items() if value is not None})
+            self.final = self.complete or self.final
 
 
 def _message(error: object) -> str:

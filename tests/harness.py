@@ -58,6 +58,7 @@ class Proxy:
     workdir: Path
     config: dict
     env: dict[str, str] = field(default_factory=dict)
+    scripts: tuple[Path, ...] = ()  # more mitmproxy scripts, loaded after the addon (e.g. tests/fault_injection.py)
     port: int = 0
     process: subprocess.Popen | None = None
 
@@ -86,6 +87,7 @@ class Proxy:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [str(MITMDUMP), "-s", str(ROOT / "metrion_addon" / "addon.py"),
+                 *(arg for script in self.scripts for arg in ("-s", str(script))),
                  "--set", f"metrion_config={config_path}", "--set", f"confdir={self.workdir / 'confdir'}",
                  "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
                  "--set", "connection_strategy=lazy", "--set", "termlog_verbosity=info",

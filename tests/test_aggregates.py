@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from metrion_addon import aggregates, store
 from metrion_addon.store import RequestRecord, Writer
 
-# An independent statement of what hourly_usage must hold, written against the raw table.
+# An independent statement of what hourly_usage (daily_usage) must hold, written against the raw table.
 RAW_USAGE = """
-SELECT substr(ts, 1, 13), provider, coalesce(model, ''), coalesce(token_name, ''), coalesce(requester, ''),
+SELECT substr(ts, 1, {cut}), provider, coalesce(model, ''), coalesce(token_name, ''), coalesce(requester, ''),
        coalesce(status, 0), (status IS NULL OR status >= 400 OR error IS NOT NULL), ttfb_ms IS NULL,
        count(*), total(input_tokens), total(output_tokens), total(cache_read_tokens), total(cache_write_tokens),
        total(reasoning_tokens), total(total_tokens), total(CAST(cost_usd * 1000000000 + 0.5 AS INTEGER)),
@@ -21,23 +21,22 @@ SELECT substr(ts, 1, 13), provider, coalesce(model, ''), coalesce(token_name, ''
        total(CAST(ttfb_ms * 1000 + 0.5 AS INTEGER)), count(ttfb_ms)
 FROM requests GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
 """
-USAGE = f"SELECT {', '.join(aggregates.USAGE_KEY + aggregates.USAGE_SUMS)} FROM hourly_usage"
+LEVELS = (("hourly", 13), ("daily", 10))
 
 
-def usage_tables(conn: sqlite3.Connection) -> tuple[set, set]:
-    raw = {tuple(int(v) if isinstance(v, float) else v for v in row) for row in conn.execute(RAW_USAGE)}
-    return raw, set(conn.execute(USAGE))
+def usage_tables(conn: sqlite3.Connection, level: str = "hourly", cut: int = 13) -> tuple[set, set]:
+    raw = {tuple(int(v) if isinstance(v, float) else v for v in row) for row in conn.execute(RAW_USAGE.format(cut=cut))}
+    return raw, set(conn.execute(f"SELECT * FROM {level}_usage"))
 
 
-def latency_tables(conn: sqlite3.Connection) -> tuple[dict, dict]:
+def latency_tables(conn: sqlite3.Connection, level: str = "hourly", cut: int = 13) -> tuple[dict, dict]:
     raw: dict[tuple, int] = {}
-    for ts, provider, model, status, latency in conn.execute(
-        "SELECT ts, provider, model, status, latency_ms FROM requests WHERE latency_ms IS NOT NULL"
+    for ts, provider, model, token, status, latency in conn.execute(
+        "SELECT ts, provider, model, token_name, status, latency_ms FROM requests WHERE latency_ms IS NOT NULL"
     ):
-        key = (ts[:13], provider, model or "", status or 0, aggregates.latency_bucket(latency))
+        key = (ts[:cut], provider, model or "", token or "", status or 0, aggregates.latency_bucket(latency))
         raw[key] = raw.get(key, 0) + 1
-    kept = {row[:-1]: row[-1] for row in conn.execute("SELECT *, requests FROM hourly_latency")}
-    return raw, {key[:5]: count for key, count in kept.items()}
+    return raw, {row[:-1]: row[-1] for row in conn.execute(f"SELECT * FROM {level}_latency")}
 
 
 records = st.builds(
@@ -78,10 +77,11 @@ def test_aggregates_written_batch_by_batch_equal_the_raw_rows(tmp_path_factory, 
             writer.put(record)
     writer.close()
     with sqlite3.connect(path) as check:
-        raw, kept = usage_tables(check)
-        assert kept == raw
-        raw_latency, kept_latency = latency_tables(check)
-        assert kept_latency == raw_latency
+        for level, cut in LEVELS:
+            raw, kept = usage_tables(check, level, cut)
+            assert kept == raw
+            raw_latency, kept_latency = latency_tables(check, level, cut)
+            assert kept_latency == raw_latency
 
 
 def test_a_database_without_aggregates_gets_them_built_from_its_rows(tmp_path: Path) -> None:
@@ -100,14 +100,19 @@ def test_a_database_without_aggregates_gets_them_built_from_its_rows(tmp_path: P
     store.create_schema(conn)
     raw, kept = usage_tables(conn)
     assert len(kept) == 8 and kept == raw
+    raw, kept = usage_tables(conn, "daily", 10)
+    assert len(kept) == 4 and kept == raw
     writer = Writer(store.SQLiteBackend(conn))  # and from then on the writer keeps them up to date
     writer.start()
     writer.put(RequestRecord(ts="2026-01-01T00:30:00.000Z", token_name=None, requester=None, provider="openai",
                              model="m", path="/v1/x", method="POST", stream=False, status=200, latency_ms=12.5))
     writer.close()
     with sqlite3.connect(path) as check:
-        raw, kept = usage_tables(check)
-        assert kept == raw
+        for level, cut in LEVELS:
+            raw, kept = usage_tables(check, level, cut)
+            assert kept == raw
+            raw_latency, kept_latency = latency_tables(check, level, cut)
+            assert kept_latency == raw_latency
         assert check.execute("SELECT requests FROM hourly_usage WHERE hour = '2026-01-01T00' AND provider = 'openai'"
                              ).fetchone() == (2,)
 
@@ -115,12 +120,13 @@ def test_a_database_without_aggregates_gets_them_built_from_its_rows(tmp_path: P
 def test_creating_the_schema_again_does_not_count_rows_twice(tmp_path: Path) -> None:
     conn = store.connect(tmp_path / "m.db")
     store.create_schema(conn)
-    conn.execute("INSERT INTO requests (ts, provider, path, method, stream, usage_source, status) "
-                 "VALUES ('2026-01-01T00:00:00.000Z', 'openai', '/v1/x', 'POST', 0, 'none', 200)")
-    conn.execute("DROP TABLE hourly_latency")  # as if a build was interrupted half-way
+    conn.execute("INSERT INTO requests (ts, provider, path, method, stream, usage_source, status, latency_ms) "
+                 "VALUES ('2026-01-01T00:00:00.000Z', 'openai', '/v1/x', 'POST', 0, 'none', 200, 5.0)")
+    conn.execute("DROP TABLE daily_latency")  # as if a build was interrupted half-way
     store.create_schema(conn)
     store.create_schema(conn)
-    assert conn.execute("SELECT sum(requests) FROM hourly_usage").fetchone() == (1,)
+    for table in aggregates.TABLES:
+        assert conn.execute(f"SELECT sum(requests) FROM {table}").fetchone() == (1,)
 
 
 @given(st.floats(0, 10**7, allow_nan=False))

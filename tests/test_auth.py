@@ -7,7 +7,7 @@ import base64
 import pytest
 from pydantic import SecretStr
 
-from metrion_addon.auth import Identity, authenticate, identify_forward, requester
+from metrion_addon.auth import Identity, authenticate, identify_forward, lift_query_key, requester
 from metrion_addon.config import Token, hash_token
 from metrion_addon.errors import MetrionError
 
@@ -60,6 +60,45 @@ def test_refusals_are_401_and_name_no_secret(provider: str, headers: dict, code:
     assert (caught.value.status, caught.value.code) == (401, code)
     for secret in (*headers.values(), "sk-oa", "sk-ant"):
         assert secret.split()[-1] not in caught.value.message
+
+
+GEMINI_TOKENS = {
+    hash_token(STORED): Token.model_construct(name="app", token_hash=hash_token(STORED), plan="free",
+                                              keys={"gemini": SecretStr("AIza-stored")}),
+    hash_token(PASS): Token.model_construct(name="own-keys", token_hash=hash_token(PASS), plan="pro", keys={}),
+}
+
+
+@pytest.mark.parametrize(
+    ("headers", "identity", "set_headers", "drop"),
+    [
+        ({"x-goog-api-key": STORED}, Identity("app", "free", "stored"), {"x-goog-api-key": "AIza-stored"},
+         ("authorization",)),
+        ({"authorization": f"Bearer {STORED}"}, Identity("app", "free", "stored"), {"x-goog-api-key": "AIza-stored"},
+         ("authorization",)),
+        ({"x-goog-api-key": "AIza-own", "x-metrion-token": PASS}, Identity("own-keys", "pro", "pass-through"), None,
+         ()),
+    ],
+)
+def test_gemini_native_key_slot_is_x_goog_api_key(headers, identity, set_headers, drop) -> None:
+    who, upstream = authenticate("gemini", headers, GEMINI_TOKENS, "gemini")
+    assert who == identity
+    assert upstream.set_headers == set_headers and upstream.drop_headers == drop
+
+
+@pytest.mark.parametrize(
+    ("path", "kept", "key"),
+    [
+        ("/v1beta/models/m:generateContent?key=AIza1", "/v1beta/models/m:generateContent", "AIza1"),
+        ("/m:streamGenerateContent?alt=sse&key=sk-metrion-x", "/m:streamGenerateContent?alt=sse", "sk-metrion-x"),
+        ("/m?key=a%2Bb&alt=sse", "/m?alt=sse", "a+b"),
+        ("/m?x=1&key=k&y=2&key=again", "/m?x=1&y=2", "k"),
+        ("/m?monkey=1", "/m?monkey=1", None),
+        ("/m", "/m", None),
+    ],
+)
+def test_query_key_is_lifted_out_of_the_path(path: str, kept: str, key: str | None) -> None:
+    assert lift_query_key(path) == (kept, key)
 
 
 def basic(user: str, password: str) -> str:

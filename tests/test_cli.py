@@ -329,7 +329,7 @@ def empty_schema(tmp_path: Path) -> Path:
         (None, ["report", "--format", "xml"], "Invalid value for '--format'"),
         (None, ["logs", "--status", "bad"], "not a status: 'bad'"),
         (None, ["logs", "--limit", "0"], "Invalid value for '--limit'"),
-        (None, ["logs", "--provider", "openia"], "Invalid value for '--provider': 'openia' is not one of 'anthropic'"),
+        (None, ["logs", "--provider", "openia"], "unknown provider 'openia'"),
         (None, ["logs", "--since", "last week"], "not a time: 'last week'"),
         (None, ["quota", "nobody"], "no token named 'nobody'"),
         (None, ["tokens", "new", "--name", "x", "--plan", "gold"], "unknown plan 'gold'"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,51 @@ def test_good_config_keeps_only_the_token_hash(tmp_path: Path) -> None:
     assert config.database == tmp_path / "m.db"  # relative to the config file
     assert config.timeout == 5.0 and config.rate_limit == 100
     assert config.plans["free"].monthly_requests == 10000 and config.plans["pro"].monthly_requests is None
-    assert config.providers["gemini"] == "https://generativelanguage.googleapis.com/v1beta/openai"
+    assert config.providers["gemini"].url == "https://generativelanguage.googleapis.com/v1beta/openai"
+
+
+def test_configured_openai_compatible_providers_sit_beside_the_five(tmp_path: Path) -> None:
+    text = GOOD + """
+providers:
+  openai: http://127.0.0.1:9/openai/v1/
+  groq: {format: openai}
+  deepseek: {url: https://api.deepseek.com/v1, format: openai, include_usage: true}
+  local: {url: http://127.0.0.1:11434/v1, format: openai, price_as: null}
+  router: {url: https://example.test/v1, format: openai, price_as: openrouter}
+"""
+    config = load_config(write(tmp_path, text), {"KEY": "k"})
+    providers = config.providers
+    assert providers["openai"].url == "http://127.0.0.1:9/openai/v1" and providers["openai"].price_as == "openai"
+    assert providers["anthropic"].format == "anthropic" and providers["mistral"].include_usage is False
+    assert (providers["groq"].url, providers["groq"].price_as, providers["groq"].include_usage) == (
+        "https://api.groq.com/openai/v1", "groq", True)
+    assert (providers["deepseek"].price_as, providers["deepseek"].include_usage) == ("deepseek", True)
+    assert (providers["local"].price_as, providers["local"].include_usage) == (None, False)
+    assert providers["router"].price_as == "openrouter"
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("groq: {format: cohere}", "groq.format: unknown format 'cohere' (known: openai)"),
+        ("mine: {format: openai}", "mine.url: required"),
+        ("mine: {url: http://x, format: openai, price_as: nope}", "mine.price_as: genai-prices has no provider 'nope'"),
+        ("mine: {url: http://x}", "mine.format: Field required"),
+        ("mine: http://x", "unknown provider 'mine'"),
+        ("v1: {url: http://x, format: openai}", "'v1': a provider name is lowercase letters"),
+        ("openai: {url: http://x}", "openai: expected the provider's base URL"),
+    ],
+)
+def test_bad_provider_entries_are_one_clear_line(tmp_path: Path, entry: str, message: str) -> None:
+    with pytest.raises(ConfigError, match="providers: " + re.escape(message)):
+        load_config(write(tmp_path, f"providers:\n  {entry}\n"), {})
+
+
+def test_stored_keys_may_name_configured_providers_only(tmp_path: Path) -> None:
+    text = (f"providers: {{groq: {{format: openai}}}}\n"
+            f"tokens: [{{name: a, token: {TOKEN}, keys: {{groq: g, cohere: c}}}}]\n")
+    with pytest.raises(ConfigError, match=r"tokens\[0\].keys: unknown provider 'cohere'"):
+        load_config(write(tmp_path, text), {})
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,7 @@ def test_sdk_call_is_forwarded_and_metered_exactly(proxy: Proxy, mock: MockProvi
     (row,) = proxy.rows("requester = ?", (requester,))
     assert row | expected_row_usage(provider, text) == row
     assert (row["provider"], row["model"], row["status"], row["stream"]) == (provider, RETURNED[provider], 200, stream)
+    assert row["requested_model"] == MODELS[provider]
     assert (row["usage_source"], row["error"]) == ("provider", None)
     assert (row["token_name"], row["auth_mode"]) == (("app", "stored") if mode == "stored" else ("passthrough", mode))
     assert row["latency_ms"] >= row["ttfb_ms"] > 0
@@ -250,3 +251,49 @@ def test_provider_errors_pass_through_and_are_logged(proxy: Proxy, mock: MockPro
     assert response.headers["retry-after"] == "1"
     (row,) = proxy.rows("requester = ?", (who,))
     assert row["status"] == 429 and row["error"].startswith("provider: ")
+
+
+TERMINAL = {"anthropic": b"message_stop", "openai": b"[DONE]", "gemini": b"finish_reason", "mistral": b"[DONE]",
+            "grok": b"[DONE]"}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_client_leaving_right_after_the_terminal_event_is_a_complete_request(proxy: Proxy, provider: str) -> None:
+    # The upstream keeps the body open after its last event; the client closes as soon as it has the terminal one.
+    who = label()
+    path, body, headers = request_for(provider, stream=True)
+    received = b""
+    with httpx.stream("POST", f"{proxy.url}{path}", json=body, timeout=10,
+                      headers={**headers, "x-mock-scenario": "hold-end:5", "x-metrion-user": who}) as response:
+        for chunk in response.iter_raw():
+            received += chunk
+            if TERMINAL[provider] in received.replace(b'"finish_reason":null', b""):
+                break
+    (row,) = proxy.rows("requester = ?", (who,))
+    assert (row["status"], row["error"], row["usage_source"]) == (200, None, "provider")
+    assert row | expected_row_usage(provider, body["messages"][0]["content"]) == row
+
+
+def test_openai_sdk_closing_its_stream_on_done_leaves_no_error(proxy: Proxy) -> None:
+    who = label()
+    client = sdk(proxy, "openai", "stored", who)
+    messages = [{"role": "user", "content": f"sdk closes {who}"}]
+    chunks = client.with_options(timeout=10).chat.completions.create(
+        model="gpt-4o", messages=messages, stream=True, extra_headers={"x-mock-scenario": "hold-end:5"})
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # returns at [DONE], closes
+    assert text == reply_text({"messages": messages})
+    (row,) = proxy.rows("requester = ?", (who,))
+    assert (row["error"], row["status"], row["usage_source"]) == (None, 200, "provider")
+    assert row | expected_row_usage("openai", messages[0]["content"]) == row
+
+
+def test_logs_model_filter_matches_the_model_asked_for_and_the_one_answered(proxy: Proxy) -> None:
+    who = label()
+    client = sdk(proxy, "openai", "stored", who)
+    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
+                                       extra_headers={"x-mock-scenario": "error-429"})
+    rows = proxy.rows("requester = ?", (who,), n=2)
+    assert [(r["model"], r["requested_model"], r["status"]) for r in rows] == [
+        ("gpt-4o-2024-08-06", "gpt-4o", 200), ("gpt-4o", "gpt-4o", 429)]

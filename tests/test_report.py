@@ -191,6 +191,16 @@ def test_logs_show_the_latest_matching_rows_newest_first(
     assert [r["ts"][11:19] for r in rows] == expected_ts_suffixes
 
 
+def test_logs_model_filter_matches_the_model_asked_for_or_answered() -> None:
+    conn = seeded([
+        row("2026-11-21T09:00:00.000Z", "gpt-4o-2024-08-06", requested_model="gpt-4o"),
+        row("2026-11-21T09:00:01.000Z", "gpt-4o", 429, requested_model="gpt-4o"),
+        row("2026-11-21T09:00:02.000Z", "gpt-4o-mini-2024-07-18", requested_model="gpt-4o-mini"),
+    ])
+    assert [r["status"] for r in logs(conn, 10, LogFilter(model="gpt-4o"))] == [429, 200]
+    assert [r["requested_model"] for r in logs(conn, 10, LogFilter(model="gpt-4o-2024-08-06"))] == ["gpt-4o"]
+
+
 def test_logs_rows_carry_every_stored_column(conn: sqlite3.Connection) -> None:
     [latest] = logs(conn, 1, LogFilter())
 

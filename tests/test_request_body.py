@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from metrion_addon.config import Config
 from metrion_addon.errors import MetrionError
 from metrion_addon.request_body import inspect_body, needs_stream_usage, prompt_chars, with_stream_usage
 from metrion_addon.routes import Route
@@ -55,7 +57,13 @@ def test_usable_bodies_tell_model_and_stream() -> None:
 def test_stream_usage_is_requested_only_where_needed(provider: str, body: dict, needed: bool) -> None:
     route = Route(provider, "chat/completions", "u")
     raw = json.dumps({"model": "m", "messages": [], **body}).encode()
-    assert needs_stream_usage(route, inspect_body(route, "POST", "application/json", raw)) is needed
+    accepts = load_config_defaults().providers[provider].include_usage
+    assert needs_stream_usage(route, inspect_body(route, "POST", "application/json", raw), accepts) is needed
+
+
+def load_config_defaults() -> Config:
+    raw = {"path": Path("x"), "database": Path("x.db")}
+    return Config.model_validate(raw, context={"environ": {}, "need_keys": False})
 
 
 def test_stream_usage_is_added_without_rewriting_the_body() -> None:

@@ -37,6 +37,7 @@ class RequestRecord:
     auth_mode: str | None = None
     cost_usd: float | None = None
     price_source: str | None = None
+    requested_model: str | None = None  # the model the client asked for; `model` is what the provider answered
     flow_id: str | None = dataclasses.field(default=None, compare=False)  # for mitmweb, not stored
     # Not stored: the request went (or may have gone) to the provider. Such rows are never dropped.
     forwarded: bool = dataclasses.field(default=True, compare=False)

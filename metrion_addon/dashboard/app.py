@@ -1,0 +1,144 @@
+"""The dashboard's routes: each page is a template fed by one JSON endpoint, fed by one query function.
+
+Views open the database read-only per request, read the filters from the URL, and hand plain data on.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from metrion_addon import queries
+from metrion_addon.clock import Clock
+from metrion_addon.config import Config
+from metrion_addon.dashboard.access import PasswordRequired
+from metrion_addon.dashboard.filters import PERIODS, View, read_view
+from metrion_addon.dashboard.formats import FILTERS
+
+HERE = Path(__file__).parent
+NEEDED_TABLES = ("requests", "hourly_usage", "hourly_latency", "monthly_usage", "rate_buckets")
+Loader = Callable[[sqlite3.Connection, View, Config, datetime], Any]
+
+
+@dataclass(frozen=True)
+class Page:
+    name: str
+    title: str
+    path: str
+    load: Loader
+
+
+PAGES = (
+    Page("overview", "Overview", "/", lambda conn, view, config, now: queries.overview(conn, view.filters)),
+    Page("logs", "Logs", "/logs",
+         lambda conn, view, config, now: queries.logs(conn, view.filters, view.cursor, view.offset)),
+    Page("latency", "Latency", "/latency", lambda conn, view, config, now: queries.latency(conn, view.filters)),
+    Page("errors", "Errors", "/errors", lambda conn, view, config, now: queries.errors(conn, view.filters)),
+    Page("costs", "Costs", "/costs", lambda conn, view, config, now: queries.costs(conn, view.filters, now)),
+    Page("tokens", "Tokens", "/tokens",
+         lambda conn, view, config, now: queries.tokens(conn, config, view.filters, now)),
+)
+
+
+class Unavailable(Exception):
+    """The database cannot be read yet (no file, or the proxy has not created its tables)."""
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """The request log, read-only; Unavailable until the proxy has created it with its aggregates."""
+    if not path.is_file():
+        raise Unavailable(f"no database at {path} yet: start the proxy (it creates it)")
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    found = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    missing = [name for name in NEEDED_TABLES if name not in found]
+    if missing:
+        conn.close()
+        raise Unavailable(f"{path} has no {', '.join(missing)} table yet: start the proxy once (it builds them)")
+    return conn
+
+
+def create_app(config: Config, clock: Clock) -> Starlette:
+    templates = Jinja2Templates(directory=HERE / "templates")
+    templates.env.filters.update(FILTERS)
+
+    def load(request: Request, page: Page) -> tuple[View, Any, dict[str, list[str]]]:
+        now = datetime.fromtimestamp(clock(), UTC)
+        view = read_view(request.query_params, now)
+        conn = open_database(config.database)
+        try:
+            return view, page.load(conn, view, config, now), queries.filter_choices(conn, config, view.filters)
+        finally:
+            conn.close()
+
+    def endpoint(page: Page) -> Callable[[Request], Response]:
+        def api(request: Request) -> Response:
+            try:
+                view, data, _ = load(request, page)
+            except ValueError as e:
+                return JSONResponse({"error": str(e)}, status_code=400)
+            except (Unavailable, sqlite3.Error) as e:
+                return JSONResponse({"error": str(e)}, status_code=503)
+            return JSONResponse({"filters": view.filters.__dict__ | {"period": view.period}, "data": data})
+
+        return api
+
+    def screen(page: Page) -> Callable[[Request], Response]:
+        def html(request: Request) -> Response:
+            context: dict[str, Any] = {"pages": PAGES, "page": page, "periods": PERIODS, "params": {}}
+            try:
+                view, data, choices = load(request, page)
+            except ValueError as e:
+                return templates.TemplateResponse(request, "problem.html", {**context, "problem": str(e)}, 400)
+            except (Unavailable, sqlite3.Error) as e:
+                return templates.TemplateResponse(request, "problem.html", {**context, "problem": str(e)}, 503)
+            context.update(view=view, data=data, choices=choices, params=view.params, api=f"/api/{page.name}")
+            return templates.TemplateResponse(request, f"{page.name}.html", context)
+
+        return html
+
+    def log_row(request: Request) -> Response:
+        try:
+            conn = open_database(config.database)
+        except Unavailable as e:
+            return JSONResponse({"error": str(e)}, status_code=503)
+        try:
+            row = queries.log_row(conn, int(request.path_params["row_id"]))
+        finally:
+            conn.close()
+        return JSONResponse(row) if row else JSONResponse({"error": "no such row"}, status_code=404)
+
+    routes = [
+        *(Route(page.path, screen(page), name=page.name) for page in PAGES),
+        *(Route(f"/api/{page.name}", endpoint(page)) for page in PAGES),
+        Route("/api/logs/{row_id:int}", log_row),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    middleware = [Middleware(PasswordRequired, settings=config.dashboard)] if config.dashboard.protected else []
+    return Starlette(routes=routes, middleware=middleware)
+
+
+def serve(config: Config, clock: Clock, host: str, port: int, announce: Callable[[str], None]) -> None:
+    """Listen on host:port (port 0 picks a free one), announce the URL once listening, serve until a signal."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    announce(f"metrion: dashboard at http://{shown}:{sock.getsockname()[1]}/ (database {config.database})")
+    server = uvicorn.Server(uvicorn.Config(create_app(config, clock), log_level="warning", access_log=False))
+    server.run(sockets=[sock])
