@@ -37,8 +37,9 @@ FAILURES = [  # (status, answered by Metrion, error) with weights per thousand r
 ]
 
 
-def people(rng: random.Random) -> list[tuple[str, str, list[int]]]:
+def people(seed_value: int = 1) -> list[tuple[str, str, list[int]]]:
     """(requester, token, model indexes): each requester works through one token and prefers a few models."""
+    rng = random.Random(seed_value)
     crew = []
     for i in range(36):
         token = TOKENS[min(int(rng.expovariate(0.6)), len(TOKENS) - 1)]
@@ -53,7 +54,7 @@ def _ts(moment: datetime) -> str:
 
 def rows(count: int, days: int, now: datetime, rng: random.Random) -> list[store.RequestRecord]:
     """`count` requests over the `days` before `now`, busier on weekdays and in working hours (UTC)."""
-    crew = people(rng)
+    crew = people()
     weights = [1.0 / (1 + i) for i in range(len(crew))]
     start = now - timedelta(days=days)
     records = []

@@ -6,24 +6,27 @@ Run with `mitmdump -s metrion_addon/addon.py --set metrion_config=config.yaml` (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 import weakref
+from collections.abc import Coroutine
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, hooks, http
 from mitmproxy.proxy import server_hooks
 
 from metrion_addon import contentview, store  # importing contentview registers the LLM stream view for mitmweb
-from metrion_addon.auth import authenticate, identify_forward, lift_query_key, requester
+from metrion_addon.auth import Upstream, authenticate, identify_forward, lift_query_key, requester
+from metrion_addon.budgets import Budgets, Hold, MemoryBudgetCounters, token_budgets
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
 from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
 from metrion_addon.display import FlowDisplay
 from metrion_addon.errors import MetrionError, error_body, error_headers, provider_error_message
-from metrion_addon.guard import GuardedStream, guarded
-from metrion_addon.limits import Limits
+from metrion_addon.guard import GuardedStream, guarded, guarded_coroutine
+from metrion_addon.limits import Admission, Limits
 from metrion_addon.metering import (
     Exchange,
     build_record,
@@ -33,7 +36,7 @@ from metrion_addon.metering import (
     stream_tap,
     summary,
 )
-from metrion_addon.pricing import Pricer
+from metrion_addon.pricing import Pricer, context_window
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
 from metrion_addon.routes import (
     Route,
@@ -43,6 +46,7 @@ from metrion_addon.routes import (
     route_metrion_path,
     route_provider_host,
 )
+from metrion_addon.shared_limits import SharedLimits
 from metrion_addon.upstream import IdleTimer, answer_upstream_failures, cancel_upstream
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,8 @@ class Metrion:
         self.writer: store.Writer | None = None
         self._ownership: store.Ownership | None = None
         self.limits = Limits(1, {})
+        self.shared: SharedLimits | None = None  # the limits on Redis, when the config has `shared:`
+        self.budgets = Budgets({}, MemoryBudgetCounters(), Pricer({}), lambda provider, model: None)
         self._tokens: dict = {}
         self._exchanges: dict[str, Exchange] = {}
         self._timers: dict[str, IdleTimer] = {}
@@ -89,20 +95,36 @@ class Metrion:
         except ConfigError as e:
             raise exceptions.OptionsError(f"metrion: {e}") from e
         self._close_writer()
-        try:  # with limits kept in a shared store, several processes may share the database: skip this claim
-            self._ownership = store.claim(config.database)
-        except store.DatabaseInUse as e:
-            raise exceptions.OptionsError(f"metrion: {e}") from e
+        self._close_shared()
+        if config.shared is None:  # limits in Redis (`shared:`): several processes may share the database
+            try:
+                self._ownership = store.claim(config.database)
+            except store.DatabaseInUse as e:
+                raise exceptions.OptionsError(f"metrion: {e}") from e
         conn = store.connect(config.database)
         store.create_schema(conn)
         buckets, months = store.load_counters(conn)
-        pricer = Pricer(config.prices, {name: p.price_as for name, p in config.providers.items()})
+        price_ids = {name: provider.price_as for name, provider in config.providers.items()}
+        pricer = Pricer(config.prices, price_ids)
         pricer.warm()
-        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._priced)
+        limits = {token.name: (config.budget_usd(token), config.unpriced(token)) for token in config.tokens}
+        self.budgets = Budgets(token_budgets(limits), MemoryBudgetCounters(store.load_budgets(conn)),
+                               Pricer(config.prices, price_ids), functools.partial(context_window, price_ids))
+        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._priced,
+                                   settle=self.budgets.settle)
         self.writer.start()
         self.config = config
         caps = {name: plan.monthly_requests for name, plan in config.plans.items()}
         self.limits = Limits(config.rate_limit, caps, buckets, months)
+        if config.shared is not None:
+            shared = SharedLimits(config.shared, config.rate_limit, caps, config.limits_fingerprint(), months)
+            try:
+                shared.connect(self.clock())
+            except ConfigError as e:
+                raise exceptions.OptionsError(f"metrion: {config.path}: {e}") from e
+            self.shared = shared
+            with contextlib.suppress(RuntimeError):  # no loop yet at start-up: running() starts it
+                shared.start()
         self._tokens = config.token_by_hash()
         self._urls = {name: provider.url for name, provider in config.providers.items()}
         self._hosts = provider_hosts(self._urls)
@@ -113,6 +135,8 @@ class Metrion:
     def running(self) -> None:
         # Only a UI (mitmweb's or the console's flow view) shows the cost once the writer has priced a row.
         self._loop = asyncio.get_running_loop() if ctx.master.addons.get("view") is not None else None
+        if self.shared is not None:
+            self.shared.start()
         if self.config is not None:
             log.info("metrion: metering %d token(s) into %s", len(self.config.tokens), self.config.database)
 
@@ -125,6 +149,7 @@ class Metrion:
         self._timers.clear()
         answer_upstream_failures(None)
         self._close_writer()
+        self._close_shared()
 
     @guarded
     def _abandon(self, flow_id: str) -> None:
@@ -138,6 +163,11 @@ class Metrion:
         if self._ownership is not None:
             self._ownership.release()
             self._ownership = None
+
+    def _close_shared(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
     # forward-proxy tunnels
 
@@ -167,27 +197,81 @@ class Metrion:
     # the request's way up
 
     @guarded
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Coroutine[None, None, None] | None:
+        """Admit and forward, or answer. With limits on Redis this returns a coroutine, which mitmproxy awaits:
+        the one round trip never blocks the loop, and a single instance pays nothing for it."""
         if flow.response or flow.error or not flow.live or self.config is None:
-            return
+            return None
         path, query_key = lift_query_key(flow.request.path)  # Gemini's ?key= becomes x-goog-api-key: never logged
         route = self._route(flow, path)
         if route is None:
-            return
+            return None
         if query_key is not None:
             flow.request.path = path
             if "x-goog-api-key" not in flow.request.headers:
                 flow.request.headers["x-goog-api-key"] = query_key
         exchange = Exchange(route, path, flow.request.method, started=self.clock())
         self._exchanges[flow.id] = exchange
+        headers = _lowercase(flow.request.headers)
         try:
-            self._admit(flow, exchange, _lowercase(flow.request.headers))
+            credentials = self._check(flow, exchange, headers)
+            now = self.clock()
+            hold = self._hold(flow, exchange, now)
+            if self.shared is not None:
+                return self._request_shared(flow, self.shared, exchange, headers, credentials, hold, now)
+            assert exchange.identity is not None
+            try:
+                admission = self.limits.admit(exchange.identity.token_name, exchange.identity.plan, now)
+            except MetrionError:
+                self._release(hold)
+                raise
         except MetrionError as e:
-            exchange.failure = e
-            flow.response = self._error_response(route.format, e, exchange)
-            flow.marked = _REJECTED_MARK
-            _redact(flow.request.headers)
+            self._refuse(flow, exchange, e)
+            return None
+        self._let_through(flow, exchange, admission, hold, headers, credentials)
+        return None
+
+    @guarded_coroutine("request")
+    async def _request_shared(self, flow: http.HTTPFlow, shared: SharedLimits, exchange: Exchange,
+                              headers: dict[str, str], credentials: Upstream | None, hold: Hold | None,
+                              now: float) -> None:
+        assert exchange.identity is not None
+        try:
+            admission = await shared.admit(exchange.identity.token_name, exchange.identity.plan, now)
+        except MetrionError as e:
+            self._release(hold)
+            self._refuse(flow, exchange, e)
             return
+        self._let_through(flow, exchange, admission, hold, headers, credentials)
+
+    def _hold(self, flow: http.HTTPFlow, exchange: Exchange, now: float) -> Hold | None:
+        """Reserve the most the request can cost from the token's dollar budget (raise 429 if it does not fit)."""
+        assert exchange.identity is not None
+        return self.budgets.admit(exchange.identity.token_name, now, exchange.route, flow.request.method,
+                                  flow.request.raw_content or b"", exchange.request)
+
+    def _refuse(self, flow: http.HTTPFlow, exchange: Exchange, error: MetrionError) -> None:
+        exchange.failure = error
+        flow.response = self._error_response(exchange.route.format, error, exchange)
+        flow.marked = _REJECTED_MARK
+        _redact(flow.request.headers)
+
+    def _let_through(self, flow: http.HTTPFlow, exchange: Exchange, admission: Admission, hold: Hold | None,
+                     headers: dict[str, str], credentials: Upstream | None) -> None:
+        assert self.writer is not None
+        exchange.limit_headers = {**admission.headers, **hold.headers} if hold else admission.headers
+        for state in (*admission.saved, hold.saved) if hold and hold.saved else admission.saved:
+            self.writer.put(state)
+        if hold:
+            self.budgets.track(flow.id, hold)
+        drop = {name for name in headers if name.startswith("x-metrion-")}
+        if host_provider(flow.request.host, flow.request.port, self._hosts) is not None:
+            drop.add("proxy-authorization")
+        replace = {"accept-encoding": "identity"}  # the meter must read plain text
+        if credentials is not None:
+            drop.update(credentials.drop_headers)
+            replace.update(credentials.set_headers or {})
+        _rewrite(flow.request.headers, drop, replace)
         self._forward(flow, exchange)
 
     def _route(self, flow: http.HTTPFlow, path: str) -> Route | None:
@@ -207,15 +291,15 @@ class Metrion:
             flow.response = self._error_response(None, error)
         return route
 
-    def _admit(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str]) -> None:
-        """Authenticate, validate and count the request; raise MetrionError to refuse it.
+    def _check(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str]) -> Upstream | None:
+        """Authenticate and validate the request (the limits come next); raise MetrionError to refuse it.
 
         `headers` is a lower-cased snapshot: mitmproxy's Headers scan every field on each lookup.
         """
         assert self.config is not None and self.writer is not None
         route = exchange.route
         exchange.requester = requester(headers)
-        if route_is_forward := host_provider(flow.request.host, flow.request.port, self._hosts) is not None:
+        if host_provider(flow.request.host, flow.request.port, self._hosts) is not None:
             identity = self._tunnels.get(flow.client_conn) or identify_forward(
                 headers.get("proxy-authorization"), self._tokens
             )
@@ -229,18 +313,11 @@ class Metrion:
         if trouble := self.writer.trouble:
             raise MetrionError(503, "metering_unavailable", "Metrion cannot record usage right now "
                                f"({trouble}); request not forwarded.")
-        admission = self.limits.admit(identity.token_name, identity.plan, self.clock())
-        exchange.limit_headers = admission.headers
-        for state in admission.saved:
+        return credentials
+
+    def _release(self, hold: Hold | None) -> None:
+        if hold is not None and self.writer is not None and (state := self.budgets.release(hold)) is not None:
             self.writer.put(state)
-        drop = {name for name in headers if name.startswith("x-metrion-")}
-        if route_is_forward:
-            drop.add("proxy-authorization")
-        replace = {"accept-encoding": "identity"}  # the meter must read plain text
-        if credentials is not None:
-            drop.update(credentials.drop_headers)
-            replace.update(credentials.set_headers or {})
-        _rewrite(flow.request.headers, drop, replace)
 
     def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         assert self.config is not None
@@ -293,10 +370,12 @@ class Metrion:
         else:
             error = None
         start = flow.request.timestamp_start
+        # A whole answer settles at its cost; so does a connection that never opened (nothing reached the provider).
+        settles = exchange.failure is None or flow.server_conn.timestamp_tcp_setup is None
         self._record(
             flow, exchange, status=response.status_code, body=body, error=error,
             latency_ms=((response.timestamp_end or time.time()) - start) * 1000,
-            ttfb_ms=None if exchange.failure else (response.timestamp_start - start) * 1000,
+            ttfb_ms=None if exchange.failure else (response.timestamp_start - start) * 1000, complete=settles,
         )
 
     @guarded
@@ -352,7 +431,7 @@ class Metrion:
 
     def _record(self, flow: http.HTTPFlow | None, exchange: Exchange, *, status: int | None, body: bytes | None,
                 error: str | None, latency_ms: float | None = None, ttfb_ms: float | None = None,
-                flow_id: str | None = None) -> None:
+                flow_id: str | None = None, complete: bool = False) -> None:
         flow_id = flow.id if flow else flow_id
         record = build_record(exchange, status=status, body=body, latency_ms=latency_ms, ttfb_ms=ttfb_ms,
                               error=error, flow_id=flow_id)
@@ -361,11 +440,15 @@ class Metrion:
             flow.comment = summary(record)
             if self._loop is not None:  # a UI will want the cost once the row is priced
                 self._flows[flow.id] = flow
-        self._put(flow_id, record)
+        self._put(flow_id, record, complete)
 
-    def _put(self, flow_id: str | None, record: store.RequestRecord) -> None:
-        """Hand the row to the writer; the exchange is finished only now (contain() looks for unfinished ones)."""
+    def _put(self, flow_id: str | None, record: store.RequestRecord, complete: bool = False) -> None:
+        """Hand the row to the writer; the exchange is finished only now (contain() looks for unfinished ones).
+
+        `complete`: the provider's whole answer arrived, so the row's cost replaces its budget reservation.
+        """
         self._exchanges.pop(flow_id or "", None)
+        self.budgets.finish(flow_id, complete)  # before the writer can see the row
         if self.writer is not None:
             self.writer.put(record)
 

@@ -80,6 +80,10 @@ def _cost(value: float | None) -> str:
     return f"${digits}{'0' * (4 - len(digits))}"  # at least two decimals: $0.50, not $0.5
 
 
+def _dollars(value: float | None) -> str:
+    return "-" if value is None else f"${value:,.2f}"
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else str(round(value))
 
@@ -290,7 +294,7 @@ def logs(
 @_options
 @click.argument("name", required=False)
 def quota(config_path: str | None, fmt: str, name: str | None) -> None:
-    """Each token's plan, requests this month, cap, remaining, and the reset date (UTC)."""
+    """Each token's plan, requests and dollars this month: cap, budget, spent, reserved, left; the reset date (UTC)."""
     config = _load(config_path)
     try:
         rows = queries.quota(_open(config, "monthly_usage"), config, datetime.now(UTC), name)
@@ -302,6 +306,10 @@ def quota(config_path: str | None, fmt: str, name: str | None) -> None:
         Column("used", "requests"),
         Column("cap", "cap", lambda cap: "unlimited" if cap is None else str(cap)),
         Column("left", "remaining", lambda left: "-" if left is None else str(left)),
+        Column("budget", "budget_usd", _dollars),
+        Column("spent", "spent_usd", _cost),
+        Column("reserved", "reserved_usd", _cost),
+        Column("$ left", "remaining_usd", _cost),
         Column("resets", "resets", right=False),
     ]
     _emit(rows, queries.QUOTA_COLUMNS, fmt, columns)

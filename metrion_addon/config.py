@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -69,8 +69,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+Unpriced = Literal["refuse", "allow"]
+
+
 class Plan(_Strict):
     monthly_requests: Annotated[int, Field(gt=0)] | None
+    monthly_usd: Annotated[float, Field(gt=0)] | None = None  # dollar budget; None = none
+    unpriced: Unpriced = "refuse"  # what a budgeted token's request whose cost cannot be bounded gets
+
+    @field_validator("monthly_usd", mode="before")
+    @classmethod
+    def _int_is_a_budget(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class ModelPrice(_Strict):
@@ -154,6 +164,13 @@ class Token(_Strict):
     token_hash: str = Field(alias="token")
     plan: str = "free"
     keys: dict[str, SecretStr] = {}
+    monthly_usd: Annotated[float, Field(gt=0)] | None = None  # overrides the plan's, even as null, when given
+    unpriced: Unpriced | None = None  # None: the plan's
+
+    @field_validator("monthly_usd", mode="before")
+    @classmethod
+    def _int_is_a_budget(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @field_validator("token_hash", mode="before")
     @classmethod
@@ -185,6 +202,13 @@ class Token(_Strict):
             if expanded:  # empty means no key
                 keys[provider] = SecretStr(expanded)
         return keys
+
+
+class Shared(_Strict):
+    """State shared by several instances: the limits on Redis, and what to do while Redis is unreachable."""
+
+    redis: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://\S+$")]
+    on_failure: Literal["closed", "local"] = "closed"
 
 
 _PASSWORD_HASH_RE = re.compile(r"pbkdf2_sha256\$\d+\$[0-9a-f]+\$[0-9a-f]{64}")
@@ -226,6 +250,7 @@ class Config(_Strict):
     providers: dict[str, Provider] = Field(default_factory=dict, validate_default=True)
     tokens: list[Token] = []
     prices: dict[str, ModelPrice] = {}
+    shared: Shared | None = None
     dashboard: DashboardSettings = DashboardSettings()
 
     @field_validator("timeout", mode="before")
@@ -261,6 +286,25 @@ class Config(_Strict):
                     known = ", ".join(self.providers)
                     raise ValueError(f"tokens[{i}].keys: unknown provider {provider!r} (known: {known})")
         return self
+
+    def limits_fingerprint(self) -> str:
+        """What instances sharing Redis must agree on (tokens, plans, limits), as a short digest.
+
+        Provider keys are left out: they may differ per host, and a digest of a secret is not kept anywhere.
+        """
+        shape = {
+            "rate_limit": self.rate_limit,
+            "plans": {name: plan.model_dump() for name, plan in sorted(self.plans.items())},
+            "tokens": sorted(repr(sorted(t.model_dump(exclude={"keys"}).items())) for t in self.tokens),
+        }
+        return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
+
+    def budget_usd(self, token: Token) -> float | None:
+        """The monthly budget: the token's own `monthly_usd` if the file sets one (even null), else its plan's."""
+        return token.monthly_usd if "monthly_usd" in token.model_fields_set else self.plans[token.plan].monthly_usd
+
+    def unpriced(self, token: Token) -> Unpriced:
+        return token.unpriced or self.plans[token.plan].unpriced
 
     def token_by_hash(self) -> dict[str, Token]:
         return {token.token_hash: token for token in self.tokens}

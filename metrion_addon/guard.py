@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,18 +43,38 @@ def guarded[**P, R](hook: Callable[P, R]) -> Callable[P, R | None]:
         try:
             return hook(self, *args)  # type: ignore[call-arg]
         except Exception as error:
-            description = describe(error)
-            log.error("metrion: internal error in %s: %s", hook.__name__, description)
-            arg = args[0] if args else None
-            try:
-                self.contain(hook.__name__, arg, description)
-            except Exception as second:
-                log.error("metrion: containing it failed too (%s)", describe(second))
-                if isinstance(arg, http.HTTPFlow) and arg.killable:
-                    arg.kill()  # last resort: a killed flow is never forwarded
+            _contain(self, hook.__name__, args[0] if args else None, error)
             return None
 
     return run  # type: ignore[return-value]
+
+
+def guarded_coroutine(name: str) -> Callable[[Callable[..., Coroutine[Any, Any, None]]],
+                                             Callable[..., Coroutine[Any, Any, None]]]:
+    """`guarded` for the part of hook `name` that runs as a coroutine (mitmproxy awaits what a hook returns)."""
+
+    def wrap(hook: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Coroutine[Any, Any, None]]:
+        @functools.wraps(hook)
+        async def run(self: Containment, *args: Any) -> None:
+            try:
+                await hook(self, *args)
+            except Exception as error:
+                _contain(self, name, args[0] if args else None, error)
+
+        return run
+
+    return wrap
+
+
+def _contain(self: Containment, hook: str, arg: Any, error: Exception) -> None:
+    description = describe(error)
+    log.error("metrion: internal error in %s: %s", hook, description)
+    try:
+        self.contain(hook, arg, description)
+    except Exception as second:
+        log.error("metrion: containing it failed too (%s)", describe(second))
+        if isinstance(arg, http.HTTPFlow) and arg.killable:
+            arg.kill()  # last resort: a killed flow is never forwarded
 
 
 class GuardedStream:

@@ -84,7 +84,7 @@ def next_month_start(now: float) -> float:
     return datetime(year, month, 1, tzinfo=UTC).timestamp()
 
 
-class _CalendarMonth:
+class CalendarMonth:
     """The month `now` falls in, recomputed only when `now` leaves it (date formatting is slow on a hot path)."""
 
     def __init__(self) -> None:
@@ -116,7 +116,7 @@ class MonthlyQuota:
 
     def __init__(self, saved: Iterable[MonthlyCount] = ()) -> None:
         self._counts = {(s.token_name, s.month): s.requests for s in saved}
-        self._month = _CalendarMonth()
+        self._month = CalendarMonth()
 
     def check(self, name: str, cap: int | None, now: float) -> QuotaDecision:
         month, resets_at = self._month(now)
@@ -137,7 +137,7 @@ def _whole_seconds(seconds: float) -> int:
 @dataclass(frozen=True)
 class Admission:
     headers: dict[str, str]  # x-metrion-ratelimit-* and x-metrion-quota-*, for the forwarded response
-    saved: tuple[BucketState, MonthlyCount]  # the new limit state, for the store
+    saved: tuple[BucketState | MonthlyCount, ...]  # the new limit state, for the store
 
 
 class Limits:
@@ -154,25 +154,40 @@ class Limits:
         cap = self._caps[plan]
         quota = self.quota.check(name, cap, now)
         if not quota.allowed:
-            wait = _whole_seconds(quota.resets_at - now)
-            raise MetrionError(429, "monthly_quota_exceeded", (
-                f"Monthly request cap reached: {cap} requests for plan '{plan}' of Metrion token '{name}'. "
-                f"The cap resets at the start of next month (UTC), in {wait} s."
-            ), {"retry-after": str(wait), "x-should-retry": "false", **quota_headers(cap, 0)})
+            return decide(name, plan, quota, None, now, ())
         rate = self.rates.take(name, now)
-        headers = {
-            "x-metrion-ratelimit-limit": str(rate.limit),
-            "x-metrion-ratelimit-remaining": str(rate.remaining),
-            "x-metrion-ratelimit-reset": str(math.ceil(rate.reset_seconds)),
-        }
         if not rate.allowed:
-            retry_ms = max(1, math.ceil(rate.retry_after * 1000))
-            raise MetrionError(429, "rate_limit_exceeded", (
-                f"Rate limit reached: {rate.limit} requests per minute for Metrion token '{name}'. "
-                f"Retry in {retry_ms / 1000:.3f} s."
-            ), {"retry-after": str(_whole_seconds(rate.retry_after)), "retry-after-ms": str(retry_ms), **headers})
+            return decide(name, plan, quota, rate, now, ())
         counted, month = self.quota.count(name, cap, now)
-        return Admission({**headers, **quota_headers(cap, counted.remaining)}, (self.rates.state(name), month))
+        return decide(name, plan, counted, rate, now, (self.rates.state(name), month))
+
+
+def decide(name: str, plan: str, quota: QuotaDecision, rate: RateDecision | None, now: float,
+           saved: tuple[BucketState | MonthlyCount, ...]) -> Admission:
+    """The admission for these decisions (wherever they were taken), or MetrionError(429) saying which limit refused.
+
+    `rate` is None when the monthly cap refused the request before the bucket was asked.
+    """
+    cap = quota.limit
+    if not quota.allowed:
+        wait = _whole_seconds(quota.resets_at - now)
+        raise MetrionError(429, "monthly_quota_exceeded", (
+            f"Monthly request cap reached: {cap} requests for plan '{plan}' of Metrion token '{name}'. "
+            f"The cap resets at the start of next month (UTC), in {wait} s."
+        ), {"retry-after": str(wait), "x-should-retry": "false", **quota_headers(cap, 0)})
+    assert rate is not None
+    headers = {
+        "x-metrion-ratelimit-limit": str(rate.limit),
+        "x-metrion-ratelimit-remaining": str(rate.remaining),
+        "x-metrion-ratelimit-reset": str(math.ceil(rate.reset_seconds)),
+    }
+    if not rate.allowed:
+        retry_ms = max(1, math.ceil(rate.retry_after * 1000))
+        raise MetrionError(429, "rate_limit_exceeded", (
+            f"Rate limit reached: {rate.limit} requests per minute for Metrion token '{name}'. "
+            f"Retry in {retry_ms / 1000:.3f} s."
+        ), {"retry-after": str(_whole_seconds(rate.retry_after)), "retry-after-ms": str(retry_ms), **headers})
+    return Admission({**headers, **quota_headers(cap, quota.remaining)}, saved)
 
 
 def quota_headers(cap: int | None, remaining: int | None) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """A faithful local mock of the Anthropic, OpenAI, Gemini, Mistral and xAI APIs, for tests and the offline demo.
 
-Deterministic replies, usage and SSE streams, plus failure scenarios chosen by `x-mock-scenario`.
+Deterministic replies, usage and SSE streams, plus failure scenarios chosen by `x-mock-scenario`; Gemini's native
+API under `/gemini/v1beta/models/...`; and recorded replies served byte for byte (`replay()` + `x-mock-replay`).
 Run it alone with `python -m metrion_addon.mock_provider [--port 9000]`.
 """
 
@@ -11,6 +12,7 @@ import base64
 import gzip
 import hashlib
 import json
+import re
 import struct
 import threading
 import time
@@ -29,6 +31,7 @@ PREFIXES: dict[str, str] = {
     "gemini": "/gemini/v1beta/openai",
     "mistral": "/mistral/v1",
     "grok": "/grok/v1",
+    "groq": "/groq/openai/v1",  # an OpenAI-compatible provider beyond the five, as a `providers:` entry adds one
 }
 
 ENDPOINTS: dict[str, dict[str, str]] = {
@@ -37,9 +40,13 @@ ENDPOINTS: dict[str, dict[str, str]] = {
     "gemini": {"chat/completions": "POST", "embeddings": "POST"},
     "mistral": {"chat/completions": "POST", "embeddings": "POST"},
     "grok": {"chat/completions": "POST", "responses": "POST"},
+    "groq": {"chat/completions": "POST", "models": "GET"},
 }
 
 OPENAI_SNAPSHOTS = {"gpt-4o": "gpt-4o-2024-08-06"}
+GEMINI_NATIVE = re.compile(r"/gemini/(?:v1beta|v1alpha|v1)/models/([^/:]+):(\w+)$")
+GEMINI_NATIVE_METHODS = ("generateContent", "streamGenerateContent", "countTokens", "embedContent",
+                         "batchEmbedContents")
 EMOJI = "😀"
 STALL_SECONDS = 3600.0
 
@@ -71,8 +78,21 @@ def _last_user_text(items: list[Any]) -> str:
     return _text_of(users[-1].get("content")) if users else ""
 
 
+def _gemini_contents(body: JSON) -> list[Any]:
+    contents = body.get("contents")
+    return contents if isinstance(contents, list) else []
+
+
+def _gemini_text(content: Any) -> str:
+    parts = content.get("parts") if isinstance(content, dict) else None
+    return _text_of(parts) if isinstance(parts, list) else ""
+
+
 def reply_text(body: JSON) -> str:
-    """The assistant text the mock answers with (chat, Anthropic messages and Responses API)."""
+    """The assistant text the mock answers with (chat, Anthropic messages, Responses and Gemini's native API)."""
+    if "contents" in body:
+        users = [c for c in _gemini_contents(body) if isinstance(c, dict) and c.get("role", "user") == "user"]
+        return f"Echo: {_gemini_text(users[-1]) if users else ''} {EMOJI}"
     if isinstance(body.get("messages"), list):
         text = _last_user_text(body["messages"])
     else:
@@ -84,6 +104,7 @@ def reply_text(body: JSON) -> str:
 def _prompt_texts(body: JSON) -> list[str]:
     """All texts counted as prompt: messages (all roles), system, Responses input/instructions."""
     texts = [_text_of(body.get("system")), _text_of(body.get("instructions"))]
+    texts += [_gemini_text(content) for content in _gemini_contents(body)]
     for key in ("messages", "input"):
         value = body.get(key)
         if isinstance(value, str):
@@ -202,6 +223,29 @@ def expected_usage(provider: str, endpoint: str, body: JSON) -> JSON:
     if endpoint == "chat/completions":
         return _chat_usage(provider, str(body.get("model", "")), prompt, prompt_words(body), completion)
     raise ValueError(f"no usage for {provider} {endpoint}")
+
+
+def gemini_usage(model: str, body: JSON, so_far: str | None = None) -> JSON:
+    """Gemini's native `usageMetadata` as the mock sends it; `so_far` is the reply text streamed until now."""
+    reply = reply_text(body)
+    prompt = prompt_tokens(body)
+    candidates = output_tokens(reply if so_far is None else so_far)
+    thoughts = 100 if model.startswith("gemini-2.5-") else 0
+    usage: JSON = {"promptTokenCount": prompt, "candidatesTokenCount": candidates,
+                   "totalTokenCount": prompt + candidates + thoughts,
+                   "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt}]}
+    if thoughts:
+        usage["thoughtsTokenCount"] = thoughts
+    return usage
+
+
+def compaction_iterations(usage: JSON) -> list[JSON]:
+    """Anthropic's `usage.iterations` for a request that compacted its context first (top level = last step)."""
+    compaction = {"type": "compaction", "input_tokens": 60385, "output_tokens": 592,
+                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    message = {"type": "message", **{key: usage[key] for key in (
+        "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")}}
+    return [compaction, message]
 
 
 def _embedding_inputs(body: JSON) -> list[str]:
@@ -374,6 +418,8 @@ def _anthropic_stream(body: JSON, model: str, scenario: Scenario) -> list[Event]
     delta_msg: JSON = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}}
     if "no-usage" not in scenario:
         final: JSON = {"output_tokens": usage["output_tokens"]}
+        if "iterations" in scenario:
+            final["iterations"] = compaction_iterations(usage)
         if body.get("tools"):
             final = {
                 k: usage[k]
@@ -491,6 +537,33 @@ def _responses_stream(provider: str, body: JSON, model: str, scenario: Scenario)
 # --------------------------------------------------------------------------- JSON bodies
 
 
+def _google_error(status: int, message: str | None = None) -> JSON:
+    _, _, google_status, default = _ERRORS.get(status, _ERRORS[500])
+    google_status = "NOT_FOUND" if status == 404 else google_status
+    return {"error": {"code": status, "message": message or default, "status": google_status}}
+
+
+def _gemini_candidate(text: str, finish: str | None) -> JSON:
+    candidate: JSON = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
+    if finish:
+        candidate["finishReason"] = finish
+    return candidate
+
+
+def _gemini_chunks(model: str, body: JSON, scenario: Scenario) -> list[JSON]:
+    """The chunks of a native Gemini stream: cumulative usageMetadata in each, finishReason on the last."""
+    reply, response_id = reply_text(body), _gemini_id()
+    pieces, chunks, so_far = _pieces(reply), [], ""
+    for n, piece in enumerate(pieces):
+        so_far += piece
+        chunk: JSON = {"candidates": [_gemini_candidate(piece, "STOP" if n == len(pieces) - 1 else None)],
+                       "modelVersion": model, "responseId": response_id}
+        if "no-usage" not in scenario:
+            chunk["usageMetadata"] = gemini_usage(model, body, so_far)
+        chunks.append(chunk)
+    return chunks
+
+
 def _gemini_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
@@ -597,6 +670,8 @@ def _anthropic_body(body: JSON, model: str, scenario: Scenario) -> JSON:
     }
     if "no-usage" not in scenario:
         out["usage"] = expected_usage("anthropic", "messages", body)
+        if "iterations" in scenario:
+            out["usage"]["iterations"] = compaction_iterations(out["usage"])
     return out
 
 
@@ -648,6 +723,7 @@ class MockProvider:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._locks: dict[str, asyncio.Semaphore] = {}
+        self._replays: dict[str, tuple[int, dict[str, str], list[bytes]]] = {}
 
     # -- lifecycle
 
@@ -697,6 +773,10 @@ class MockProvider:
     def base_url(self, provider: str) -> str:
         return f"http://127.0.0.1:{self.port}{PREFIXES[provider]}"
 
+    def replay(self, key: str, status: int, headers: dict[str, str], chunks: list[bytes]) -> None:
+        """Answer requests sent with `x-mock-replay: <key>` with exactly these bytes, written chunk by chunk."""
+        self._replays[key] = (status, headers, chunks)
+
     def release(self, key: str) -> None:
         """Let exactly one more event out of streams running with `lockstep:<key>`."""
         assert self._loop is not None, "mock not started"
@@ -726,6 +806,10 @@ class MockProvider:
             request.transport.close()
             return web.Response()  # aiohttp's write fails on the closed transport and is ignored
 
+        if replayed := self._replays.get(request.headers.get("x-mock-replay", "")):
+            return await self._replay(rid, request, *replayed)
+        if native := GEMINI_NATIVE.match(request.path):
+            return await self._gemini_native(rid, request, scenario, native.group(1), native.group(2), raw)
         provider, endpoint = self._route(request.path)
         if provider is None:
             return self._json(rid, request, scenario, 404, {"error": "not found"})
@@ -776,6 +860,74 @@ class MockProvider:
         if stream:
             return await self._stream(rid, request, scenario, make_stream(), provider)
         return self._json(rid, request, scenario, 200, make_json(), provider)
+
+    async def _replay(
+        self, rid: str, request: web.Request, status: int, headers: dict[str, str], chunks: list[bytes]
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(status=status, headers={**headers, "x-mock-id": rid})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        self.sent[rid] = b""
+        for chunk in chunks:
+            self.sent[rid] += chunk
+            await resp.write(chunk)
+            assert resp._payload_writer is not None
+            await resp._payload_writer.drain()
+        await resp.write_eof()
+        return resp
+
+    async def _gemini_native(
+        self, rid: str, request: web.Request, scenario: Scenario, model: str, method: str, raw: bytes
+    ) -> web.StreamResponse:
+        """Gemini's native API: generateContent, streamGenerateContent (SSE or JSON array), countTokens, embeddings."""
+        if method not in GEMINI_NATIVE_METHODS or request.method != "POST":
+            return self._json(rid, request, scenario, 404, _google_error(404, f"Method {method} not found"))
+        for status in (429, 500, 400):
+            if f"error-{status}" in scenario:
+                return self._json(rid, request, scenario, status, _google_error(status))
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise ValueError("body is not a JSON object")
+        except ValueError as exc:
+            return self._json(rid, request, scenario, 400, _google_error(400, f"Invalid JSON payload: {exc}"))
+        if method == "countTokens":
+            return self._json(rid, request, scenario, 200, {"totalTokens": prompt_tokens(body),
+                                                            "promptTokensDetails": []})
+        if method in ("embedContent", "batchEmbedContents"):
+            texts = [_gemini_text(r.get("content")) for r in body.get("requests") or () if isinstance(r, dict)]
+            vectors = [{"values": _embedding(text)} for text in texts or [_gemini_text(body.get("content"))]]
+            out = {"embeddings": vectors} if method == "batchEmbedContents" else {"embedding": vectors[0]}
+            return self._json(rid, request, scenario, 200, out)
+        chunks = _gemini_chunks(model, body, scenario)
+        if method == "generateContent":
+            return self._json(rid, request, scenario, 200, chunks[-1] | {"candidates": [_gemini_candidate(
+                reply_text(body), "STOP")]})
+        if request.query.get("alt") == "sse":
+            return await self._stream(rid, request, scenario, [_sse(c, crlf=True) for c in chunks], "gemini")
+        return await self._json_array(rid, request, scenario, chunks)
+
+    async def _json_array(self, rid: str, request: web.Request, scenario: Scenario, chunks: list[JSON]
+                          ) -> web.StreamResponse:
+        """The default streamGenerateContent: one JSON array, written element by element (pretty-printed)."""
+        resp = web.StreamResponse(status=200, headers={"x-mock-id": rid})
+        resp.content_type = "application/json"
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        self.sent[rid] = b""
+        cut = scenario.number("cut-after")
+        for n, chunk in enumerate(chunks):
+            if cut is not None and n >= cut:
+                assert request.transport is not None
+                request.transport.close()
+                return resp
+            text = ("[" if n == 0 else ",\r\n") + json.dumps(chunk, ensure_ascii=False, indent=2)
+            await self._write(rid, resp, text.encode())
+        if hold := scenario.number("hold-end"):
+            await asyncio.sleep(hold)
+        await self._write(rid, resp, b"]")
+        await resp.write_eof()
+        return resp
 
     @staticmethod
     def _route(path: str) -> tuple[str | None, str]:

@@ -124,3 +124,16 @@ class Pricer:
         tokens = (prompt * record.input_tokens + cache_read * record.cache_read_tokens
                   + cache_write * record.cache_write_tokens + output * record.output_tokens)
         return float(fee + tokens / _MTOK)
+
+
+def context_window(price_ids: Mapping[str, str | None], provider: str, model: str) -> int | None:
+    """The model's context window in tokens per genai-prices (no output can be longer), or None if unknown."""
+    provider_id = price_ids.get(provider)
+    if provider_id is None:
+        return None
+    try:
+        _, info = data_snapshot.get_snapshot().find_provider_model(model.removeprefix("models/"), None, provider_id,
+                                                                   None)
+    except LookupError:
+        return None
+    return info.context_window

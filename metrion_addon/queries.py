@@ -412,13 +412,14 @@ def _card(now: float | None, before: float | None) -> dict[str, Any]:
     return {"value": now, "previous": before, "change": change(now, before)}
 
 
-def _headline(groups: dict[tuple, list[int]], f: Filters, p95: float | None) -> dict[str, Any]:
-    """Card figures from usage grouped by (time, provider, model, requester, failed)."""
-    (figures,) = _with_errors(rollup(groups, (4,)), 0) or [{**totals(None), "errors": 0, "error_rate": None}]
+def _headline(conn: sqlite3.Connection, f: Filters, by_failed: dict[tuple, list[int]],
+              requesters: set[str]) -> dict[str, Any]:
+    """Card figures from usage grouped by `failed`, and the period's requesters."""
+    (figures,) = _with_errors(by_failed, 0) or [{**totals(None), "errors": 0, "error_rate": None}]
     figures.pop("key", None)
     figures["successes"] = figures["requests"] - figures["errors"]
-    figures["latency_p95_ms"] = p95
-    figures["requesters"] = len({key[3] for key in groups if key[3]})
+    figures["latency_p95_ms"] = latencies(conn, f).percentiles(()).get((), {}).get("p95")
+    figures["requesters"] = len(requesters)
     return figures
 
 
@@ -435,13 +436,14 @@ def _time_key(f: Filters) -> str:
 
 
 def overview(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
-    """Cards with the change against the previous period, and the Overview charts: two aggregate reads."""
-    keys = (_time_key(f), "provider", "model", "requester", "failed")
+    """Cards with the change against the previous period, and the Overview charts."""
+    keys = (_time_key(f), "provider", "model", "failed")
     previous = f.previous()
     groups = usage(conn, f, keys)
-    now = _headline(groups, f, latencies(conn, f).percentiles(()).get((), {}).get("p95"))
-    before = _headline(usage(conn, previous, keys), previous,
-                       latencies(conn, previous).percentiles(()).get((), {}).get("p95"))
+    people = {key for key in usage(conn, f, (keys[0], "requester")) if key[1]}
+    now = _headline(conn, f, rollup(groups, (3,)), {name for _, name in people})
+    before = _headline(conn, previous, usage(conn, previous, ("failed",)),
+                       {name for (name,) in usage(conn, previous, ("requester",)) if name})
     cards = {
         name: _card(now[name], before[name])
         for name in ("requests", "successes", "errors", "error_rate", "cost_usd", "input_tokens", "output_tokens",
@@ -449,7 +451,7 @@ def overview(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
     }
     labels = buckets(f)
     by_time = {key: totals(sums) | {"errors": 0} for key, sums in rollup(groups, (0,)).items()}
-    for (label,), sums in rollup({k: v for k, v in groups.items() if k[4]}, (0,)).items():
+    for (label,), sums in rollup({k: v for k, v in groups.items() if k[3]}, (0,)).items():
         by_time[(label,)]["errors"] = sums[0]
     column = {label: by_time.get((label,), totals(None) | {"errors": 0}) for label in labels}
     cost_by_model: dict[str, dict[str, float]] = {}
@@ -465,7 +467,7 @@ def overview(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
     model_requests = {model or "(unknown)": sums[0] for (model,), sums in rollup(groups, (2,)).items()}
     all_cost = sum(provider_cost.values())
     requesters: dict[str, int] = {}
-    for label, _ in {(key[0], key[3]) for key in groups if key[3]}:
+    for label, _ in people:
         requesters[label] = requesters.get(label, 0) + 1
     return {
         "cards": cards,

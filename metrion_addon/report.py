@@ -60,7 +60,9 @@ LOG_COLUMNS = [
     "cost_usd",
     "price_source",
 ]
-QUOTA_COLUMNS = ["token", "plan", "month", "requests", "cap", "remaining", "resets"]
+QUOTA_COLUMNS = ["token", "plan", "month", "requests", "cap", "remaining", "budget_usd", "spent_usd", "reserved_usd",
+                 "remaining_usd", "resets"]
+_NANO = 1_000_000_000
 IS_ERROR = "(status >= 400 OR status IS NULL OR error IS NOT NULL)"
 _RELATIVE = re.compile(r"(\d+)([dhm])")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
@@ -208,17 +210,26 @@ def next_month(day: date) -> date:
 
 
 def quota(conn: sqlite3.Connection, config: Config, now: datetime, name: str | None = None) -> list[dict[str, Any]]:
-    """Each configured token's plan, requests this UTC month, cap, remaining, and the date its count resets."""
+    """Each configured token's plan, requests and dollars this UTC month against its cap and budget, and the reset date.
+
+    Dollars: `spent_usd` settled, `reserved_usd` held by requests in flight (or never settled), `remaining_usd` left.
+    """
     tokens = [token for token in config.tokens if name is None or token.name == name]
     if name is not None and not tokens:
         raise ValueError(f"no token named {name!r} in {config.path}")
     today = now.astimezone(UTC).date()
     month = today.strftime("%Y-%m")
     used = dict(conn.execute("SELECT token_name, requests FROM monthly_usage WHERE month = ?", (month,)))
+    budgets: dict[str, tuple[int, int]] = {}
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'budget_usage'").fetchone():
+        query = "SELECT token_name, spent_nanousd, reserved_nanousd FROM budget_usage WHERE month = ?"
+        budgets = {name: (spent, reserved) for name, spent, reserved in conn.execute(query, (month,))}
     rows = []
     for token in tokens:
         cap = config.plans[token.plan].monthly_requests
         requests = used.get(token.name, 0)
+        budget = config.budget_usd(token)
+        spent, reserved = budgets.get(token.name, (0, 0))
         rows.append(
             {
                 "token": token.name,
@@ -227,6 +238,10 @@ def quota(conn: sqlite3.Connection, config: Config, now: datetime, name: str | N
                 "requests": requests,
                 "cap": cap,
                 "remaining": None if cap is None else max(cap - requests, 0),
+                "budget_usd": budget,
+                "spent_usd": spent / _NANO,
+                "reserved_usd": reserved / _NANO,
+                "remaining_usd": None if budget is None else max(0.0, (int(budget * _NANO) - spent - reserved) / _NANO),
                 "resets": next_month(today).isoformat(),
             }
         )

@@ -138,3 +138,32 @@ def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cli_can_read_a_config_whose_key_variables_are_unset(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, GOOD), {}, need_keys=False)
     assert config.tokens[0].keys == {}
+
+
+def test_dollar_budgets_come_from_the_plan_unless_the_token_sets_its_own(tmp_path: Path) -> None:
+    text = f"""
+plans: {{metered: {{monthly_requests: null, monthly_usd: 5}}, pro: {{monthly_requests: null}}}}
+tokens:
+  - {{name: inherits, token: {TOKEN}, plan: metered}}
+  - {{name: own, token: "sha256:{'1' * 64}", plan: pro, monthly_usd: 2.5, unpriced: allow}}
+  - {{name: none, token: "sha256:{'2' * 64}", plan: metered, monthly_usd: null}}
+"""
+    config = load_config(write(tmp_path, text), {})
+    inherits, own, none = config.tokens
+    assert config.budget_usd(inherits) == 5.0 and config.unpriced(inherits) == "refuse"
+    assert config.budget_usd(own) == 2.5 and config.unpriced(own) == "allow"
+    assert config.budget_usd(none) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("plans: {free: {monthly_requests: 1, monthly_usd: -5}}\n", "plans.free.monthly_usd: Input should be greater"),
+        ("plans: {free: {monthly_requests: 1, unpriced: maybe}}\n", "plans.free.unpriced: Input should be 'refuse'"),
+        (f"tokens: [{{name: a, token: {TOKEN}, monthly_usd: x}}]\n", "tokens[0].monthly_usd: Input should be a valid"),
+    ],
+)
+def test_bad_budgets_are_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), {})
+    assert message in str(caught.value) and "\n" not in str(caught.value)

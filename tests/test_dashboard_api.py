@@ -17,7 +17,7 @@ from metrion_addon import report, store
 from metrion_addon.config import load_config
 from metrion_addon.dashboard.access import hash_password, password_matches, refuse_open_bind
 from metrion_addon.dashboard.app import create_app
-from metrion_addon.queries import Filters, grouped
+from metrion_addon.queries import Filters, grouped, latencies
 from metrion_addon.store import RequestRecord
 
 NOW = datetime(2026, 11, 20, 12, 30, tzinfo=UTC)
@@ -228,7 +228,8 @@ def test_dashboard_totals_equal_metrion_report_for_any_period(tmp_path: Path) ->
     write(tmp_path / "m.db", realistic(3000, 5, NOW, random.Random(3)))
     conn = sqlite3.connect(tmp_path / "m.db")
     for since, until in [("2026-11-15T00:00:00.000Z", NOW.isoformat()), ("2026-11-17T03:17:42.250Z",
-                         "2026-11-19T22:05:00.000Z"), ("2026-11-18T10:20:00.000Z", "2026-11-18T10:40:00.000Z")]:
+                         "2026-11-19T22:05:00.000Z"), ("2026-11-18T10:20:00.000Z", "2026-11-18T10:40:00.000Z"),
+                         ("2026-11-18T04:10:00.000Z", "2026-11-19T10:00:00.000Z")]:
         until = until.replace("+00:00", ".000Z") if "+" in until else until
         expected = {r["model"]: r for r in report.report(conn, since, until, ["model"])}
         shown = {r["model"]: r for r in grouped(conn, Filters(since, until), ("model",))}
@@ -238,6 +239,12 @@ def test_dashboard_totals_equal_metrion_report_for_any_period(tmp_path: Path) ->
             for name in ("requests", "errors", "input_tokens", "output_tokens", "cached_tokens"):
                 assert got[name] == want[name], (since, model, name)
             assert got["cost_usd"] == (pytest.approx(want["cost_usd"], abs=1e-9) if want["cost_usd"] else None)
+        f = Filters(since, until)
+        if f.hourly:  # charted by the hour: percentiles are exact, and the report's
+            shown = latencies(conn, f, ("model",)).percentiles((0,))
+            for model, want in expected.items():
+                assert (shown[(model,)]["p50"], shown[(model,)]["p95"]) == (want["latency_p50_ms"],
+                                                                          want["latency_p95_ms"])
 
 
 def test_the_password_guards_every_page_and_endpoint(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import json
 import uuid
 
 import anthropic
+import genai_prices
 import httpx
 import openai
 import pytest
@@ -297,3 +298,31 @@ def test_logs_model_filter_matches_the_model_asked_for_and_the_one_answered(prox
     rows = proxy.rows("requester = ?", (who,), n=2)
     assert [(r["model"], r["requested_model"], r["status"]) for r in rows] == [
         ("gpt-4o-2024-08-06", "gpt-4o", 200), ("gpt-4o", "gpt-4o", 429)]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_anthropic_multi_step_usage_is_metered_as_billed(proxy: Proxy, stream: bool) -> None:
+    # A compaction step runs before the answer: the top-level usage leaves it out, usage.iterations lists it.
+    who = label()
+    claude = sdk(proxy, "anthropic", "stored", who)
+    request = {"model": MODELS["anthropic"], "max_tokens": 64, "messages": [{"role": "user", "content": f"long {who}"}],
+               "extra_headers": {"x-mock-scenario": "iterations"}}
+    if stream:
+        with claude.beta.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = claude.beta.messages.create(**request)
+    steps = message.usage.iterations
+    assert [step.type for step in steps] == ["compaction", "message"]
+    assert message.usage.input_tokens == steps[1].input_tokens  # what a top-level-only meter would have billed
+    (row,) = proxy.rows("requester = ?", (who,))
+    cache_read = sum(step.cache_read_input_tokens for step in steps)
+    cache_write = sum(step.cache_creation_input_tokens for step in steps)
+    billed = genai_prices.Usage(
+        input_tokens=sum(step.input_tokens for step in steps) + cache_read + cache_write,
+        cache_read_tokens=cache_read, cache_write_tokens=cache_write,
+        output_tokens=sum(step.output_tokens for step in steps))
+    assert (row["input_tokens"], row["output_tokens"], row["usage_source"]) == (
+        billed.input_tokens, billed.output_tokens, "provider")
+    price = genai_prices.calc_price(billed, MODELS["anthropic"], provider_id="anthropic").total_price
+    assert row["cost_usd"] == pytest.approx(float(price), rel=1e-9)

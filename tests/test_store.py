@@ -139,6 +139,22 @@ def test_columns_are_the_documented_ones(tmp_path: Path, name: str) -> None:
     assert name in columns and "flow_id" not in columns
 
 
+def test_budget_snapshots_keep_the_latest_version_whatever_order_they_arrive_in(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    settled = store.BudgetState("app", "2026-11", 900, 0, 7)
+    writer = Writer(store.SQLiteBackend(open_db(path)), settle=lambda row: settled if row.flow_id == "f1" else None)
+    writer.start()
+    writer.put(record(1, flow_id="f1"))  # its settlement is written in the row's own transaction
+    writer.close()
+    writer = Writer(store.SQLiteBackend(open_db(path)))
+    writer.start()
+    writer.put(store.BudgetState("app", "2026-11", 0, 500, 6))  # an older reservation snapshot, late
+    writer.put(store.BudgetState("app", "2026-12", 10, 0, 8))
+    writer.close()
+    saved = sorted(store.load_budgets(open_db(path)), key=lambda state: state.month)
+    assert saved == [settled, store.BudgetState("app", "2026-12", 10, 0, 8)]
+
+
 # the writer never dies and never lies
 
 TEXT_FIELDS = ("requester", "model", "path", "error", "token_name")

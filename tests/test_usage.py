@@ -153,3 +153,98 @@ def test_hidden_usage_chunk_is_the_only_thing_removed(recorded, cuts) -> None:
     expected = b"".join(e.raw for e in events if not (e.data and '"choices":[]' in e.data.replace(" ", "")))
     assert forwarded == expected
     assert usage.final and usage.usage is not None and usage.usage.input_tokens > 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (  # Gemini native: prompt includes cached content; thoughts and tool-use prompts are outside their siblings
+            {"promptTokenCount": 15, "candidatesTokenCount": 6, "thoughtsTokenCount": 190,
+             "cachedContentTokenCount": 8, "toolUsePromptTokenCount": 4, "totalTokenCount": 215},
+            Usage(19, 196, 8, 0, 190),
+        ),
+        ({"promptTokenCount": 5, "totalTokenCount": 5}, Usage(5, 0)),  # candidatesTokenCount missing
+    ],
+)
+def test_gemini_usage_metadata_in_metrions_terms(raw: dict, expected: Usage) -> None:
+    assert normalize("gemini", raw) == expected
+    assert from_body("gemini", json.dumps({"usageMetadata": raw, "modelVersion": "gemini-2.5-pro"}).encode()) == (
+        "gemini-2.5-pro", expected)
+
+
+COMPACTION = {"input_tokens": 682, "output_tokens": 1320, "cache_read_input_tokens": 0,
+              "cache_creation_input_tokens": 0,
+              "iterations": [{"type": "compaction", "input_tokens": 60385, "output_tokens": 592,
+                              "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+                             {"type": "message", "input_tokens": 682, "output_tokens": 1320,
+                              "cache_read_input_tokens": 100, "cache_creation_input_tokens": 50}]}
+
+
+def test_anthropic_multi_step_usage_is_the_sum_of_its_iterations() -> None:
+    # Anthropic: the top level leaves compaction steps out; the bill is the sum over every entry of iterations.
+    assert normalize("anthropic", COMPACTION) == Usage(60385 + 682 + 150, 592 + 1320, 100, 50)
+    assert normalize("anthropic", {**COMPACTION, "iterations": []}) == Usage(682, 1320)
+
+
+def test_anthropic_stream_takes_the_last_iterations_list_not_a_sum_of_them() -> None:
+    usage = StreamUsage("anthropic", "messages")
+    start = {"type": "message_start", "message": {"model": "claude-sonnet-4-5", "usage": {
+        "input_tokens": 682, "output_tokens": 1, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}}
+    delta = {"type": "message_delta", "usage": {"output_tokens": 1320, "iterations": COMPACTION["iterations"]}}
+    decoder = SSEDecoder()
+    for payload in (start, delta, delta, {"type": "message_stop"}):
+        for event in decoder.feed(b"data: " + json.dumps(payload).encode() + b"\n\n"):
+            usage.feed(event)
+    assert usage.usage == normalize("anthropic", COMPACTION) and usage.complete
+
+
+def gemini_stream(shape: str) -> bytes:
+    """A native Gemini stream as the mock writes it: SSE (CRLF) or the pretty-printed JSON array."""
+    from metrion_addon.mock_provider import Scenario, _gemini_chunks
+
+    body = {"contents": [{"role": "user", "parts": [{"text": "how are you 😀 today"}]}]}
+    chunks = _gemini_chunks("gemini-2.5-flash", body, Scenario.parse(None))
+    if shape == "sse":
+        return b"".join(b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\r\n\r\n" for c in chunks)
+    return ("[" + ",\r\n".join(json.dumps(c, ensure_ascii=False, indent=2) for c in chunks) + "]").encode()
+
+
+def gemini_meter(shape: str, chunks: list[bytes]) -> tuple[tuple, bytes]:
+    from metrion_addon.metering import Exchange, stream_tap
+    from metrion_addon.routes import Route
+
+    query = "?alt=sse" if shape == "sse" else ""
+    route = Route("gemini", "v1beta/models/gemini-2.5-flash:streamGenerateContent", f"u{query}")
+    exchange = Exchange(route, "/p", "POST", started=0.0)
+    tap = stream_tap(exchange, 200, "text/event-stream" if shape == "sse" else "application/json", lambda: None)
+    assert tap is not None and exchange.stream is not None
+    out = b""
+    for chunk in [*chunks, b""]:
+        result = tap(chunk)
+        out += result if isinstance(result, bytes) else b"".join(result)
+    meter = exchange.stream
+    return (meter.usage, meter.model, meter.completion_chars, meter.final, meter.complete), out
+
+
+@pytest.mark.parametrize("shape", ["sse", "array"])
+def test_gemini_native_stream_split_at_every_byte_boundary_meters_the_same(shape: str) -> None:
+    stream = gemini_stream(shape)
+    whole, forwarded = gemini_meter(shape, [stream])
+    assert forwarded == stream
+    from metrion_addon.mock_provider import gemini_usage
+
+    body = {"contents": [{"role": "user", "parts": [{"text": "how are you 😀 today"}]}]}
+    reply = "Echo: how are you 😀 today 😀"
+    assert whole == (normalize("gemini", gemini_usage("gemini-2.5-flash", body)), "gemini-2.5-flash", len(reply),
+                     True, True)
+    for cut in range(1, len(stream)):
+        assert gemini_meter(shape, [stream[:cut], stream[cut:]]) == (whole, stream)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.sampled_from(["sse", "array"]), cuts=st.lists(st.integers(1, 10_000), max_size=40))
+def test_gemini_native_stream_split_anywhere_meters_the_same(shape: str, cuts: list[int]) -> None:
+    stream = gemini_stream(shape)
+    points = sorted({c % len(stream) for c in cuts} - {0})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    assert gemini_meter(shape, chunks) == gemini_meter(shape, [stream])

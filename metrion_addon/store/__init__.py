@@ -4,14 +4,15 @@ Callers import from here; a backend module (sqlite.py today) is chosen once, in 
 """
 
 from .owner import DatabaseInUse, Ownership, claim
-from .records import COLUMNS, BucketState, Counter, DeadLetter, MonthlyCount, RequestRecord, storable
-from .sqlite import SQLiteBackend, connect, create_schema, load_counters
-from .writer import Backend, Pricer, Writer
+from .records import COLUMNS, BucketState, BudgetState, Counter, DeadLetter, MonthlyCount, RequestRecord, storable
+from .sqlite import SQLiteBackend, connect, create_schema, load_budgets, load_counters
+from .writer import Backend, Pricer, Settler, Writer
 
 __all__ = [
     "COLUMNS",
     "Backend",
     "BucketState",
+    "BudgetState",
     "Counter",
     "DatabaseInUse",
     "DeadLetter",
@@ -20,10 +21,12 @@ __all__ = [
     "Pricer",
     "RequestRecord",
     "SQLiteBackend",
+    "Settler",
     "Writer",
     "claim",
     "connect",
     "create_schema",
+    "load_budgets",
     "load_counters",
     "storable",
 ]

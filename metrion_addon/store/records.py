@@ -57,7 +57,18 @@ class MonthlyCount:
     requests: int
 
 
-Counter = BucketState | MonthlyCount
+@dataclass(frozen=True)
+class BudgetState:
+    """A token's dollar budget this month in nano-USD; `version` orders snapshots taken on different threads."""
+
+    token_name: str
+    month: str
+    spent_nanousd: int
+    reserved_nanousd: int
+    version: int
+
+
+Counter = BucketState | MonthlyCount | BudgetState
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import sqlite_utils
 
 from metrion_addon.aggregates import add_to_hourly, create_hourly
 
-from .records import COLUMNS, BucketState, Counter, DeadLetter, MonthlyCount, RequestRecord
+from .records import COLUMNS, BucketState, BudgetState, Counter, DeadLetter, MonthlyCount, RequestRecord
 
 _ROW = f"({', '.join('?' * len(COLUMNS))})"
 _ROWS_PER_INSERT = 500  # under SQLite's 32,766 bound parameters per statement
@@ -29,6 +29,12 @@ _UPSERT_BUCKET = (
 _UPSERT_MONTH = (
     "INSERT INTO monthly_usage (token_name, month, requests) VALUES (?, ?, ?) "
     "ON CONFLICT(token_name, month) DO UPDATE SET requests = excluded.requests"
+)
+_UPSERT_BUDGET = (
+    "INSERT INTO budget_usage (token_name, month, spent_nanousd, reserved_nanousd, version) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT(token_name, month) DO UPDATE SET spent_nanousd = excluded.spent_nanousd, "
+    "reserved_nanousd = excluded.reserved_nanousd, version = excluded.version "
+    "WHERE excluded.version > budget_usage.version"
 )
 
 
@@ -67,6 +73,10 @@ def create_schema(conn: sqlite3.Connection) -> None:
     db["monthly_usage"].create(
         {"token_name": str, "month": str, "requests": int}, pk=("token_name", "month"), if_not_exists=True
     )
+    db["budget_usage"].create(
+        {"token_name": str, "month": str, "spent_nanousd": int, "reserved_nanousd": int, "version": int},
+        pk=("token_name", "month"), if_not_exists=True,
+    )
     db["dead_letters"].create({"id": int, "ts": str, "error": str, "row": str}, pk="id", if_not_exists=True)
     create_hourly(conn)  # a database from before the aggregates gets them built from its rows
 
@@ -75,6 +85,11 @@ def load_counters(conn: sqlite3.Connection) -> tuple[list[BucketState], list[Mon
     buckets = [BucketState(*row) for row in conn.execute("SELECT token_name, tokens, updated_at FROM rate_buckets")]
     months = [MonthlyCount(*row) for row in conn.execute("SELECT token_name, month, requests FROM monthly_usage")]
     return buckets, months
+
+
+def load_budgets(conn: sqlite3.Connection) -> list[BudgetState]:
+    query = "SELECT token_name, month, spent_nanousd, reserved_nanousd, version FROM budget_usage"
+    return [BudgetState(*row) for row in conn.execute(query)]
 
 
 class SQLiteBackend:
@@ -115,6 +130,8 @@ class SQLiteBackend:
             for counter in counters:
                 if isinstance(counter, BucketState):
                     self._conn.execute(_UPSERT_BUCKET, (counter.token_name, counter.tokens, counter.updated_at))
+                elif isinstance(counter, BudgetState):
+                    self._conn.execute(_UPSERT_BUDGET, dataclasses.astuple(counter))
                 else:
                     self._conn.execute(_UPSERT_MONTH, (counter.token_name, counter.month, counter.requests))
             if dead_letters:

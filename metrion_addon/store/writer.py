@@ -13,11 +13,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from .records import BucketState, Counter, DeadLetter, MonthlyCount, RequestRecord, storable
+from .records import BucketState, BudgetState, Counter, DeadLetter, MonthlyCount, RequestRecord, storable
 
 log = logging.getLogger(__name__)
 
 Pricer = Callable[[RequestRecord], tuple[float | None, str | None]]
+Settler = Callable[[RequestRecord], BudgetState | None]
 _CLOSE = object()
 BACKLOG_ROWS = 100_000  # rows held in memory while the database fails (about 1 KB each)
 CHUNK_ROWS = 500  # rows per transaction: a recovering database never needs room for the whole backlog at once
@@ -53,12 +54,15 @@ class Writer:
         on_written: Callable[[list[RequestRecord]], None] | None = None,
         retry_seconds: float = 1.0,
         batch_seconds: float = 0.05,
+        settle: Settler | None = None,
         stall_seconds: float = 10.0,
         backlog_rows: int = BACKLOG_ROWS,
         chunk_rows: int = CHUNK_ROWS,
     ) -> None:
         self._backend = backend
         self._price = price
+        self._settle = settle  # a priced row's budget settlement, written with the row
+        self._settle = settle  # a priced row's budget settlement, written in the same transaction as the row
         self._on_written = on_written
         self._retry_seconds = retry_seconds
         self._batch_seconds = batch_seconds  # gather rows this long: fewer wake-ups and commits under load
@@ -175,11 +179,19 @@ class Writer:
                     record.cost_usd, record.price_source = self._price(record)
                 except Exception:  # stored unpriced (cost_usd NULL): an unknown cost beats a lost row
                     log.exception("metrion: could not price a row; stored without cost")
+            if self._settle:  # once per row; with a normal backlog the settlement rides in the row's transaction
+                try:
+                    if (state := self._settle(record)) is not None:
+                        _keep_latest(self._counters, state)
+                except Exception:
+                    log.exception("metrion: could not settle a row's budget")
             self._backlog.append(record)
         elif isinstance(item, BucketState):
             self._counters[(BucketState, item.token_name, "")] = item
         elif isinstance(item, MonthlyCount):
             self._counters[(MonthlyCount, item.token_name, item.month)] = item
+        elif isinstance(item, BudgetState):
+            _keep_latest(self._counters, item)
 
     def _flush(self) -> bool:
         """Write the backlog in chunks; False when the database fails (what is left stays queued)."""
@@ -260,3 +272,10 @@ class Writer:
                 f"counter updates and {len(self._dead)} dead letters could not be written; "
                 f"{self.dropped} unforwarded rows were dropped past the backlog limit and "
                 f"{self.rejected_while_failing} requests refused while failing left no row")
+
+
+def _keep_latest(counters: dict, state: BudgetState) -> None:
+    """Budget snapshots come from two threads: the newest version wins, whichever arrived last."""
+    key = (BudgetState, state.token_name, state.month)
+    if (known := counters.get(key)) is None or known.version < state.version:
+        counters[key] = state

@@ -34,7 +34,22 @@ function series(name, values, i, extra) {
   return { label: name, data: values, backgroundColor: color, borderColor: color, ...extra };
 }
 
+function spark(datasets) {
+  return {
+    type: "line",
+    data: { labels: data.labels, datasets: datasets.map(([values, i]) =>
+      series("", values, i, { pointRadius: 0, borderWidth: 1.5, tension: .3 })) },
+    options: { responsive: true, maintainAspectRatio: false, animation: false, events: [],
+      plugins: { legend: { display: false }, tooltip: { enabled: false } },
+      scales: { x: { display: false }, y: { display: false, beginAtZero: true } } },
+  };
+}
+
 const CHARTS = {
+  spark_requests: () => spark([[data.requests.successes, 2], [data.requests.errors, 4]]),
+  spark_cost: () => spark([[data.labels.map((_, t) =>
+    Object.values(data.cost_by_model).reduce((sum, values) => sum + values[t], 0)), 0]]),
+  spark_requesters: () => spark([[data.requesters, 5]]),
   requests: () => ({
     type: "bar",
     data: { labels: data.labels.map(label), datasets: [
