@@ -1,4 +1,5 @@
 # Two commands on a fresh machine: `make run` (the proxy on 127.0.0.1:8080) and `make test`.
+# `make demo` is an extra: mock providers, Metrion and its dashboard on demo/, fed weeks of traffic, offline.
 # Both build .venv from the Python that .python-version selects (3.12, through pyenv).
 
 VENV   := .venv
@@ -15,7 +16,7 @@ export ANTHROPIC_API_KEY ?=
 DEBIAN_PACKAGES := curl redis-server postgresql haproxy chromium
 DEBIAN_COMMANDS := curl redis-server pg_ctlcluster haproxy chromium
 
-.PHONY: run test lint bench clean debian-packages
+.PHONY: run test demo lint bench clean debian-packages
 
 debian-packages:
 	@missing=""; for c in $(DEBIAN_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
@@ -44,6 +45,9 @@ run: $(STAMP)
 test: $(STAMP) debian-packages
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+demo: $(STAMP)
+	$(BIN)/python -m metrion_addon.demo
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 import weakref
@@ -26,6 +27,7 @@ from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
 from metrion_addon.display import FlowDisplay
 from metrion_addon.errors import MetrionError, error_body, error_headers, provider_error_message
 from metrion_addon.guard import GuardedStream, guarded, guarded_coroutine
+from metrion_addon.health import health, metrion_version
 from metrion_addon.limits import Admission, Limits
 from metrion_addon.metering import (
     Exchange,
@@ -36,6 +38,8 @@ from metrion_addon.metering import (
     stream_tap,
     summary,
 )
+from metrion_addon.metrics import CONTENT_TYPE, Metrics
+from metrion_addon.notify import AlertMonitor
 from metrion_addon.pricing import Pricer, context_window
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
 from metrion_addon.routes import (
@@ -51,6 +55,8 @@ from metrion_addon.upstream import IdleTimer, answer_upstream_failures, cancel_u
 
 log = logging.getLogger(__name__)
 
+_OWN_ENDPOINTS = ("/metrion/health", "/metrion/metrics")
+
 _CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-goog-api-key", b"x-metrion-token", b"proxy-authorization")
 _REDACTED = b"[redacted]"
 _REQUEST_HOOKS = ("request", "http_connect")  # a failure here must answer the request: it is not forwarded yet
@@ -63,8 +69,11 @@ class Metrion:
         self.config: Config | None = None
         self.writer: store.Writer | None = None
         self._ownership: store.Ownership | None = None
+        self.monitor: AlertMonitor | None = None
         self.limits = Limits(1, {})
         self.shared: SharedLimits | None = None  # the limits on Redis, when the config has `shared:`
+        self.metrics = Metrics()  # one per process: a reload keeps the counts
+        self._version = metrion_version()
         self.budgets = Budgets({}, MemoryBudgetCounters(), Pricer({}), lambda provider, model: None)
         self._tokens: dict = {}
         self._exchanges: dict[str, Exchange] = {}
@@ -110,9 +119,14 @@ class Metrion:
         limits = {token.name: (config.budget_usd(token), config.unpriced(token)) for token in config.tokens}
         self.budgets = Budgets(token_budgets(limits), MemoryBudgetCounters(store.load_budgets(conn)),
                                Pricer(config.prices, price_ids), functools.partial(context_window, price_ids))
-        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._priced,
+        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._written,
                                    settle=self.budgets.settle)
         self.writer.start()
+        self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
+        if config.alerts.rules:
+            self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put,
+                                        store.load_alert_history(conn))
+            self.monitor.start()
         self.config = config
         caps = {name: plan.monthly_requests for name, plan in config.plans.items()}
         self.limits = Limits(config.rate_limit, caps, buckets, months)
@@ -157,6 +171,9 @@ class Metrion:
                      error="Metrion shut down before the request finished", flow_id=flow_id)
 
     def _close_writer(self) -> None:
+        if self.monitor is not None:  # first: its last notifications are recorded by the writer
+            self.monitor.close()
+            self.monitor = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -201,6 +218,10 @@ class Metrion:
         """Admit and forward, or answer. With limits on Redis this returns a coroutine, which mitmproxy awaits:
         the one round trip never blocks the loop, and a single instance pays nothing for it."""
         if flow.response or flow.error or not flow.live or self.config is None:
+            return None
+        if flow.request.path in _OWN_ENDPOINTS and host_provider(flow.request.host, flow.request.port,
+                                                                  self._hosts) is None:
+            flow.response = self._own_endpoint(flow.request.path)
             return None
         path, query_key = lift_query_key(flow.request.path)  # Gemini's ?key= becomes x-goog-api-key: never logged
         route = self._route(flow, path)
@@ -250,7 +271,20 @@ class Metrion:
         return self.budgets.admit(exchange.identity.token_name, now, exchange.route, flow.request.method,
                                   flow.request.raw_content or b"", exchange.request)
 
+    def _own_endpoint(self, path: str) -> http.Response:
+        """GET /metrion/health for load balancers, GET /metrion/metrics for Prometheus."""
+        if path == "/metrion/metrics":
+            return http.Response.make(200, self.metrics.render(), {"content-type": CONTENT_TYPE})
+        assert self.config is not None and self.writer is not None
+        shared = self.shared
+        state = health(writer_error=self.writer.trouble, backlog=self.writer.backlog, database="sqlite",
+                       redis_error=False if shared is None else shared.error,
+                       redis_closed=shared is not None and shared.on_failure == "closed", version=self._version)
+        return http.Response.make(state.status, json.dumps(state.body).encode(),
+                                  {"content-type": "application/json", "cache-control": "no-store"})
+
     def _refuse(self, flow: http.HTTPFlow, exchange: Exchange, error: MetrionError) -> None:
+        self.metrics.rejected(error.code)
         exchange.failure = error
         flow.response = self._error_response(exchange.route.format, error, exchange)
         flow.marked = _REJECTED_MARK
@@ -511,8 +545,12 @@ class Metrion:
         if exchange := self._exchanges.get(flow_id):
             exchange.internal_error = description
 
-    def _priced(self, records: list[store.RequestRecord]) -> None:
-        """Called on the writer thread once rows are written: show their cost in mitmweb."""
+    def _written(self, records: list[store.RequestRecord]) -> None:
+        """Called on the writer thread once rows are written: count them, let alert rules look again, and show
+        their cost in mitmweb."""
+        self.metrics.rows_written(records)
+        if self.monitor is not None:
+            self.monitor.poke()
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._annotate, records)
 

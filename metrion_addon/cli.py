@@ -21,7 +21,10 @@ import click
 import yaml
 from tabulate import tabulate
 
+from metrion_addon import alerts as alert_rules
+from metrion_addon import notify, store
 from metrion_addon import report as queries
+from metrion_addon.clock import clock_from_env
 from metrion_addon.config import (
     DEFAULT_CONFIG_FILES,
     Config,
@@ -341,6 +344,63 @@ def dashboard(config_path: str | None, host: str, port: int, hash_password: bool
         app.serve(config, clock_from_env(), host, port, announce=lambda line: click.echo(line, err=True))
     except OSError as e:
         raise Problem(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+
+
+@main.group()
+def alerts() -> None:
+    """Alert rules: their current state, and test notifications."""
+
+
+@alerts.command("status")
+@_options
+def alerts_status(config_path: str | None, fmt: str) -> None:
+    """Each rule's current value, threshold, level (ok, warning, alert) and when it last notified."""
+    config = _load(config_path)
+    rows = alert_rules.status(_open(config, "alert_events"), config, clock_from_env()())
+    columns = [
+        Column("rule", "rule", right=False, name=True),
+        Column("type", "type", right=False),
+        Column("value", "value", lambda value: "-" if value is None else f"{value:,.4g}"),
+        Column("threshold", "threshold", lambda value: f"{value:,.4g}"),
+        Column("unit", "unit", right=False),
+        Column("level", "level", right=False),
+        Column("last notified", "last_notified", lambda ts: "never" if ts is None else ts[:19].replace("T", " "),
+               right=False),
+        Column("as", "last_level", _text, right=False),
+    ]
+    _emit(rows, alert_rules.STATUS_COLUMNS, fmt, columns)
+
+
+@alerts.command("test")
+@_options
+@click.argument("rule")
+def alerts_test(config_path: str | None, fmt: str, rule: str) -> None:
+    """Send a clearly marked test notification for RULE to each of its channels now, and record it."""
+    config = _load(config_path)
+    chosen = next((r for r in config.alerts.rules if r.name == rule), None)
+    if chosen is None:
+        known = ", ".join(r.name for r in config.alerts.rules) or "none"
+        raise Problem(f"no alert rule named {rule!r} in {config.path} (known: {known})")
+    reader = _open(config, "alert_events")
+    now = clock_from_env()()
+    body = alert_rules.payload(chosen, alert_rules.measure(reader, chosen, now), "test", test=True)
+    reader.close()
+    rows = []
+    writer = store.connect(config.database)  # the one write the CLI makes: its own test notifications
+    for name in chosen.notify:
+        channel = config.alerts.channels[name]
+        event = notify.event_of(name, channel, body, notify.deliver(channel, config.alerts, body), now)
+        with writer:
+            store.insert_alert_event(writer, event)
+        rows.append({"channel": name, "kind": event.kind, "delivered": event.delivered, "attempts": event.attempts,
+                     "error": event.error})
+    writer.close()
+    columns = [Column("channel", "channel", right=False, name=True), Column("kind", "kind", right=False),
+               Column("delivered", "delivered", lambda ok: "yes" if ok else "NO"), Column("attempts", "attempts"),
+               Column("error", "error", _text, right=False, name=True)]
+    _emit(rows, ["channel", "kind", "delivered", "attempts", "error"], fmt, columns)
+    if not all(row["delivered"] for row in rows):
+        raise Problem(f"{sum(not row['delivered'] for row in rows)} of {len(rows)} channel(s) failed")
 
 
 @main.group()

@@ -13,7 +13,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from metrion_addon.periods import TYPES, Period, parse_duration, parse_period
 
 PROVIDERS = ("anthropic", "openai", "gemini", "mistral", "grok")
 DEFAULT_PROVIDER_URLS = {
@@ -240,6 +251,115 @@ class DashboardSettings(_Strict):
         return self.password is not None or self.password_hash is not None
 
 
+class SMTPSettings(_Strict):
+    """`alerts.smtp:` the mail server alert emails go through (plain text)."""
+
+    host: str
+    port: Annotated[int, Field(gt=0, lt=65536)] = 587
+    starttls: bool = True  # upgrade with STARTTLS before logging in
+    ssl: bool = False  # implicit TLS from the first byte (port 465)
+    user: str | None = None
+    password: SecretStr | None = None  # ${VAR} reads the environment
+    sender: str = Field(alias="from")
+    timeout: Annotated[float, Field(gt=0)] = 10.0
+
+    @field_validator("password", mode="before")
+    @classmethod
+    def _password(cls, value: Any, info: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return _expand_env(value, info.context["environ"])
+        except ValueError:
+            if info.context["need_keys"]:
+                raise
+            return None
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _int_is_seconds(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class AlertChannel(_Strict):
+    """One place notifications go: a webhook (JSON POST) or a list of email addresses."""
+
+    webhook: str | None = None
+    email: list[Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+$")]] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> AlertChannel:
+        if (self.webhook is None) == (self.email is None):
+            raise ValueError("give exactly one of webhook: URL or email: [addresses]")
+        if self.webhook is not None and not _URL_RE.fullmatch(self.webhook):
+            raise ValueError(f"webhook: not an http(s) URL: {self.webhook!r}")
+        if self.email is not None and not self.email:
+            raise ValueError("email: give at least one address")
+        return self
+
+
+def _seconds(value: Any) -> Any:
+    return parse_duration(value) if isinstance(value, str) else value
+
+
+class AlertRule(_Strict):
+    """One rule: a measure over a period and scope, a threshold (warning at 90 %, alert at 100 %), channels."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True)
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")]
+    type: Literal["budget", "error_rate", "latency_p95", "request_volume"]
+    threshold: Annotated[float, Field(gt=0)]
+    unit: str
+    period: Annotated[Period, BeforeValidator(parse_period)] = Period("month")
+    providers: list[str] | None = None
+    tokens: list[str] | None = None
+    notify: Annotated[list[str], Field(min_length=1)]
+    cooldown: Annotated[float | None, BeforeValidator(_seconds), Field(gt=0)] = None  # None: alerts.cooldown
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _int_is_a_threshold(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _unit_fits(self) -> AlertRule:
+        if self.unit not in TYPES[self.type]:
+            raise ValueError(f"unit {self.unit!r} does not fit type {self.type} (use {' or '.join(TYPES[self.type])})")
+        return self
+
+
+class AlertSettings(_Strict):
+    """`alerts:` rules, their channels, the SMTP server, and how often and how hard Metrion tries."""
+
+    smtp: SMTPSettings | None = None
+    channels: dict[str, AlertChannel] = {}
+    rules: list[AlertRule] = []
+    cooldown: Annotated[float, BeforeValidator(_seconds), Field(gt=0)] = 86_400.0  # per rule and level
+    check_every: Annotated[float, BeforeValidator(_seconds), Field(ge=1)] = 5.0  # at most this often per rule
+    webhook_timeout: Annotated[float, BeforeValidator(_seconds), Field(gt=0)] = 5.0
+    retries: Annotated[int, Field(ge=0, le=10)] = 3  # further attempts after a failed delivery
+
+    @model_validator(mode="after")
+    def _references(self) -> AlertSettings:
+        names: set[str] = set()
+        for i, rule in enumerate(self.rules):
+            if rule.name in names:
+                raise ValueError(f"alerts.rules[{i}].name: duplicate rule {rule.name!r}")
+            names.add(rule.name)
+            for channel in rule.notify:
+                if channel not in self.channels:
+                    known = ", ".join(self.channels) or "none"
+                    raise ValueError(f"alerts.rules[{i}].notify: unknown channel {channel!r} (known: {known})")
+        for name, channel in self.channels.items():
+            if channel.email is not None and self.smtp is None:
+                raise ValueError(f"alerts.channels.{name}.email: needs alerts.smtp (the mail server to send through)")
+        return self
+
+    def cooldown_of(self, rule: AlertRule) -> float:
+        return self.cooldown if rule.cooldown is None else rule.cooldown
+
+
 class Config(_Strict):
     path: Path
     database: Path
@@ -252,6 +372,7 @@ class Config(_Strict):
     prices: dict[str, ModelPrice] = {}
     shared: Shared | None = None
     dashboard: DashboardSettings = DashboardSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @field_validator("timeout", mode="before")
     @classmethod
@@ -285,6 +406,12 @@ class Config(_Strict):
                 if provider not in self.providers:
                     known = ", ".join(self.providers)
                     raise ValueError(f"tokens[{i}].keys: unknown provider {provider!r} (known: {known})")
+        for i, rule in enumerate(self.alerts.rules):
+            for field, known in (("providers", self.providers), ("tokens", names)):
+                for name in getattr(rule, field) or ():
+                    if name not in known:
+                        raise ValueError(f"alerts.rules[{i}].{field}: unknown {field[:-1]} {name!r} "
+                                         f"(known: {', '.join(known)})")
         return self
 
     def limits_fingerprint(self) -> str:
@@ -347,7 +474,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, n
         error = e.errors()[0]
         message = error["msg"].removeprefix("Value error, ")
         where = _location(error["loc"])
-        if message.startswith("tokens["):
+        if message.startswith(("tokens[", "alerts.")):
             where, _, message = message.partition(": ")
         raise ConfigError(f"{path}: {where}: {message}" if where else f"{path}: {message}") from e
 

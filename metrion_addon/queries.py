@@ -6,6 +6,8 @@ the raw rows, folded by the same code the writer uses, so every total equals the
 
 from __future__ import annotations
 
+import itertools
+import math
 import sqlite3
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -244,14 +246,21 @@ def buckets(f: Filters) -> list[str]:
 # ---------------------------------------------------------------- latency percentiles
 
 def _raw_latencies(conn: sqlite3.Connection, f: Filters, keys: tuple[str, ...]) -> dict[tuple, list[float]]:
+    """Each group's latencies in ascending order (SQLite sorts them)."""
     columns = {"time": f"substr(ts, 1, {13 if f.hourly else 10})", "provider": "provider",
                "model": "coalesce(model, '')"}
-    values: dict[tuple, list[float]] = {}
-    selected = "".join(f"{columns[key]}, " for key in keys)
-    for row in _raw_rows(conn, f, [Segment(None, f.since, f.until)], f"{selected}latency_ms"):
-        if row[-1] is not None:
-            values.setdefault(row[:-1], []).append(row[-1])
-    return values
+    selected = [columns[key] for key in keys]
+    clauses, params = _narrowing(f)
+    sql = (
+        f"SELECT {''.join(f'{column}, ' for column in selected)}latency_ms FROM requests"
+        f" WHERE {' AND '.join(['ts >= ? AND ts < ?', 'latency_ms IS NOT NULL', *clauses])}"
+        f" ORDER BY {''.join(f'{column}, ' for column in selected)}latency_ms"
+    )
+    rows = conn.execute(sql, [f.since, f.until, *params]).fetchall()
+    if not keys:
+        return {(): [latency for (latency,) in rows]} if rows else {}
+    width = len(keys)
+    return {key: [row[width] for row in group] for key, group in itertools.groupby(rows, lambda row: row[:width])}
 
 
 def _histograms(conn: sqlite3.Connection, f: Filters, keys: tuple[str, ...]) -> dict[tuple, dict[int, int]]:
@@ -284,9 +293,14 @@ def histogram_rank(histogram: dict[int, int], percent: int) -> float:
     raise ValueError("empty histogram")
 
 
-def exact_percentiles(f: Filters) -> bool:
-    """Periods charted by the hour, and a requester filter (not in the histograms), are answered from raw rows."""
-    return f.hourly or f.requester is not None
+RAW_PERCENTILE_ROWS = 20_000  # up to this many latencies in the period, percentiles come from the raw rows
+
+
+def exact_percentiles(f: Filters, groups: dict[tuple, list[int]]) -> bool:
+    """Small periods (by the latency count in any usage `groups` of the period), and token or requester filters
+    (the histograms key on neither), are answered from raw rows."""
+    counted = sum(sums[_SUM["latency_count"]] for sums in groups.values())
+    return f.requester is not None or f.token is not None or counted <= RAW_PERCENTILE_ROWS
 
 
 @dataclass(frozen=True)
@@ -305,7 +319,8 @@ class Latencies:
             for key, values in self.values.items():
                 merged.setdefault(tuple(key[i] for i in keep), []).extend(values)
             for key, values in merged.items():
-                values.sort()
+                if len(merged) > 1 or len(self.values) > 1:  # several sorted groups were joined
+                    values.sort()
                 result[key] = {f"p{p}": nearest_rank(values, p) for p in PERCENTS}
         else:
             for key, histogram in self._merged(keep).items():
@@ -326,7 +341,7 @@ class Latencies:
         if self.exact:
             for values in self.values.values():
                 for value in values:
-                    octave = aggregates.latency_bucket(value) // aggregates.BUCKETS_PER_DOUBLING
+                    octave = math.frexp(value)[1] - 1 if value >= 1 else 0  # floor(log2), as the buckets
                     counts[octave] = counts.get(octave, 0) + 1
         else:
             for bucket, n in self._merged(()).get((), {}).items():
@@ -340,10 +355,10 @@ class Latencies:
         ]
 
 
-def latencies(conn: sqlite3.Connection, f: Filters, keys: tuple[str, ...] = ()) -> Latencies:
-    """Latencies grouped by `keys` (among time, provider, model): exact (nearest rank over the raw rows, as
-    `metrion report`) when exact_percentiles(f), else histograms (a percentile is its bucket's middle: ±4.5 %)."""
-    if exact_percentiles(f):
+def latencies(conn: sqlite3.Connection, f: Filters, keys: tuple[str, ...], exact: bool) -> Latencies:
+    """Latencies grouped by `keys` (among time, provider, model): `exact` (nearest rank over the raw rows, as
+    `metrion report`; see exact_percentiles), else histograms (a percentile is its bucket's middle: ±4.5 %)."""
+    if exact:
         return Latencies(True, _raw_latencies(conn, f, keys), {})
     return Latencies(False, {}, _histograms(conn, f, keys))
 
@@ -375,24 +390,30 @@ def log_page(conn: sqlite3.Connection, f: Filters, cursor: Cursor | None, errors
         params.extend([cursor.ts, cursor.ts, cursor.id])
         order = "DESC" if cursor.older else "ASC"
     sql = (
-        f"SELECT {', '.join(LOG_COLUMNS)} FROM requests WHERE {' AND '.join(clauses)}"
+        f"SELECT {_log_select(conn)} FROM requests WHERE {' AND '.join(clauses)}"
         f" ORDER BY ts {order}, id {order} LIMIT ?"
     )
-    rows = [dict(zip(LOG_COLUMNS, row, strict=True)) for row in conn.execute(sql, [*params, size])]
+    rows = [_log_dict(row) for row in conn.execute(sql, [*params, size])]
     if order == "ASC":
         rows.reverse()
-    for row in rows:
-        row["stream"] = bool(row["stream"])
     return rows
 
 
-def log_row(conn: sqlite3.Connection, row_id: int) -> dict[str, Any] | None:
-    row = conn.execute(f"SELECT {', '.join(LOG_COLUMNS)} FROM requests WHERE id = ?", (row_id,)).fetchone()
-    if row is None:
-        return None
+def _log_select(conn: sqlite3.Connection) -> str:
+    """LOG_COLUMNS, with NULL for any a database from an older Metrion does not have yet (it is read-only here)."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+    return ", ".join(name if name in present else "NULL" for name in LOG_COLUMNS)
+
+
+def _log_dict(row: tuple) -> dict[str, Any]:
     found = dict(zip(LOG_COLUMNS, row, strict=True))
     found["stream"] = bool(found["stream"])
     return found
+
+
+def log_row(conn: sqlite3.Connection, row_id: int) -> dict[str, Any] | None:
+    row = conn.execute(f"SELECT {_log_select(conn)} FROM requests WHERE id = ?", (row_id,)).fetchone()
+    return None if row is None else _log_dict(row)
 
 
 
@@ -418,7 +439,9 @@ def _headline(conn: sqlite3.Connection, f: Filters, by_failed: dict[tuple, list[
     (figures,) = _with_errors(by_failed, 0) or [{**totals(None), "errors": 0, "error_rate": None}]
     figures.pop("key", None)
     figures["successes"] = figures["requests"] - figures["errors"]
-    figures["latency_p95_ms"] = latencies(conn, f).percentiles(()).get((), {}).get("p95")
+    exact = exact_percentiles(f, by_failed)
+    figures["latency_p95_ms"] = latencies(conn, f, (), exact).percentiles(()).get((), {}).get("p95")
+    figures["percentiles_exact"] = exact
     figures["requesters"] = len(requesters)
     return figures
 
@@ -442,8 +465,8 @@ def overview(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
     groups = usage(conn, f, keys)
     people = {key for key in usage(conn, f, (keys[0], "requester")) if key[1]}
     now = _headline(conn, f, rollup(groups, (3,)), {name for _, name in people})
-    before = _headline(conn, previous, usage(conn, previous, ("failed",)),
-                       {name for (name,) in usage(conn, previous, ("requester",)) if name})
+    earlier = usage(conn, previous, ("requester", "failed"))
+    before = _headline(conn, previous, rollup(earlier, (1,)), {name for name, _ in earlier if name})
     cards = {
         name: _card(now[name], before[name])
         for name in ("requests", "successes", "errors", "error_rate", "cost_usd", "input_tokens", "output_tokens",
@@ -489,7 +512,7 @@ def overview(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
         ],
         "top_models": [{"model": model, "requests": model_requests[model]} for model in _top(model_requests, 8)],
         "requesters": _series(labels, requesters),
-        "percentiles_exact": exact_percentiles(f),
+        "percentiles_exact": now["percentiles_exact"],
     }
 
 
@@ -497,12 +520,13 @@ def latency(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
     """Latency percentiles and average TTFB over time, the same per provider and model, and a histogram."""
     labels = buckets(f)
     groups = usage(conn, f, (_time_key(f), "provider", "model", "failed"))
-    found = latencies(conn, f, ("time",))
+    exact = exact_percentiles(f, groups)
+    found = latencies(conn, f, ("time",), exact)
     over_time = found.percentiles((0,))
     averages = {label: totals(sums) for (label,), sums in rollup(groups, (0,)).items()}
     series = {f"p{p}": [over_time.get((label,), {}).get(f"p{p}") for label in labels] for p in PERCENTS}
     series["ttfb_avg"] = [averages.get(label, {}).get("ttfb_avg_ms") for label in labels]
-    by_model = latencies(conn, f, ("provider", "model")).percentiles((0, 1))
+    by_model = latencies(conn, f, ("provider", "model"), exact).percentiles((0, 1))
     table = []
     for row in _with_errors(rollup(groups, (1, 2, 3)), 2):
         provider, model = row.pop("key")

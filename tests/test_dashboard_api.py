@@ -13,7 +13,7 @@ import pytest
 import yaml
 from starlette.testclient import TestClient
 
-from metrion_addon import report, store
+from metrion_addon import queries, report, store
 from metrion_addon.config import load_config
 from metrion_addon.dashboard.access import hash_password, password_matches, refuse_open_bind
 from metrion_addon.dashboard.app import create_app
@@ -126,7 +126,9 @@ def test_overview_cards_compare_with_the_previous_period_and_charts_fill_every_h
     assert data["top_models"][0] == {"model": "gpt-4o", "requests": 3}
 
 
-def test_long_periods_are_charted_by_day_with_estimated_percentiles(client) -> None:
+def test_long_periods_are_charted_by_day_and_big_ones_estimate_percentiles(client, monkeypatch) -> None:
+    assert get(client, "overview", period="30d")["percentiles_exact"]  # 7 rows: exact
+    monkeypatch.setattr(queries, "RAW_PERCENTILE_ROWS", 5)
     data = get(client, "overview", period="30d")
     assert data["bucket"] == "day" and data["labels"][-1] == "2026-11-20" and len(data["labels"]) == 31
     assert data["cards"]["requests"]["value"] == 7 and not data["percentiles_exact"]
@@ -240,8 +242,8 @@ def test_dashboard_totals_equal_metrion_report_for_any_period(tmp_path: Path) ->
                 assert got[name] == want[name], (since, model, name)
             assert got["cost_usd"] == (pytest.approx(want["cost_usd"], abs=1e-9) if want["cost_usd"] else None)
         f = Filters(since, until)
-        if f.hourly:  # charted by the hour: percentiles are exact, and the report's
-            shown = latencies(conn, f, ("model",)).percentiles((0,))
+        if queries.exact_percentiles(f, queries.usage(conn, f)):  # up to 20,000 rows: exact, as the report's
+            shown = latencies(conn, f, ("model",), exact=True).percentiles((0,))
             for model, want in expected.items():
                 assert (shown[(model,)]["p50"], shown[(model,)]["p95"]) == (want["latency_p50_ms"],
                                                                           want["latency_p95_ms"])

@@ -253,3 +253,27 @@ def test_cut_stall_reset_gzip(mock: MockProvider) -> None:
     assert resp.getheader("content-encoding") == "gzip" and resp.read()[:2] == b"\x1f\x8b"
     resp = _raw(mock, "/openai/v1/chat/completions", plain, **{"x-mock-scenario": "gzip,no-usage"})
     assert resp.getheader("content-encoding") is None and "usage" not in json.loads(resp.read())
+
+
+@pytest.mark.parametrize(
+    ("words", "cache_key", "cached"),
+    [
+        (2000, "team-faq", 2003 * 3 // 4 // 128 * 128),  # 1,502 tokens → 1,408 in 128-token steps
+        (1021, "team-faq", 768),  # exactly 1,024 prompt tokens: the smallest prompt OpenAI caches
+        (1020, "team-faq", 32),  # below 1,024: no prompt cache, the mock's old long-prompt rule
+        (2000, None, 32),
+    ],
+)
+def test_openai_prompt_cache_reads_three_quarters_of_a_long_prompt_named_by_prompt_cache_key(
+    mock: MockProvider, words: int, cache_key: str | None, cached: int
+) -> None:
+    client = _oai(mock, "openai")
+    extra = {"prompt_cache_key": cache_key} if cache_key else {}
+    prompt = " ".join(["word"] * words)
+
+    chat = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": prompt}], **extra)
+    response = client.responses.create(model="gpt-4o", input=prompt, **extra)
+
+    assert chat.usage.prompt_tokens == words + 3
+    assert chat.usage.prompt_tokens_details.cached_tokens == cached
+    assert response.usage.input_tokens_details.cached_tokens == (0 if cached == 32 else cached)

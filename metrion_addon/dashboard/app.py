@@ -22,7 +22,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from metrion_addon import queries
+from metrion_addon import alerts, queries
 from metrion_addon.clock import Clock
 from metrion_addon.config import Config
 from metrion_addon.dashboard.access import PasswordRequired
@@ -51,6 +51,7 @@ PAGES = (
     Page("costs", "Costs", "/costs", lambda conn, view, config, now: queries.costs(conn, view.filters, now)),
     Page("tokens", "Tokens", "/tokens",
          lambda conn, view, config, now: queries.tokens(conn, config, view.filters, now)),
+    Page("alerts", "Alerts", "/alerts", lambda conn, view, config, now: alerts.status(conn, config, now.timestamp())),
 )
 
 
@@ -63,6 +64,7 @@ def open_database(path: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise Unavailable(f"no database at {path} yet: start the proxy (it creates it)")
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    conn.execute("PRAGMA mmap_size = 268435456")  # aggregates are read in ranges: map them instead of copying pages
     found = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     missing = [name for name in NEEDED_TABLES if name not in found]
     if missing:
@@ -75,19 +77,21 @@ def create_app(config: Config, clock: Clock) -> Starlette:
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters.update(FILTERS)
 
-    def load(request: Request, page: Page) -> tuple[View, Any, dict[str, list[str]]]:
+    def load(request: Request, page: Page, choices: bool) -> tuple[View, Any, dict[str, list[str]]]:
+        """The page's data, and (for a page, not its JSON) what the filter bar offers."""
         now = datetime.fromtimestamp(clock(), UTC)
         view = read_view(request.query_params, now)
         conn = open_database(config.database)
         try:
-            return view, page.load(conn, view, config, now), queries.filter_choices(conn, config, view.filters)
+            offered = queries.filter_choices(conn, config, view.filters) if choices else {}
+            return view, page.load(conn, view, config, now), offered
         finally:
             conn.close()
 
     def endpoint(page: Page) -> Callable[[Request], Response]:
         def api(request: Request) -> Response:
             try:
-                view, data, _ = load(request, page)
+                view, data, _ = load(request, page, choices=False)
             except ValueError as e:
                 return JSONResponse({"error": str(e)}, status_code=400)
             except (Unavailable, sqlite3.Error) as e:
@@ -100,7 +104,7 @@ def create_app(config: Config, clock: Clock) -> Starlette:
         def html(request: Request) -> Response:
             context: dict[str, Any] = {"pages": PAGES, "page": page, "periods": PERIODS, "params": {}}
             try:
-                view, data, choices = load(request, page)
+                view, data, choices = load(request, page, choices=True)
             except ValueError as e:
                 return templates.TemplateResponse(request, "problem.html", {**context, "problem": str(e)}, 400)
             except (Unavailable, sqlite3.Error) as e:

@@ -5,6 +5,8 @@ Pure functions, registered as Jinja2 filters; None (nothing to show) is an em da
 
 from __future__ import annotations
 
+from metrion_addon.alerts import format_value
+
 NOTHING = "—"
 
 
@@ -55,4 +57,10 @@ def status_class(status: int | None) -> str:
     return "warn" if status is not None and status < 500 else "bad"
 
 
-FILTERS = {"usd": usd, "count": count, "ms": ms, "pct": pct, "change": signed_change, "status_class": status_class}
+def alert_value(value: float | None, unit: str) -> str:
+    """An alert rule's value or threshold in its unit, as the notifications write it."""
+    return NOTHING if value is None else format_value(value, unit)
+
+
+FILTERS = {"usd": usd, "count": count, "ms": ms, "pct": pct, "change": signed_change, "status_class": status_class,
+           "alert_value": alert_value}

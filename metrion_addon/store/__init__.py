@@ -4,12 +4,32 @@ Callers import from here; a backend module (sqlite.py today) is chosen once, in 
 """
 
 from .owner import DatabaseInUse, Ownership, claim
-from .records import COLUMNS, BucketState, BudgetState, Counter, DeadLetter, MonthlyCount, RequestRecord, storable
-from .sqlite import SQLiteBackend, connect, create_schema, load_budgets, load_counters
+from .records import (
+    COLUMNS,
+    AlertEvent,
+    BucketState,
+    BudgetState,
+    Counter,
+    DeadLetter,
+    MonthlyCount,
+    RequestRecord,
+    storable,
+)
+from .sqlite import (
+    SQLiteBackend,
+    connect,
+    create_schema,
+    insert_alert_event,
+    latest_alerts,
+    load_alert_history,
+    load_budgets,
+    load_counters,
+)
 from .writer import Backend, Pricer, Settler, Writer
 
 __all__ = [
     "COLUMNS",
+    "AlertEvent",
     "Backend",
     "BucketState",
     "BudgetState",
@@ -26,6 +46,9 @@ __all__ = [
     "claim",
     "connect",
     "create_schema",
+    "insert_alert_event",
+    "latest_alerts",
+    "load_alert_history",
     "load_budgets",
     "load_counters",
     "storable",

@@ -68,7 +68,27 @@ class BudgetState:
     version: int
 
 
-Counter = BucketState | MonthlyCount | BudgetState
+@dataclass(frozen=True)
+class AlertEvent:
+    """One alert notification to one channel, delivered or not: a row of `alert_events`."""
+
+    ts: str
+    rule: str
+    level: str  # "warning" | "alert"
+    channel: str
+    kind: str  # "webhook" | "email"
+    value: float | None
+    threshold: float
+    unit: str
+    period_start: str
+    period_end: str
+    delivered: bool
+    attempts: int
+    error: str | None
+    test: bool
+
+
+Counter = BucketState | MonthlyCount | BudgetState | AlertEvent  # everything but rows the writer stores
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import sqlite_utils
 
 from metrion_addon.aggregates import add_to_hourly, create_hourly
 
-from .records import COLUMNS, BucketState, BudgetState, Counter, DeadLetter, MonthlyCount, RequestRecord
+from .records import COLUMNS, AlertEvent, BucketState, BudgetState, Counter, DeadLetter, MonthlyCount, RequestRecord
 
 _ROW = f"({', '.join('?' * len(COLUMNS))})"
 _ROWS_PER_INSERT = 500  # under SQLite's 32,766 bound parameters per statement
@@ -51,10 +51,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     db = sqlite_utils.Database(conn)
     types = {f.name: f.type for f in dataclasses.fields(RequestRecord)}
-    sql_types: dict[str, type] = {}
-    for name in COLUMNS:
-        kind = str(types[name])
-        sql_types[name] = int if ("int" in kind or "bool" in kind) else float if "float" in kind else str
+    sql_types = {name: _sql_type(types[name]) for name in COLUMNS}
     db["requests"].create(
         {"id": int, **sql_types},
         pk="id",
@@ -65,7 +62,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
     for name, kind in sql_types.items():  # a database made by an older Metrion gains the new columns in place
         if name not in existing:
             db["requests"].add_column(name, kind)
-    for columns in (["ts"], ["token_name", "ts"], ["provider", "ts"], ["model", "ts"]):
+    for columns in (["ts"], ["token_name", "ts"], ["provider", "ts"], ["model", "ts"], ["requester", "ts"]):
         db["requests"].create_index(columns, if_not_exists=True)
     db["rate_buckets"].create(
         {"token_name": str, "tokens": float, "updated_at": float}, pk="token_name", if_not_exists=True
@@ -77,8 +74,40 @@ def create_schema(conn: sqlite3.Connection) -> None:
         {"token_name": str, "month": str, "spent_nanousd": int, "reserved_nanousd": int, "version": int},
         pk=("token_name", "month"), if_not_exists=True,
     )
+    db["alert_events"].create(
+        {"id": int, **{field.name: _sql_type(field.type) for field in dataclasses.fields(AlertEvent)}},
+        pk="id", not_null={"ts", "rule", "level", "channel"}, if_not_exists=True,
+    )
+    db["alert_events"].create_index(["rule", "ts"], if_not_exists=True)
     db["dead_letters"].create({"id": int, "ts": str, "error": str, "row": str}, pk="id", if_not_exists=True)
     create_hourly(conn)  # a database from before the aggregates gets them built from its rows
+
+
+def _sql_type(annotation: object) -> type:
+    kind = str(annotation)
+    return int if ("int" in kind or "bool" in kind) else float if "float" in kind else str
+
+
+_ALERT_COLUMNS = [field.name for field in dataclasses.fields(AlertEvent)]
+_INSERT_ALERT = (f"INSERT INTO alert_events ({', '.join(_ALERT_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' * len(_ALERT_COLUMNS))})")
+
+
+def insert_alert_event(conn: sqlite3.Connection, event: AlertEvent) -> None:
+    conn.execute(_INSERT_ALERT, dataclasses.astuple(event))
+
+
+def load_alert_history(conn: sqlite3.Connection) -> dict[tuple[str, str], str]:
+    """{(rule, level): when it last notified} over `alert_events`, test notifications left out."""
+    query = "SELECT rule, level, max(ts) FROM alert_events WHERE NOT test GROUP BY rule, level"
+    return {(rule, level): ts for rule, level, ts in conn.execute(query)}
+
+
+def latest_alerts(conn: sqlite3.Connection) -> dict[str, tuple[str, str]]:
+    """{rule: (ts, level)} of each rule's latest notification (tests left out)."""
+    query = ("SELECT rule, ts, level FROM alert_events WHERE id IN "
+             "(SELECT max(id) FROM alert_events WHERE NOT test GROUP BY rule)")
+    return {rule: (ts, level) for rule, ts, level in conn.execute(query)}
 
 
 def load_counters(conn: sqlite3.Connection) -> tuple[list[BucketState], list[MonthlyCount]]:
@@ -132,6 +161,8 @@ class SQLiteBackend:
                     self._conn.execute(_UPSERT_BUCKET, (counter.token_name, counter.tokens, counter.updated_at))
                 elif isinstance(counter, BudgetState):
                     self._conn.execute(_UPSERT_BUDGET, dataclasses.astuple(counter))
+                elif isinstance(counter, AlertEvent):
+                    insert_alert_event(self._conn, counter)
                 else:
                     self._conn.execute(_UPSERT_MONTH, (counter.token_name, counter.month, counter.requests))
             if dead_letters:

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from .records import BucketState, BudgetState, Counter, DeadLetter, MonthlyCount, RequestRecord, storable
+from .records import AlertEvent, BucketState, BudgetState, Counter, DeadLetter, MonthlyCount, RequestRecord, storable
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,11 @@ class Writer:
     @property
     def healthy(self) -> bool:
         return self.trouble is None
+
+    @property
+    def backlog(self) -> int:
+        """Items not written yet: queued, plus the rows waiting in the writer (during an outage, say)."""
+        return self._queue.qsize() + len(self._backlog)
 
     def start(self) -> None:
         self._thread.start()
@@ -192,6 +197,8 @@ class Writer:
             self._counters[(MonthlyCount, item.token_name, item.month)] = item
         elif isinstance(item, BudgetState):
             _keep_latest(self._counters, item)
+        elif isinstance(item, AlertEvent):  # events are inserted, never merged: each gets a key of its own
+            self._counters[(AlertEvent, str(id(item)), item.ts)] = item
 
     def _flush(self) -> bool:
         """Write the backlog in chunks; False when the database fails (what is left stays queued)."""

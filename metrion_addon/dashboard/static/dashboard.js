@@ -75,7 +75,9 @@ const CHARTS = {
     data: { labels: data.top_models.map((r) => r.model),
       datasets: [series("Requests", data.top_models.map((r) => r.requests), 0, { borderRadius: 4 })] },
     options: { ...base(false), indexAxis: "y", plugins: { legend: { display: false } },
-      scales: { x: { beginAtZero: true, ticks: { callback: compact } }, y: { grid: { display: false } } } },
+      scales: { x: { beginAtZero: true, ticks: { callback: compact } }, y: { grid: { display: false }, ticks: {
+        callback(value) { const name = this.getLabelForValue(value); return name.length > 22 ? name.slice(0, 21) + "…" : name; },
+      } } } },
   }),
   latency: () => ({
     type: "line",
