@@ -128,7 +128,7 @@ class SQLiteBackend:
         self._conn = conn
 
     def write(self, records: Sequence[RequestRecord], counters: Sequence[Counter],
-              dead_letters: Sequence[DeadLetter]) -> None:
+              dead_letters: Sequence[DeadLetter] = ()) -> None:
         """Write rows, counters and dead letters in one transaction, or nothing (and raise)."""
         try:
             self._transaction(records, counters, dead_letters)

@@ -28,7 +28,7 @@ class Backend(Protocol):
     """Where the writer puts rows: SQLite today (sqlite.py); another database implements the same three calls."""
 
     def write(self, records: Sequence[RequestRecord], counters: Sequence[Counter],
-              dead_letters: Sequence[DeadLetter]) -> None:
+              dead_letters: Sequence[DeadLetter] = ()) -> None:
         """Store rows, latest counter values and dead letters in one transaction, or nothing (and raise)."""
 
     def is_outage(self, error: Exception) -> bool:
