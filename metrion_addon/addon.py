@@ -16,9 +16,10 @@ from collections.abc import Coroutine
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, hooks, http
+from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import server_hooks
 
-from metrion_addon import contentview, store  # importing contentview registers the LLM stream view for mitmweb
+from metrion_addon import cache, contentview, store  # importing contentview registers the LLM stream view for mitmweb
 from metrion_addon.auth import Upstream, authenticate, identify_forward, lift_query_key, requester
 from metrion_addon.budgets import Budgets, Hold, MemoryBudgetCounters, token_budgets
 from metrion_addon.clock import Clock, clock_from_env
@@ -51,6 +52,7 @@ from metrion_addon.routes import (
     route_provider_host,
 )
 from metrion_addon.shared_limits import SharedLimits
+from metrion_addon.store.cache import SQLiteCacheStore
 from metrion_addon.upstream import IdleTimer, answer_upstream_failures, cancel_upstream
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class Metrion:
         self.config: Config | None = None
         self.writer: store.Writer | None = None
         self._ownership: store.Ownership | None = None
+        self.cache: cache.CacheStore | None = None
         self.monitor: AlertMonitor | None = None
         self.limits = Limits(1, {})
         self.shared: SharedLimits | None = None  # the limits on Redis, when the config has `shared:`
@@ -123,6 +126,7 @@ class Metrion:
                                    settle=self.budgets.settle)
         self.writer.start()
         self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
+        self.cache = SQLiteCacheStore(config.database, self.writer, config.cache.max_bytes)
         if config.alerts.rules:
             self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put,
                                         store.load_alert_history(conn))
@@ -174,6 +178,9 @@ class Metrion:
         if self.monitor is not None:  # first: its last notifications are recorded by the writer
             self.monitor.close()
             self.monitor = None
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -236,6 +243,17 @@ class Metrion:
         headers = _lowercase(flow.request.headers)
         try:
             credentials = self._check(flow, exchange, headers)
+        except MetrionError as e:
+            self._refuse(flow, exchange, e)
+            return None
+        if exchange.cache is not None and exchange.cache.mode is cache.Mode.LOOKUP and self.cache is not None:
+            return self._request_cached(flow, self.cache, exchange, headers, credentials)
+        return self._admit(flow, exchange, headers, credentials)
+
+    def _admit(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str],
+               credentials: Upstream | None) -> Coroutine[None, None, None] | None:
+        """Reserve the budget and count the limits, then forward; a coroutine when the limits live on Redis."""
+        try:
             now = self.clock()
             hold = self._hold(flow, exchange, now)
             if self.shared is not None:
@@ -251,6 +269,28 @@ class Metrion:
             return None
         self._let_through(flow, exchange, admission, hold, headers, credentials)
         return None
+
+    @guarded_coroutine("request")
+    async def _request_cached(self, flow: http.HTTPFlow, entries: cache.CacheStore, exchange: Exchange,
+                              headers: dict[str, str], credentials: Upstream | None) -> None:
+        """Answer from the response cache (rate bucket only: the monthly cap counts what reached a provider)."""
+        assert exchange.cache is not None and exchange.identity is not None
+        hit = await entries.get(exchange.cache.key, self.clock())
+        if hit is None:
+            if (admitting := self._admit(flow, exchange, headers, credentials)) is not None:
+                await admitting
+            return
+        try:
+            admission = self.limits.admit_cached(exchange.identity.token_name, exchange.identity.plan, self.clock())
+        except MetrionError as e:
+            self._refuse(flow, exchange, e)
+            return
+        assert self.writer is not None
+        for state in admission.saved:
+            self.writer.put(state)
+        exchange.limit_headers, exchange.cache_hit = admission.headers, hit
+        flow.response = _replayed(cache.replay(hit, self.clock()))
+        _redact(flow.request.headers)
 
     @guarded_coroutine("request")
     async def _request_shared(self, flow: http.HTTPFlow, shared: SharedLimits, exchange: Exchange,
@@ -344,6 +384,10 @@ class Metrion:
         exchange.request = inspect_body(
             route, flow.request.method, headers.get("content-type", ""), flow.request.raw_content or b""
         )
+        scope = "*" if self.config.cache.share_across_tokens else identity.token_name
+        include_usage = self.config.providers[route.provider].include_usage
+        exchange.cache = cache.plan(headers, scope, route, flow.request.method, exchange.request,
+                                    flow.request.raw_content or b"", include_usage)
         if trouble := self.writer.trouble:
             raise MetrionError(503, "metering_unavailable", "Metrion cannot record usage right now "
                                f"({trouble}); request not forwarded.")
@@ -387,6 +431,10 @@ class Metrion:
         if tap := stream_tap(exchange, flow.response.status_code, content_type, timer.touch):
             flow.response.stream = GuardedStream(tap, lambda: tap.held_back,
                                                  functools.partial(self._note_internal_error, flow.id))
+        if exchange.cache is not None and exchange.cache_hit is None and self.config is not None:
+            flow.response.headers[cache.HEADER] = cache.outcome(exchange.cache).value
+            if exchange.stream is not None:
+                flow.response.stream = cache.StreamRecorder(flow.response.stream, self.config.cache.max_entry_bytes)
 
     @guarded
     def response(self, flow: http.HTTPFlow) -> None:
@@ -406,11 +454,13 @@ class Metrion:
         start = flow.request.timestamp_start
         # A whole answer settles at its cost; so does a connection that never opened (nothing reached the provider).
         settles = exchange.failure is None or flow.server_conn.timestamp_tcp_setup is None
-        self._record(
+        record = self._record(
             flow, exchange, status=response.status_code, body=body, error=error,
             latency_ms=((response.timestamp_end or time.time()) - start) * 1000,
             ttfb_ms=None if exchange.failure else (response.timestamp_start - start) * 1000, complete=settles,
         )
+        if exchange.cache is not None and exchange.cache_hit is None:
+            self._store_reply(response, exchange, record)
 
     @guarded
     def error(self, flow: http.HTTPFlow) -> None:
@@ -465,16 +515,30 @@ class Metrion:
 
     def _record(self, flow: http.HTTPFlow | None, exchange: Exchange, *, status: int | None, body: bytes | None,
                 error: str | None, latency_ms: float | None = None, ttfb_ms: float | None = None,
-                flow_id: str | None = None, complete: bool = False) -> None:
+                flow_id: str | None = None, complete: bool = False) -> store.RequestRecord:
         flow_id = flow.id if flow else flow_id
         record = build_record(exchange, status=status, body=body, latency_ms=latency_ms, ttfb_ms=ttfb_ms,
                               error=error, flow_id=flow_id)
+        if exchange.cache is not None:
+            record = cache.account(record, exchange.cache, exchange.cache_hit)
         if flow is not None:
             flow.metadata["metrion"] = metadata(record)
             flow.comment = summary(record)
             if self._loop is not None:  # a UI will want the cost once the row is priced
                 self._flows[flow.id] = flow
         self._put(flow_id, record, complete)
+        return record
+
+    def _store_reply(self, response: http.Response, exchange: Exchange, record: store.RequestRecord) -> None:
+        assert exchange.cache is not None and self.config is not None
+        recorder = response.stream if isinstance(response.stream, cache.StreamRecorder) else None
+        body = recorder.body if recorder is not None else response.raw_content
+        meter = exchange.stream
+        entry = cache.entry_for(exchange.cache, record, _lowercase(response.headers), body, stream=meter is not None,
+                                complete=meter is None or meter.complete, now=self.clock(),
+                                max_bytes=self.config.cache.max_entry_bytes)
+        if entry is not None and self.cache is not None:
+            self.cache.put(entry, record)
 
     def _put(self, flow_id: str | None, record: store.RequestRecord, complete: bool = False) -> None:
         """Hand the row to the writer; the exchange is finished only now (contain() looks for unfinished ones).
@@ -569,6 +633,12 @@ class Metrion:
                         ) -> http.Response:
         headers = {**(exchange.limit_headers if exchange else {}), **error_headers(error)}
         return http.Response.make(error.status, error_body(error_format, error), headers)
+
+
+def _replayed(replay: cache.Replay) -> http.Response:
+    now = time.time()
+    reason = status_codes.RESPONSES.get(replay.status, "").encode()
+    return http.Response(b"HTTP/1.1", replay.status, reason, http.Headers(replay.headers), replay.body, None, now, now)
 
 
 def _plain_body(response: http.Response) -> bytes | None:

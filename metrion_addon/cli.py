@@ -11,6 +11,7 @@ import json
 import secrets
 import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -33,6 +34,8 @@ from metrion_addon.config import (
     hash_token,
     load_config,
 )
+from metrion_addon.pricing import base_model
+from metrion_addon.store import cache as cache_store
 
 FORMATS = ("table", "json", "csv")
 WIDTH = 100  # table output fits a terminal this wide: long names are cut to share what is left
@@ -81,6 +84,13 @@ def _cost(value: float | None) -> str:
         return f"${value:,.2f}"
     digits = f"{Decimal(f'{value:.3g}'):f}"
     return f"${digits}{'0' * (4 - len(digits))}"  # at least two decimals: $0.50, not $0.5
+
+
+def _size(value: int) -> str:
+    for threshold, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if value >= threshold:
+            return f"{value / threshold:.1f} {unit}"
+    return f"{value} B"
 
 
 def _dollars(value: float | None) -> str:
@@ -430,6 +440,50 @@ def tokens_new(config_path: str | None, fmt: str, name: str, plan: str) -> None:
     else:
         row = {"name": name, "plan": plan, "token": token, "token_hash": stored, "yaml": snippet}
         _emit([row], list(row), fmt, [])
+
+
+@main.group()
+def cache() -> None:
+    """The response cache (requests sent with x-metrion-cache): what it holds and saves, and clearing it."""
+
+
+@cache.command("stats")
+@_options
+@click.option("--since", help="Hits and savings from: 7d, 24h, 30m ago, a UTC date or an ISO time. Default: all.")
+@click.option("--until", help="End (exclusive), in the same forms as --since. Default: now.")
+def cache_stats(config_path: str | None, fmt: str, since: str | None, until: str | None) -> None:
+    """Entries and bytes stored now; lookups, hits, hit rate and USD saved over the period."""
+    config = _load(config_path)
+    now = datetime.now(UTC)
+    start, end = _time(since, now), _time(until, now)
+    row = cache_store.cache_stats(_open(config, "cache_entries"), now.timestamp(), start, end)
+    columns = [
+        Column("entries", "entries"),
+        Column("expired", "expired"),
+        Column("size", "bytes", _size),
+        Column("lookups", "lookups"),
+        Column("hits", "hits"),
+        Column("refreshes", "refreshes"),
+        Column("hit rate", "hit_rate", lambda rate: "-" if rate is None else f"{rate:.1%}"),
+        Column("saved", "saved_usd", _cost),
+    ]
+    _emit([row], cache_store.STATS_COLUMNS, fmt, columns)
+
+
+@cache.command("clear")
+@_options
+@click.option("--token", help="Only this token's entries.")
+@click.option("--model", help="Only this model's entries (as the provider returned it, or without its date stamp).")
+def cache_clear(config_path: str | None, fmt: str, token: str | None, model: str | None) -> None:
+    """Delete cache entries (all of them, or those of a token and/or a model); works while the proxy runs."""
+    config = _load(config_path)
+    _open(config, "cache_entries").close()
+    with closing(sqlite3.connect(config.database, timeout=10)) as conn:
+        removed = cache_store.clear_cache(conn, token, model, base_model)
+    if fmt == "table":
+        click.echo(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}")
+    else:
+        _emit([{"removed": removed}], ["removed"], fmt, [])
 
 
 if __name__ == "__main__":

@@ -108,6 +108,27 @@ class ModelPrice(_Strict):
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+class CacheSettings(_Strict):
+    """The response cache's storage: a size bound (least recently used entries go first) and who shares entries."""
+
+    max_mb: Annotated[float, Field(gt=0)] = 512.0
+    share_across_tokens: bool = False
+
+    @field_validator("max_mb", mode="before")
+    @classmethod
+    def _int_is_a_size(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * 1024 * 1024)
+
+    @property
+    def max_entry_bytes(self) -> int:
+        """One reply may fill at most an eighth of the cache, so that a single large one cannot flush it."""
+        return self.max_bytes // 8
+
+
 class Provider(_Strict):
     """One upstream: where it is, which wire format it speaks, how it is priced and whether to ask for stream usage."""
 
@@ -370,6 +391,7 @@ class Config(_Strict):
     providers: dict[str, Provider] = Field(default_factory=dict, validate_default=True)
     tokens: list[Token] = []
     prices: dict[str, ModelPrice] = {}
+    cache: CacheSettings = CacheSettings()
     shared: Shared | None = None
     dashboard: DashboardSettings = DashboardSettings()
     alerts: AlertSettings = AlertSettings()

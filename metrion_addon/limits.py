@@ -5,6 +5,7 @@ Pure code: the caller passes the time; state is loaded from and saved to the sto
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -160,6 +161,13 @@ class Limits:
             return decide(name, plan, quota, rate, now, ())
         counted, month = self.quota.count(name, cap, now)
         return decide(name, plan, counted, rate, now, (self.rates.state(name), month))
+
+    def admit_cached(self, name: str, plan: str, now: float) -> Admission:
+        """A request answered from the response cache: it takes from the rate bucket (a runaway loop is still
+        throttled) but not from the monthly cap, which counts requests that reached a provider."""
+        quota = dataclasses.replace(self.quota.check(name, self._caps[plan], now), allowed=True)
+        rate = self.rates.take(name, now)
+        return decide(name, plan, quota, rate, now, (self.rates.state(name),) if rate.allowed else ())
 
 
 def decide(name: str, plan: str, quota: QuotaDecision, rate: RateDecision | None, now: float,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .auth import Identity
+from .cache import CacheEntry, CachePlan
 from .clock import iso_utc
 from .errors import MetrionError
 from .json_array import JSONArrayDecoder
@@ -40,6 +41,8 @@ class Exchange:
     timed_out: bool = False
     failure: MetrionError | None = None  # Metrion answered instead of the provider
     forwarded: bool = False  # sent on to the provider: its row is never dropped
+    cache: CachePlan | None = None  # the request asked for the response cache
+    cache_hit: CacheEntry | None = None  # ... and was answered from it
     internal_error: str | None = None  # Metrion's own code failed while metering the answer (guard.describe)
 
 

@@ -59,6 +59,9 @@ LOG_COLUMNS = [
     "auth_mode",
     "cost_usd",
     "price_source",
+    "cached",
+    "saved_usd",
+    "cache_status",
 ]
 QUOTA_COLUMNS = ["token", "plan", "month", "requests", "cap", "remaining", "budget_usd", "spent_usd", "reserved_usd",
                  "remaining_usd", "resets"]
@@ -202,6 +205,7 @@ def logs(conn: sqlite3.Connection, limit: int, filters: LogFilter) -> list[dict[
     rows = [dict(zip(LOG_COLUMNS, row, strict=True)) for row in conn.execute(sql, [*params, limit])]
     for row in rows:
         row["stream"] = bool(row["stream"])
+        row["cached"] = bool(row["cached"])
     return rows
 
 

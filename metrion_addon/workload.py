@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 HOUR = 3600.0
 DAY = 24 * HOUR
 BAD_TOKEN = "sk-metrion-" + "0" * 32  # a token no config knows: Metrion answers 401
+UNPRICED = "ft:open-mistral-7b:acme:tickets"  # a fine-tune genai-prices has no price for: cost_usd NULL
 _WORDS = (
     "invoice customer refund policy shipping order delay summary contract clause renewal forecast revenue quarter "
     "churn ticket escalation priority draft email translate german french table quarterly report risk audit "
@@ -74,7 +75,8 @@ TEAMS = (
     Team("research", "pro", False, ("erin", "frank"), 0.6, (9, 19), 0.1,
          (("openai", "chat", "o3-mini", 2), ("grok", "chat", "grok-3-mini", 2),
           ("gemini", "chat", "gemini-2.5-pro", 1), ("anthropic", "messages", "claude-opus-4-1-20250805", 1),
-          ("openai", "chat", "ft:gpt-4o-mini-2024-07-18:acme:tickets:x1", 1)), 0.5),
+          ("openai", "chat", "ft:gpt-4o-mini-2024-07-18:acme:tickets:x1", 1),
+          ("mistral", "chat", UNPRICED, 1)), 0.5),
     Team("hackathon", "free", True, ("hack-team",), 3.0, (10, 23), 1.0,
          (("openai", "chat", "gpt-4o-mini", 3), ("grok", "chat", "grok-3-mini", 1),
           ("gemini", "chat", "gemini-2.0-flash", 2)), 0.6, since_days=4),
@@ -96,6 +98,7 @@ TOUR: tuple[tuple[str, str, str, str, bool, bool, str], ...] = (
     ("web-app", "mistral", "chat", "mistral-large-latest", True, False, ""),
     ("data-pipeline", "mistral", "embeddings", "mistral-embed", False, False, ""),
     ("research", "grok", "chat", "grok-3-mini", False, False, ""),
+    ("research", "mistral", "chat", UNPRICED, False, False, ""),
     ("web-app", "grok", "chat", "grok-3", True, False, ""),
     ("web-app", "openai", "chat", "gpt-4o-mini", False, False, "error-500"),
     ("support-bot", "anthropic", "messages", "claude-3-5-haiku-20241022", False, False, "error-429"),

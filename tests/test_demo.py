@@ -99,6 +99,8 @@ def test_a_quick_demo_fills_the_database_through_the_proxy_and_serves_the_dashbo
     assert {row["status"] for row in rows if (row["error"] or "").startswith("provider:")} >= {429, 500}
     assert any(row["token_name"] is None and row["status"] == 401 for row in rows)
     assert any(row["usage_source"] == "estimated" and row["error"] for row in rows)  # the stream cut short
+    assert all(row["cost_usd"] is None for row in rows if row["model"] == workload.UNPRICED)
+    assert any(row["model"] == workload.UNPRICED and row["status"] == 200 for row in rows)
     days = {row["ts"][:10] for row in rows}
     assert len(days) >= 2  # a day of history and today
     assert all(row["cost_usd"] > 0 for row in rows if row["model"] == "gpt-4o-2024-08-06" and row["status"] == 200)

@@ -1,4 +1,4 @@
-"""What the store keeps: one row per request, the rate-limit buckets and the monthly counters.
+"""What the store keeps: one row per request, the rate-limit buckets, the monthly counters, cache writes.
 
 Plain data shared by every backend, and `storable`: the boundary that makes any row's values writable.
 """
@@ -37,6 +37,9 @@ class RequestRecord:
     auth_mode: str | None = None
     cost_usd: float | None = None
     price_source: str | None = None
+    cached: bool = False  # answered from Metrion's response cache
+    saved_usd: float | None = None  # on a cache hit: what the original request cost
+    cache_status: str | None = None  # HIT, MISS or REFRESH when the request asked for the cache
     requested_model: str | None = None  # the model the client asked for; `model` is what the provider answered
     flow_id: str | None = dataclasses.field(default=None, compare=False)  # for mitmweb, not stored
     # Not stored: the request went (or may have gone) to the provider. Such rows are never dropped.
@@ -88,7 +91,48 @@ class AlertEvent:
     test: bool
 
 
-Counter = BucketState | MonthlyCount | BudgetState | AlertEvent  # everything but rows the writer stores
+@dataclass(frozen=True)
+class CacheEntry:
+    """One stored reply: what the client received, and what the original request cost (`cost_usd`)."""
+
+    key: str
+    token_name: str
+    provider: str
+    model: str | None
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    stream: bool
+    created_at: float
+    expires_at: float
+    cost_usd: float | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes counted against `cache.max_mb`: the body and the headers."""
+        return len(self.body) + sum(len(name) + len(value) for name, value in self.headers)
+
+
+@dataclass(frozen=True)
+class CacheWrite:
+    """Store `entry` in the response cache; its cost is `origin`'s, read when written (the writer prices first)."""
+
+    entry: CacheEntry
+    origin: RequestRecord
+    max_bytes: int  # the size bound in force: least recently used entries are evicted until the cache fits
+
+
+@dataclass(frozen=True)
+class CacheTouch:
+    """A cache entry was used at `used_at`: it moves to the young end of the LRU order."""
+
+    key: str
+    used_at: float
+
+
+# Everything but rows the writer stores; in one batch only the latest of each kind and key is written (alert
+# events each have a key of their own).
+Counter = BucketState | MonthlyCount | BudgetState | AlertEvent | CacheWrite | CacheTouch
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,19 @@ import sqlite_utils
 
 from metrion_addon.aggregates import add_to_hourly, create_hourly
 
-from .records import COLUMNS, AlertEvent, BucketState, BudgetState, Counter, DeadLetter, MonthlyCount, RequestRecord
+from .cache import create_cache_schema, write_cache
+from .records import (
+    COLUMNS,
+    AlertEvent,
+    BucketState,
+    BudgetState,
+    CacheTouch,
+    CacheWrite,
+    Counter,
+    DeadLetter,
+    MonthlyCount,
+    RequestRecord,
+)
 
 _ROW = f"({', '.join('?' * len(COLUMNS))})"
 _ROWS_PER_INSERT = 500  # under SQLite's 32,766 bound parameters per statement
@@ -81,6 +93,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
     db["alert_events"].create_index(["rule", "ts"], if_not_exists=True)
     db["dead_letters"].create({"id": int, "ts": str, "error": str, "row": str}, pk="id", if_not_exists=True)
     create_hourly(conn)  # a database from before the aggregates gets them built from its rows
+    create_cache_schema(conn)
 
 
 def _sql_type(annotation: object) -> type:
@@ -163,10 +176,14 @@ class SQLiteBackend:
                     self._conn.execute(_UPSERT_BUDGET, dataclasses.astuple(counter))
                 elif isinstance(counter, AlertEvent):
                     insert_alert_event(self._conn, counter)
-                else:
+                elif isinstance(counter, MonthlyCount):
                     self._conn.execute(_UPSERT_MONTH, (counter.token_name, counter.month, counter.requests))
             if dead_letters:
                 self._conn.executemany(_INSERT_DEAD, [(d.ts, d.error, d.row) for d in dead_letters])
+            writes = [item for item in counters if isinstance(item, CacheWrite)]
+            touches = [item for item in counters if isinstance(item, CacheTouch)]
+            if writes or touches:
+                write_cache(self._conn, writes, touches)
 
     def _give_back_space(self) -> None:
         """After a failed write (a full disk, typically): shrink the WAL so that freed space is not eaten again."""

@@ -13,7 +13,18 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from .records import AlertEvent, BucketState, BudgetState, Counter, DeadLetter, MonthlyCount, RequestRecord, storable
+from .records import (
+    AlertEvent,
+    BucketState,
+    BudgetState,
+    CacheTouch,
+    CacheWrite,
+    Counter,
+    DeadLetter,
+    MonthlyCount,
+    RequestRecord,
+    storable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +210,10 @@ class Writer:
             _keep_latest(self._counters, item)
         elif isinstance(item, AlertEvent):  # events are inserted, never merged: each gets a key of its own
             self._counters[(AlertEvent, str(id(item)), item.ts)] = item
+        elif isinstance(item, CacheWrite):
+            self._counters[(CacheWrite, item.entry.key, "")] = item
+        elif isinstance(item, CacheTouch):
+            self._counters[(CacheTouch, item.key, "")] = item
 
     def _flush(self) -> bool:
         """Write the backlog in chunks; False when the database fails (what is left stays queued)."""
