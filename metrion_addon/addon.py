@@ -1,6 +1,6 @@
 """Metrion's mitmproxy hooks: route, authenticate, limit and forward; meter the answer into SQLite.
 
-Run with `mitmdump -s metrion_addon/addon.py --set metrion_config=config.yaml` (or mitmweb).
+Run with `mitmdump -s metrion_addon/addon.py --listen-host 127.0.0.1 --set metrion_config=config.yaml` (or mitmweb).
 """
 
 from __future__ import annotations
@@ -10,9 +10,13 @@ import contextlib
 import functools
 import json
 import logging
+import os
+import sqlite3
+import sys
 import time
 import weakref
 from collections.abc import Coroutine
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, hooks, http
@@ -20,7 +24,7 @@ from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import server_hooks
 
 from metrion_addon import cache, contentview, store  # importing contentview registers the LLM stream view for mitmweb
-from metrion_addon.auth import Upstream, authenticate, identify_forward, lift_query_key, requester
+from metrion_addon.auth import Upstream, authenticate, identify_forward, lift_query_key, other_host_identity, requester
 from metrion_addon.budgets import Budgets, Hold, MemoryBudgetCounters, token_budgets
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
@@ -42,6 +46,7 @@ from metrion_addon.metering import (
 from metrion_addon.metrics import CONTENT_TYPE, Metrics
 from metrion_addon.notify import AlertMonitor
 from metrion_addon.pricing import Pricer, context_window
+from metrion_addon.redact import redact_query, request_secrets
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
 from metrion_addon.routes import (
     Route,
@@ -53,7 +58,13 @@ from metrion_addon.routes import (
 )
 from metrion_addon.shared_limits import SharedLimits
 from metrion_addon.store.cache import SQLiteCacheStore
-from metrion_addon.upstream import IdleTimer, answer_upstream_failures, cancel_upstream
+from metrion_addon.upstream import (
+    IdleTimer,
+    answer_upstream_failures,
+    cancel_upstream,
+    connect_lazily_unless_chosen,
+    watch_response_bodies,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +98,7 @@ class Metrion:
         self._urls: dict[str, str] = {}
         self._hosts: dict[str, str] = {}  # provider hosts recognised in forward-proxy use
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = False
 
     # lifecycle
 
@@ -102,19 +114,16 @@ class Metrion:
     def configure(self, updated: set[str]) -> None:
         if "metrion_config" not in updated:
             return
+        connect_lazily_unless_chosen()
         try:
             config = load_config(find_config(ctx.options.metrion_config))
+            self._close_writer()
+            if config.shared is None:  # limits in Redis (`shared:`): several processes may share the database
+                self._ownership = _claim_database(config)
+            conn = _open_database(config)
         except ConfigError as e:
-            raise exceptions.OptionsError(f"metrion: {e}") from e
-        self._close_writer()
+            self._bad_config(f"metrion: {e}", e)
         self._close_shared()
-        if config.shared is None:  # limits in Redis (`shared:`): several processes may share the database
-            try:
-                self._ownership = store.claim(config.database)
-            except store.DatabaseInUse as e:
-                raise exceptions.OptionsError(f"metrion: {e}") from e
-        conn = store.connect(config.database)
-        store.create_schema(conn)
         buckets, months = store.load_counters(conn)
         price_ids = {name: provider.price_as for name, provider in config.providers.items()}
         pricer = Pricer(config.prices, price_ids)
@@ -139,7 +148,7 @@ class Metrion:
             try:
                 shared.connect(self.clock())
             except ConfigError as e:
-                raise exceptions.OptionsError(f"metrion: {config.path}: {e}") from e
+                self._bad_config(f"metrion: {config.path}: {e}", e)
             self.shared = shared
             with contextlib.suppress(RuntimeError):  # no loop yet at start-up: running() starts it
                 shared.start()
@@ -148,9 +157,16 @@ class Metrion:
         self._hosts = provider_hosts(self._urls)
         self._upstream_hosts = {urlsplit(url).hostname for url in self._urls.values()}
         answer_upstream_failures(self._answer_upstream_failure)
+        watch_response_bodies(self._body_data)
+
+    def _bad_config(self, line: str, cause: Exception) -> NoReturn:
+        if self.config is None and not self._running:  # start-up: one line, no proxy behind a broken meter
+            _refuse_to_start(line)
+        raise exceptions.OptionsError(line) from cause
 
     @guarded
     def running(self) -> None:
+        self._running = True
         # Only a UI (mitmweb's or the console's flow view) shows the cost once the writer has priced a row.
         self._loop = asyncio.get_running_loop() if ctx.master.addons.get("view") is not None else None
         if self.shared is not None:
@@ -166,6 +182,7 @@ class Metrion:
             timer.cancel()
         self._timers.clear()
         answer_upstream_failures(None)
+        watch_response_bodies(None)
         self._close_writer()
         self._close_shared()
 
@@ -199,17 +216,19 @@ class Metrion:
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or self.config is None:
             return
-        if host_provider(flow.request.host, flow.request.port, self._hosts):
-            try:
-                self._tunnels[flow.client_conn] = identify_forward(
-                    flow.request.headers.get("proxy-authorization"), self._tokens
-                )
-            except MetrionError as e:
-                flow.response = self._error_response(None, e)
-                flow.marked = _REJECTED_MARK
-        elif self.config.block_other_hosts:
-            flow.response = self._error_response(None, MetrionError(403, "host_blocked", _blocked(flow.request.host)))
+        credentials = flow.request.headers.get("proxy-authorization")
+        try:
+            if host_provider(flow.request.host, flow.request.port, self._hosts):
+                self._tunnels[flow.client_conn] = identify_forward(credentials, self._tokens)
+            elif self.config.block_other_hosts:
+                raise MetrionError(403, "host_blocked", _blocked(flow.request.host))
+            elif identity := other_host_identity(credentials, self._tokens, tunnel=None,
+                                                 open_to_all=self.config.allow_other_hosts_without_token):
+                self._tunnels[flow.client_conn] = identity
+        except MetrionError as e:
+            flow.response = self._error_response(None, e)
             flow.marked = _REJECTED_MARK
+        _redact(flow.request.headers)  # CONNECT flows are kept and saved like any other
 
     @guarded
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
@@ -230,17 +249,23 @@ class Metrion:
                                                                   self._hosts) is None:
             flow.response = self._own_endpoint(flow.request.path)
             return None
-        path, query_key = lift_query_key(flow.request.path)  # Gemini's ?key= becomes x-goog-api-key: never logged
+        original_path = flow.request.path
+        path, query_key = lift_query_key(original_path)  # Gemini's ?key= becomes x-goog-api-key: never logged
         route = self._route(flow, path)
         if route is None:
             return None
+        if query_key is not None and route.provider != "gemini":  # only Google's API takes ?key=: leave others be
+            path, query_key = flow.request.path, None
+            route = self._route(flow, path)
+            assert route is not None
         if query_key is not None:
             flow.request.path = path
             if "x-goog-api-key" not in flow.request.headers:
                 flow.request.headers["x-goog-api-key"] = query_key
-        exchange = Exchange(route, path, flow.request.method, started=self.clock())
-        self._exchanges[flow.id] = exchange
         headers = _lowercase(flow.request.headers)
+        exchange = Exchange(route, redact_query(path), flow.request.method, started=self.clock(),
+                            secrets=request_secrets(headers, original_path))
+        self._exchanges[flow.id] = exchange
         try:
             credentials = self._check(flow, exchange, headers)
         except MetrionError as e:
@@ -290,7 +315,7 @@ class Metrion:
             self.writer.put(state)
         exchange.limit_headers, exchange.cache_hit = admission.headers, hit
         flow.response = _replayed(cache.replay(hit, self.clock()))
-        _redact(flow.request.headers)
+        _redact_flow(flow)
 
     @guarded_coroutine("request")
     async def _request_shared(self, flow: http.HTTPFlow, shared: SharedLimits, exchange: Exchange,
@@ -328,7 +353,7 @@ class Metrion:
         exchange.failure = error
         flow.response = self._error_response(exchange.route.format, error, exchange)
         flow.marked = _REJECTED_MARK
-        _redact(flow.request.headers)
+        _redact_flow(flow)
 
     def _let_through(self, flow: http.HTTPFlow, exchange: Exchange, admission: Admission, hold: Hold | None,
                      headers: dict[str, str], credentials: Upstream | None) -> None:
@@ -339,12 +364,12 @@ class Metrion:
         if hold:
             self.budgets.track(flow.id, hold)
         drop = {name for name in headers if name.startswith("x-metrion-")}
-        if host_provider(flow.request.host, flow.request.port, self._hosts) is not None:
-            drop.add("proxy-authorization")
+        drop.add("proxy-authorization")  # sent by forward-proxy clients, for Metrion only
         replace = {"accept-encoding": "identity"}  # the meter must read plain text
         if credentials is not None:
             drop.update(credentials.drop_headers)
             replace.update(credentials.set_headers or {})
+            exchange.secrets += request_secrets(credentials.set_headers or {})
         _rewrite(flow.request.headers, drop, replace)
         self._forward(flow, exchange)
 
@@ -353,9 +378,7 @@ class Metrion:
         if provider := host_provider(flow.request.host, flow.request.port, self._hosts):
             return route_provider_host(provider, flow.request.host, path, self._urls)
         if not is_metrion_path(path):
-            if self.config.block_other_hosts:
-                error = MetrionError(403, "host_blocked", _blocked(flow.request.host))
-                flow.response = self._error_response(None, error)
+            self._pass_other_host(flow)
             return None
         route = route_metrion_path(path, self._urls)
         if route is None:
@@ -364,6 +387,23 @@ class Metrion:
                                  f"use /api/proxy/v1/messages or /api/proxy/{{{others}}}/v1/...")
             flow.response = self._error_response(None, error)
         return route
+
+    def _pass_other_host(self, flow: http.HTTPFlow) -> None:
+        """Traffic that is not Metrion's: blocked, or passed on for a token holder (or anyone, if configured)."""
+        assert self.config is not None
+        headers = flow.request.headers
+        try:
+            if self.config.block_other_hosts:
+                raise MetrionError(403, "host_blocked", _blocked(flow.request.host))
+            other_host_identity(headers.get("proxy-authorization"), self._tokens,
+                                tunnel=self._tunnels.get(flow.client_conn),
+                                open_to_all=self.config.allow_other_hosts_without_token)
+        except MetrionError as e:
+            flow.response = self._error_response(None, e)
+            flow.marked = _REJECTED_MARK
+            _redact(headers)
+            return
+        _rewrite(headers, {"proxy-authorization"}, {})  # the proxy's credential is for Metrion, never the host
 
     def _check(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str]) -> Upstream | None:
         """Authenticate and validate the request (the limits come next); raise MetrionError to refuse it.
@@ -419,7 +459,7 @@ class Metrion:
         exchange = self._exchanges.get(flow.id)
         if exchange is None or flow.response is None:
             return
-        _redact(flow.request.headers)
+        _redact_flow(flow)
         if exchange.failure is None:  # Metrion's own answers carry these already
             limits = tuple((name.encode(), value.encode()) for name, value in exchange.limit_headers.items())
             flow.response.headers.fields += limits
@@ -442,7 +482,7 @@ class Metrion:
         if exchange is None or flow.response is None:
             return
         self._stop_timer(flow.id)
-        _redact(flow.request.headers)
+        _redact_flow(flow)
         response = flow.response
         body = None if exchange.stream is not None else _plain_body(response)
         if exchange.failure is not None:
@@ -468,7 +508,7 @@ class Metrion:
         if exchange is None:
             return
         self._stop_timer(flow.id)
-        _redact(flow.request.headers)
+        _redact_flow(flow)
         message = flow.error.msg if flow.error else "unknown error"
         if exchange.timed_out and self.config is not None:
             message = f"upstream silent for {self.config.timeout:g} s; connection closed"
@@ -492,6 +532,12 @@ class Metrion:
         exchange.timed_out = True
         if not cancel_upstream(flow):
             log.warning("metrion: flow %s timed out but had no upstream connection to close", flow.id)
+
+    @guarded
+    def _body_data(self, flow: http.HTTPFlow) -> None:
+        """Any byte from the provider means it is not silent, body bytes of a buffered reply included."""
+        if timer := self._timers.get(flow.id):
+            timer.touch()
 
     @guarded
     def _answer_upstream_failure(self, flow: http.HTTPFlow, message: str) -> http.Response | None:
@@ -563,7 +609,7 @@ class Metrion:
             self._refuse_after_internal_error(flow, description)
         elif hook in _FINAL_HOOKS:
             self._stop_timer(flow.id)
-            _redact(flow.request.headers)
+            _redact_flow(flow)
             if exchange := self._exchanges.get(flow.id):
                 status = flow.response.status_code if flow.response else None
                 self._put(flow.id, fallback_record(exchange, status, description))
@@ -599,7 +645,7 @@ class Metrion:
         if route is None:
             return None
         flow.request.path = path  # a ?key= never stays in the flow
-        exchange = Exchange(route, path, flow.request.method, started=self.clock(),
+        exchange = Exchange(route, redact_query(path), flow.request.method, started=self.clock(),
                             requester=requester({"x-metrion-user": flow.request.headers.get("x-metrion-user", "")}))
         self._exchanges[flow.id] = exchange
         return exchange
@@ -635,6 +681,32 @@ class Metrion:
         return http.Response.make(error.status, error_body(error_format, error), headers)
 
 
+def _open_database(config: Config) -> sqlite3.Connection:
+    try:
+        conn = store.connect(config.database)
+        store.create_schema(conn)
+    except (sqlite3.Error, OSError) as e:
+        raise ConfigError(f"{config.path}: database: cannot use {config.database}: {e}") from e
+    return conn
+
+
+def _claim_database(config: Config) -> store.Ownership:
+    try:
+        return store.claim(config.database)
+    except store.DatabaseInUse as e:
+        raise ConfigError(f"{config.path}: database: {e}") from e
+
+
+def _refuse_to_start(line: str) -> NoReturn:
+    """Print `line` and end the process now: mitmproxy would log a traceback for a script and listen anyway.
+
+    os._exit, because SystemExit raised in a script's configure is swallowed by mitmproxy's script loader task.
+    """
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    os._exit(2)
+
+
 def _replayed(replay: cache.Replay) -> http.Response:
     now = time.time()
     reason = status_codes.RESPONSES.get(replay.status, "").encode()
@@ -667,6 +739,14 @@ def _target(url: str) -> tuple[str, str, int, str]:
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     return parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), path
+
+
+def _redact_flow(flow: http.HTTPFlow) -> None:
+    """Once the request is sent (or refused): no credential header or credential query parameter stays in it."""
+    _redact(flow.request.headers)
+    path = flow.request.path
+    if "?" in path and (redacted := redact_query(path)) != path:
+        flow.request.path = redacted
 
 
 def _redact(headers: http.Headers) -> None:

@@ -1,7 +1,7 @@
 """Hourly and daily aggregates of the request log, kept up to date by the writer in the rows' own transaction.
 
 `*_usage` sums requests, tokens, cost and latency per hour (or day) and per filterable dimension; `*_latency`
-counts latencies per hour (or day), provider, model and status in log-scale buckets: charts never scan rows.
+counts latencies per hour (or day), provider, model, token and status in log-scale buckets: charts never scan rows.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ USAGE_SUMS = (
     "ttfb_us",
     "ttfb_count",
 )
-LATENCY_KEY = ("hour", "provider", "model", "status", "bucket")  # no token or requester: a third of the rows
+LATENCY_KEY = ("hour", "provider", "model", "token_name", "status", "bucket")  # no requester: that would multiply rows
 LEVELS = {"hourly": ("hour", 13), "daily": ("day", 10)}  # table prefix: (time column, length of its ts prefix)
 ROW_COLUMNS = (
     "ts",
@@ -175,7 +175,7 @@ def fold(rows: Iterable[Row]) -> tuple[dict[tuple, list[int]], dict[tuple, int]]
             for i, value in enumerate(sums):
                 into[i] += value
         if row.latency_ms is not None:
-            lkey = (key[0], key[1], key[2], key[5], latency_bucket(row.latency_ms))
+            lkey = (key[0], key[1], key[2], key[3], key[5], latency_bucket(row.latency_ms))
             latency[lkey] = latency.get(lkey, 0) + 1
     return usage, latency
 

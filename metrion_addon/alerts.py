@@ -105,14 +105,14 @@ def measure(conn: sqlite3.Connection, rule: AlertRule, now: float) -> Measuremen
 
 def _p95(conn: sqlite3.Connection, rule: AlertRule, filters: queries.Filters) -> float | None:
     """The p95 latency over the rule's scope, as the dashboard computes it: exact over the raw rows of small
-    periods and token scopes (the histograms have no token), else from the latency histograms (within 4.5 %)."""
+    periods, else from the latency histograms (within 4.5 %)."""
     values: list[float] = []
     histogram: dict[int, int] = {}
     for provider in rule.providers or (None,):
         for token in rule.tokens or (None,):
             scoped = replace(filters, provider=provider, token=token)
-            exact = queries.exact_percentiles(scoped, queries.usage(conn, scoped))
-            found = queries.latencies(conn, scoped, (), exact)
+            source = queries.percentile_source(scoped, queries.usage(conn, scoped))
+            found = queries.latencies(conn, scoped, (), source)
             values.extend(value for group in found.values.values() for value in group)
             for counts in found.histograms.values():
                 for bucket, n in counts.items():

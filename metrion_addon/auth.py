@@ -136,6 +136,19 @@ def identify_forward(value: str | None, tokens: Mapping[str, Token]) -> Identity
     return Identity(entry.name, entry.plan, "forward")
 
 
+def other_host_identity(proxy_authorization: str | None, tokens: Mapping[str, Token], *, tunnel: Identity | None,
+                        open_to_all: bool) -> Identity | None:
+    """Who may use Metrion as a plain forward proxy to a host that is no provider's; 407 when nobody known.
+
+    The token holder of the tunnel or of the Proxy-Authorization header; anyone (None) only if the config says so.
+    """
+    if tunnel is not None:
+        return tunnel
+    if open_to_all:
+        return None
+    return identify_forward(proxy_authorization, tokens)
+
+
 def requester(headers: Mapping[str, str]) -> str | None:
     value = headers.get("x-metrion-user", "").strip()[:MAX_REQUESTER]
     return value or None

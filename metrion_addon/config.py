@@ -387,6 +387,7 @@ class Config(_Strict):
     timeout: Annotated[float, Field(gt=0)] = 30.0
     rate_limit: Annotated[int, Field(gt=0)] = 100
     block_other_hosts: bool = False
+    allow_other_hosts_without_token: bool = False
     plans: dict[str, Plan] = {"free": Plan(monthly_requests=10000), "pro": Plan(monthly_requests=None)}
     providers: dict[str, Provider] = Field(default_factory=dict, validate_default=True)
     tokens: list[Token] = []

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from mitmproxy import contentviews
 
@@ -21,6 +23,7 @@ _DIALECTS = {
     "anthropic": ("anthropic", "messages", "content", "stop", "stop_reason"),
     "responses": ("openai", "responses", "output", "status", "status"),
     "chat": ("openai", "chat", "choices", "finish_reason", "finish_reason"),
+    "gemini": ("gemini", "generate", "candidates", "finishReason", "finishReason"),
 }
 _USAGE_FIELDS = (*(f.name for f in fields(Usage)), "total_tokens")
 
@@ -76,6 +79,8 @@ def _dialect(payloads: list[dict]) -> str:
             return "anthropic"
         if isinstance(kind, str) and kind.startswith("response."):
             return "responses"
+        if "candidates" in data or "usageMetadata" in data:
+            return "gemini"
     return "chat"
 
 
@@ -133,7 +138,22 @@ def _fold_chat(reply: _Reply, data: dict) -> None:
         block.stop = _str(choice.get("finish_reason")) or block.stop
 
 
-_FOLDS = {"anthropic": _fold_anthropic, "responses": _fold_responses, "chat": _fold_chat}
+def _fold_gemini(reply: _Reply, data: dict) -> None:
+    for candidate in _dicts(data.get("candidates")):
+        block = reply.block(candidate.get("index"))
+        for part in _dicts(_dict(candidate.get("content")).get("parts")):
+            if part.get("thought") is True:
+                block.add(thinking=part.get("text"))
+            else:
+                block.add(text=part.get("text"))
+            if call := _dict(part.get("functionCall")):
+                tool = block.tool_calls.setdefault(len(block.tool_calls), _Block(type="functionCall"))
+                tool.name = _str(call.get("name"))
+                tool.add(arguments=json.dumps(call.get("args") or {}, ensure_ascii=False))
+        block.stop = _str(candidate.get("finishReason")) or block.stop
+
+
+_FOLDS = {"anthropic": _fold_anthropic, "responses": _fold_responses, "chat": _fold_chat, "gemini": _fold_gemini}
 
 
 def _text_lines(pad: str, key: str, text: str) -> list[str]:
@@ -145,7 +165,7 @@ def _text_lines(pad: str, key: str, text: str) -> list[str]:
 def _arguments(raw: str) -> str:
     try:
         return json.dumps(json.loads(raw), ensure_ascii=False)
-    except ValueError:
+    except (ValueError, RecursionError):
         return json.dumps(raw, ensure_ascii=False) + ("  # not valid JSON (cut?)" if raw else "")
 
 
@@ -167,8 +187,12 @@ def _block_lines(index: int, block: _Block, stop_key: str, pad: str) -> list[str
     return lines
 
 
-def render_stream(data: bytes) -> str:
-    """A recorded LLM SSE body as YAML-ish text: model, each block's text, stop reason, usage, notes, event count."""
+def render_stream(data: bytes, metered: Mapping[str, Any] | None = None) -> str:
+    """A recorded LLM SSE body as YAML-ish text: model, each block's text, stop reason, usage, notes, event count.
+
+    `metered` is the flow's `metadata["metrion"]`: when the body the client got has no usage but Metrion metered
+    the provider's own, it came from the usage chunk Metrion asked for and hid from the client; show that.
+    """
     decoder = SSEDecoder()
     events = decoder.feed(data)
     cut = len(decoder.pending)  # bytes after the last complete event: the stream ended mid-event
@@ -178,7 +202,7 @@ def render_stream(data: bytes) -> str:
     for event in events:
         try:
             parsed = json.loads(event.data or "")
-        except ValueError:
+        except (ValueError, RecursionError):
             continue  # [DONE] and other non-JSON data
         if isinstance(parsed, dict):
             payloads.append(parsed)
@@ -200,7 +224,10 @@ def render_stream(data: bytes) -> str:
         lines += _block_lines(index, block, block_stop, "  ")
     if reply.stop:
         lines.append(f"{stream_stop}: {reply.stop}")
-    if (usage := tracker.usage) is None:
+    if (usage := tracker.usage) is None and metered and metered.get("usage_source") == "provider":
+        lines.append("usage:  # metered by Metrion from a usage chunk it asked for and hid from the client")
+        lines += [f"  {name}: {metered.get(name, 0)}" for name in _USAGE_FIELDS]
+    elif usage is None:
         lines.append("usage: not reported (stream cut?)")
     else:
         lines.append("usage:" if tracker.final else "usage:  # partial: the closing usage never arrived")
@@ -219,7 +246,9 @@ class LLMStreamContentview(contentviews.Contentview):
     syntax_highlight = "yaml"
 
     def prettify(self, data: bytes, metadata: contentviews.Metadata) -> str:
-        return render_stream(data)
+        flow = metadata.flow
+        metered = flow.metadata.get("metrion") if flow is not None else None
+        return render_stream(data, metered if isinstance(metered, dict) else None)
 
     def render_priority(self, data: bytes, metadata: contentviews.Metadata) -> float:
         return 2 if (metadata.content_type or "").startswith("text/event-stream") else -1

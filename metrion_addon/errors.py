@@ -82,7 +82,7 @@ def provider_error_message(body: bytes | None, limit: int = 300) -> str | None:
         return None
     try:
         parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return body[:limit].decode("utf-8", "replace").strip() or None
     if isinstance(parsed, list) and parsed:  # Gemini wraps its error in a list
         parsed = parsed[0]

@@ -14,6 +14,7 @@ from .cache import CacheEntry, CachePlan
 from .clock import iso_utc
 from .errors import MetrionError
 from .json_array import JSONArrayDecoder
+from .redact import scrub
 from .request_body import RequestBody, prompt_chars
 from .routes import Route
 from .sse import SSEDecoder
@@ -44,6 +45,7 @@ class Exchange:
     cache: CachePlan | None = None  # the request asked for the response cache
     cache_hit: CacheEntry | None = None  # ... and was answered from it
     internal_error: str | None = None  # Metrion's own code failed while metering the answer (guard.describe)
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # the request's credentials, scrubbed from errors
 
 
 class StreamTap:
@@ -120,7 +122,7 @@ def _completion_chars(body: bytes) -> int:
     """Characters of generated text in a JSON reply that carried no usage."""
     try:
         parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return 0
     keys = ("choices", "content", "output", "candidates")
     total, stack = 0, [parsed.get(key) for key in keys] if isinstance(parsed, dict) else []
@@ -178,6 +180,8 @@ def build_record(
         error = f"provider error in stream: {exchange.stream.error}"
     if exchange.internal_error:
         error = _internal(exchange.internal_error) + (f"; {error}" if error else "")
+    if error:
+        error = scrub(error, exchange.secrets)  # providers quote the rejected key back
     requested = (exchange.request.model if exchange.request else None) or exchange.route.model
     stream = exchange.stream is not None or bool(exchange.request and exchange.request.stream)
     return RequestRecord(
@@ -258,6 +262,7 @@ def metadata(record: RequestRecord) -> dict:
         "cache_read_tokens": record.cache_read_tokens,
         "cache_write_tokens": record.cache_write_tokens,
         "reasoning_tokens": record.reasoning_tokens,
+        "total_tokens": record.total_tokens,
         "usage_source": record.usage_source,
         "cost_usd": record.cost_usd,
         "latency_ms": record.latency_ms,

@@ -1,7 +1,11 @@
 """A faithful local mock of the Anthropic, OpenAI, Gemini, Mistral and xAI APIs, for tests and the offline demo.
 
-Deterministic replies, usage and SSE streams, plus failure scenarios chosen by `x-mock-scenario`; Gemini's native
-API under `/gemini/v1beta/models/...`; and recorded replies served byte for byte (`replay()` + `x-mock-replay`).
+Deterministic replies, usage and SSE streams, plus failure scenarios chosen by `x-mock-scenario` (comma-separated,
+`name:arg`): error-<status>, echo-key, reset, slow-headers:s, stall-after:n, cut-after:n, delay-events:ms, lockstep:key,
+no-usage, gzip, and hostile replies: deep-reply:depth, invalid-utf8, surrogate-model, huge-usage, sse-garbage:seed,
+trickle:ms.
+Gemini's native API under `/gemini/v1beta/models/...`; recorded replies served byte for byte (`replay()` +
+`x-mock-replay`).
 Run it alone with `python -m metrion_addon.mock_provider [--port 9000]`.
 """
 
@@ -287,7 +291,7 @@ def _dumps(obj: Any) -> bytes:
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     try:
         return text.encode()
-    except UnicodeEncodeError:  # a lone surrogate (echoed, or `surrogate-model`): escaped, as real APIs do
+    except UnicodeEncodeError:  # a lone surrogate echoed from the request: escaped, as real APIs do
         return json.dumps(obj, separators=(",", ":")).encode()
 
 
@@ -310,6 +314,7 @@ _ERRORS: dict[int, tuple[str, str, str, str]] = {
     # status: (anthropic type, openai type/code, google status, message)
     400: ("invalid_request_error", "invalid_request_error", "INVALID_ARGUMENT", "Invalid request."),
     422: ("invalid_request_error", "invalid_request_error", "INVALID_ARGUMENT", "Unprocessable request."),
+    401: ("authentication_error", "invalid_api_key", "UNAUTHENTICATED", "Incorrect API key provided."),
     429: ("rate_limit_error", "rate_limit_exceeded", "RESOURCE_EXHAUSTED", "Rate limit exceeded."),
     500: ("api_error", "server_error", "INTERNAL", "Internal server error."),
 }
@@ -800,6 +805,13 @@ class MockProvider:
     # -- request handling
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        response = await self._answer(request)
+        trickle = Scenario.parse(request.headers.get("x-mock-scenario")).number("trickle")
+        if trickle is None or not isinstance(response, web.Response) or not isinstance(response.body, bytes):
+            return response
+        return await _trickle(request, response, response.body, trickle / 1000)
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         rid = str(uuid.uuid4())
         raw = await request.read()
         headers: dict[str, str] = {}
@@ -833,6 +845,10 @@ class MockProvider:
         for status in (429, 500, 400):
             if f"error-{status}" in scenario:
                 return self._json(rid, request, scenario, status, error_body(provider, status), provider)
+        if "echo-key" in scenario:  # like a real provider quoting the rejected key back
+            key = _sent_key(request)
+            message = f"Incorrect API key provided: {key}. You can find your API key in your account settings."
+            return self._json(rid, request, scenario, 401, error_body(provider, 401, message), provider)
 
         if endpoint == "models":
             return self._json(rid, request, scenario, 200, _models_body(provider), provider)
@@ -846,7 +862,7 @@ class MockProvider:
         if provider == "mistral" and "stream_options" in body:
             return self._json(rid, request, scenario, 422, MISTRAL_STREAM_OPTIONS_422, provider)
 
-        model = "\udcff" if "surrogate-model" in scenario else response_model(provider, str(body.get("model", "")))
+        model = response_model(provider, str(body.get("model", "")))
         stream = bool(body.get("stream"))
         if endpoint == "messages/count_tokens":
             return self._json(rid, request, scenario, 200, expected_usage(provider, endpoint, body), provider)
@@ -968,7 +984,7 @@ class MockProvider:
         obj: Any,
         provider: str | None = None,
     ) -> web.Response:
-        payload = _dumps(_inflate_usage(obj) if "huge-usage" in scenario else obj)
+        payload = _hostile(_dumps(_inflate_usage(obj) if "huge-usage" in scenario else obj), scenario)
         headers = self._headers(rid, provider, status)
         if "gzip" in scenario and _accepts_gzip(request.headers.get("accept-encoding", "")):
             payload = gzip.compress(payload, mtime=0)
@@ -985,6 +1001,7 @@ class MockProvider:
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         self.sent[rid] = b""
+        events = _hostile_events(events, scenario)
         stall, cut = scenario.number("stall-after"), scenario.number("cut-after")
         delay = (scenario.number("delay-events") or 0) / 1000
         lock_key = scenario.args.get("lockstep") if "lockstep" in scenario else None
@@ -1020,6 +1037,57 @@ class MockProvider:
             await resp.write(part)
             assert resp._payload_writer is not None
             await resp._payload_writer.drain()
+
+
+def _deep(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def _hostile(payload: bytes, scenario: Scenario) -> bytes:
+    """A JSON reply made hostile: nested too deep for a recursive parser, invalid UTF-8, a lone surrogate."""
+    if (depth := scenario.number("deep-reply")) and payload.endswith(b"}"):
+        payload = payload[:-1] + b',"deep":' + _deep(int(depth)) + b"}"
+    if "invalid-utf8" in scenario:
+        payload = payload.replace(b'"Echo', b'"\xff\xfeEcho', 1)
+    if "surrogate-model" in scenario:
+        payload = payload.replace(b'"model":"', b'"model":"\\udcff', 1)
+    return payload
+
+
+def _hostile_events(events: list[Event], scenario: Scenario) -> list[Event]:
+    """An SSE reply made hostile: a deeply nested event, invalid UTF-8, or random bytes instead of events."""
+    if depth := scenario.number("deep-reply"):
+        events = [*events[:1], _sse(b'{"deep":' + _deep(int(depth)) + b"}"), *events[1:]]
+    if "invalid-utf8" in scenario:
+        events = [event.replace(b"Echo", b"\xff\xfeEcho") for event in events]
+    if "sse-garbage" in scenario:
+        seed = int(scenario.args["sse-garbage"] or 0)
+        garbage = hashlib.sha256(str(seed).encode()).digest() * 8
+        events = [garbage[:100], b"data: {\"no json\n\r\r\n", garbage[100:], b"\n\ndata: \xc3\n\n"]
+    return events
+
+
+async def _trickle(request: web.Request, template: web.Response, body: bytes, pause: float) -> web.StreamResponse:
+    """Send a finished reply's body with its content-length, 16 bytes every `pause` seconds."""
+    resp = web.StreamResponse(status=template.status, headers=template.headers)
+    resp.content_length = len(body)
+    await resp.prepare(request)
+    for start in range(0, len(body), 16):
+        await resp.write(body[start : start + 16])
+        await asyncio.sleep(pause)
+    await resp.write_eof()
+    return resp
+
+
+def _sent_key(request: web.Request) -> str:
+    """The credential the client sent: x-api-key, x-goog-api-key, a Bearer token or a key query parameter."""
+    for name in ("x-api-key", "x-goog-api-key"):
+        if value := request.headers.get(name):
+            return value
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value:
+        return value
+    return request.query.get("key", "")
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:

@@ -37,6 +37,8 @@ def inspect_body(route: Route, method: str, content_type: str, body: bytes) -> R
     except (UnicodeDecodeError, ValueError) as e:
         where = f" at position {e.pos}" if isinstance(e, json.JSONDecodeError) else ""
         raise _bad_request(f"Request body is not valid JSON{where}.") from None
+    except RecursionError:  # the provider's parser would refuse it too; Metrion must never forward it unread
+        raise _bad_request("Request body is nested too deeply to be read as JSON.") from None
     if not isinstance(parsed, dict):
         raise _bad_request("Request body must be a JSON object.")
     missing = [name for name in _REQUIRED.get(route.api, ()) if parsed.get(name) is None]

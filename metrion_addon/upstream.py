@@ -10,16 +10,18 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, http, optmanager
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy.layers.http import HttpStream
-from mitmproxy.proxy.layers.http._events import ResponseProtocolError
+from mitmproxy.proxy.layers.http._events import ResponseData, ResponseProtocolError
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 
 Responder = Callable[[http.HTTPFlow, str], http.Response | None]
 
 _responder: Responder | None = None
+_on_body_data: Callable[[http.HTTPFlow], None] | None = None
 _original_handle_protocol_error = HttpStream.handle_protocol_error
+_original_consume_response_body = HttpStream.state_consume_response_body
 
 
 def _handle_protocol_error(self: HttpStream, event):
@@ -41,6 +43,23 @@ def _handle_protocol_error(self: HttpStream, event):
     yield from _original_handle_protocol_error(self, event)
 
 
+def _consume_response_body(self: HttpStream, event):
+    """mitmproxy buffers a non-streamed body with no hook per chunk: report each chunk as it arrives."""
+    if _on_body_data is not None and isinstance(event, ResponseData):
+        _on_body_data(self.flow)
+    return _original_consume_response_body(self, event)
+
+
+def watch_response_bodies(on_data: Callable[[http.HTTPFlow], None] | None) -> None:
+    """Call `on_data(flow)` for every chunk of a buffered (non-streamed) response body (None: stop).
+
+    Streamed bodies go through `response.stream`, which sees every chunk already.
+    """
+    global _on_body_data
+    _on_body_data = on_data
+    HttpStream.state_consume_response_body = _consume_response_body
+
+
 def answer_upstream_failures(responder: Responder | None) -> None:
     """Route connection failures and cut upstreams (before the response started) through `responder`.
 
@@ -50,6 +69,18 @@ def answer_upstream_failures(responder: Responder | None) -> None:
     global _responder
     _responder = responder
     HttpStream.handle_protocol_error = _handle_protocol_error
+
+
+def connect_lazily_unless_chosen() -> None:
+    """Use connection_strategy=lazy unless the user set the option: Metrion decides where a request goes.
+
+    mitmproxy's default (eager) connects to the host a CONNECT names before any hook could route it elsewhere,
+    so with the providers configured to a gateway or mock (or no internet), every HTTPS_PROXY call would get 502.
+    An explicit `--set connection_strategy=eager` is respected (mitmproxy keeps unset options as `unset`).
+    """
+    option = ctx.options._options.get("connection_strategy")  # absent where no proxy server is loaded (tests)
+    if option is not None and option.value is optmanager.unset:
+        ctx.options.update(connection_strategy="lazy")
 
 
 def cancel_upstream(flow: http.HTTPFlow) -> bool:

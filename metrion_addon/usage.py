@@ -118,7 +118,7 @@ def _tail_value(body: bytes, key: bytes) -> object:
     colon = body.find(b":", at)
     try:
         value, _ = json.JSONDecoder().raw_decode(body[colon + 1 :].decode("utf-8").lstrip())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return value
 
@@ -128,18 +128,23 @@ def from_body(provider: str, body: bytes) -> tuple[str | None, Usage | None]:
 
     Gemini's native API says `modelVersion` and `usageMetadata` where the others say `model` and `usage`.
     """
-    if len(body) > _LARGE_BODY:
-        model = _tail_value(body, b"model") or _tail_value(body, b"modelVersion")
-        raw = _tail_value(body, b"usage") or _tail_value(body, b"usageMetadata")
-    else:
+    parsed: object = None
+    if len(body) <= _LARGE_BODY:
         try:
             parsed = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             return None, None
-        if not isinstance(parsed, dict):
-            return None, None
+        except RecursionError:  # nested deeper than Python's parser goes: read the two values we need instead
+            parsed = None
+        else:
+            if not isinstance(parsed, dict):
+                return None, None
+    if isinstance(parsed, dict):
         model = parsed.get("model") or parsed.get("modelVersion")
         raw = parsed.get("usage") or parsed.get("usageMetadata")
+    else:
+        model = _tail_value(body, b"model") or _tail_value(body, b"modelVersion")
+        raw = _tail_value(body, b"usage") or _tail_value(body, b"usageMetadata")
     return (model if isinstance(model, str) else None), (normalize(provider, raw) if isinstance(raw, dict) else None)
 
 
@@ -170,7 +175,7 @@ class StreamUsage:
             return False
         try:
             data = json.loads(event.data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
         return self.feed_object(data) if isinstance(data, dict) else False
 

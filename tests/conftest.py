@@ -36,10 +36,11 @@ def start_proxy(mock: MockProvider, tmp_path_factory: pytest.TempPathFactory) ->
     """Start a proxy of the test's own, with config overrides; stopped after the test."""
     started: list[Proxy] = []
 
-    def start(env: dict[str, str] | None = None, **overrides: object) -> Proxy:
+    def start(env: dict[str, str] | None = None, options: tuple[str, ...] | None = None, **overrides: object) -> Proxy:
+        """`options` replaces the mitmproxy options the harness sets (connection_strategy=lazy)."""
         workdir = tmp_path_factory.mktemp(f"proxy{next(_names)}")
         config = base_config(mock.base_url, workdir / "metrion.db", **overrides)
-        running = Proxy(workdir, config, env=env or {}).start()
+        running = Proxy(workdir, config, env=env or {}, **({} if options is None else {"options": options})).start()
         started.append(running)
         return running
 

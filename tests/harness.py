@@ -59,6 +59,7 @@ class Proxy:
     config: dict
     env: dict[str, str] = field(default_factory=dict)
     scripts: tuple[Path, ...] = ()  # more mitmproxy scripts, loaded after the addon (e.g. tests/fault_injection.py)
+    options: tuple[str, ...] = ("connection_strategy=lazy",)  # mitmproxy options beyond listen address and confdir
     port: int = 0
     process: subprocess.Popen | None = None
 
@@ -90,8 +91,8 @@ class Proxy:
                  *(arg for script in self.scripts for arg in ("-s", str(script))),
                  "--set", f"metrion_config={config_path}", "--set", f"confdir={self.workdir / 'confdir'}",
                  "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
-                 "--set", "connection_strategy=lazy", "--set", "termlog_verbosity=info",
-                 "--set", "flow_detail=0"],
+                 *(arg for option in self.options for arg in ("--set", option)),
+                 "--set", "termlog_verbosity=info", "--set", "flow_detail=0"],
                 cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
             )
         deadline = time.monotonic() + 20

@@ -31,10 +31,10 @@ def usage_tables(conn: sqlite3.Connection, level: str = "hourly", cut: int = 13)
 
 def latency_tables(conn: sqlite3.Connection, level: str = "hourly", cut: int = 13) -> tuple[dict, dict]:
     raw: dict[tuple, int] = {}
-    for ts, provider, model, status, latency in conn.execute(
-        "SELECT ts, provider, model, status, latency_ms FROM requests WHERE latency_ms IS NOT NULL"
+    for ts, provider, model, token, status, latency in conn.execute(
+        "SELECT ts, provider, model, token_name, status, latency_ms FROM requests WHERE latency_ms IS NOT NULL"
     ):
-        key = (ts[:cut], provider, model or "", status or 0, aggregates.latency_bucket(latency))
+        key = (ts[:cut], provider, model or "", token or "", status or 0, aggregates.latency_bucket(latency))
         raw[key] = raw.get(key, 0) + 1
     return raw, {row[:-1]: row[-1] for row in conn.execute(f"SELECT * FROM {level}_latency")}
 

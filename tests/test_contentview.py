@@ -294,3 +294,43 @@ def test_reimporting_the_module_replaces_the_registered_view() -> None:
     matching = [name for name in contentviews.registry if name == "llm stream"]
     assert matching == ["llm stream"]
     assert type(contentviews.registry["llm stream"]) is contentview.LLMStreamContentview
+
+
+OPENAI_AS_THE_CLIENT_GOT_IT = (  # Metrion asked for usage and hid the usage-only chunk from the client
+    b'data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-2024-08-06","choices":[{"index":0,'
+    b'"delta":{"role":"assistant","content":"Hi!"},"finish_reason":null}],"usage":null}\n\n'
+    b'data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-2024-08-06","choices":[{"index":0,'
+    b'"delta":{},"finish_reason":"stop"}],"usage":null}\n\n'
+    b"data: [DONE]\n\n"
+)
+METERED = {"provider": "openai", "model": "gpt-4o-2024-08-06", "input_tokens": 79, "output_tokens": 11,
+           "cache_read_tokens": 0, "cache_write_tokens": 0, "reasoning_tokens": 0, "total_tokens": 90,
+           "usage_source": "provider"}
+
+
+def test_hidden_usage_chunk_shows_the_metered_usage_from_the_flow() -> None:
+    with taddons.context():
+        flow = tflow.tflow(resp=tutils.tresp(headers=http.Headers(content_type="text/event-stream"),
+                                             content=OPENAI_AS_THE_CLIENT_GOT_IT))
+        flow.metadata["metrion"] = METERED
+        text = contentviews.prettify_message(flow.response, flow).text
+    assert "usage:  # metered by Metrion from a usage chunk it asked for and hid from the client" in text
+    assert "  input_tokens: 79\n  output_tokens: 11\n" in text and "  total_tokens: 90\n" in text
+    assert "not reported" not in text
+    assert "usage: not reported (stream cut?)" in render_stream(OPENAI_AS_THE_CLIENT_GOT_IT)  # nothing metered
+    estimated = render_stream(OPENAI_AS_THE_CLIENT_GOT_IT, {**METERED, "usage_source": "estimated"})
+    assert "usage: not reported (stream cut?)" in estimated  # only the provider's own numbers are shown as such
+
+
+def test_gemini_native_stream_is_reassembled_with_its_usage_metadata() -> None:
+    body = (
+        b'data: {"candidates":[{"content":{"role":"model","parts":[{"text":"Thinking...","thought":true}]},'
+        b'"index":0}],"modelVersion":"gemini-2.5-flash","usageMetadata":{"promptTokenCount":9}}\r\n\r\n'
+        b'data: {"candidates":[{"content":{"role":"model","parts":[{"text":"Hello"}]},"finishReason":"STOP",'
+        b'"index":0}],"modelVersion":"gemini-2.5-flash","usageMetadata":{"promptTokenCount":9,'
+        b'"candidatesTokenCount":2,"thoughtsTokenCount":5,"totalTokenCount":16}}\r\n\r\n'
+    )
+    text = render_stream(body)
+    assert text.startswith("model: gemini-2.5-flash\napi: gemini\ncandidates:\n")
+    assert '    thinking: "Thinking..."\n    text: "Hello"\n    finishReason: STOP\n' in text
+    assert "usage:\n  input_tokens: 9\n  output_tokens: 7\n" in text and "  reasoning_tokens: 5\n" in text

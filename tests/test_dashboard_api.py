@@ -117,7 +117,7 @@ def test_overview_cards_compare_with_the_previous_period_and_charts_fill_every_h
     assert cards["requests"]["change"] == 4.0  # 5 against 1: +400 %
     assert cards["input_tokens"]["value"] == 1110 and cards["cached_tokens"]["value"] == 20
     assert cards["error_rate"]["value"] == pytest.approx(0.4)
-    assert cards["latency_p95_ms"]["value"] == 1500.0 and data["percentiles_exact"]
+    assert cards["latency_p95_ms"]["value"] == 1500.0 and data["percentiles"] == "exact"
     assert data["bucket"] == "hour" and len(data["labels"]) == 25 and data["labels"][-1] == "2026-11-20T12"
     assert sum(data["requests"]["successes"]) == 3 and sum(data["requests"]["errors"]) == 2
     assert data["requests"]["errors"][data["labels"].index("2026-11-20T09")] == 1
@@ -127,12 +127,29 @@ def test_overview_cards_compare_with_the_previous_period_and_charts_fill_every_h
 
 
 def test_long_periods_are_charted_by_day_and_big_ones_estimate_percentiles(client, monkeypatch) -> None:
-    assert get(client, "overview", period="30d")["percentiles_exact"]  # 7 rows: exact
+    assert get(client, "overview", period="30d")["percentiles"] == "exact"  # 7 rows
     monkeypatch.setattr(queries, "RAW_PERCENTILE_ROWS", 5)
     data = get(client, "overview", period="30d")
     assert data["bucket"] == "day" and data["labels"][-1] == "2026-11-20" and len(data["labels"]) == 31
-    assert data["cards"]["requests"]["value"] == 7 and not data["percentiles_exact"]
+    assert data["cards"]["requests"]["value"] == 7 and data["percentiles"] == "estimated"
     assert data["cards"]["latency_p95_ms"]["value"] == pytest.approx(1500, rel=0.045)
+
+
+@pytest.mark.parametrize(
+    ("params", "rows_limit", "source", "p95"),
+    [
+        ({"status": "5xx"}, 20_000, "estimated", pytest.approx(300, rel=0.045)),  # no index reaches a status
+        ({"status": "5xx", "provider": "openai"}, 20_000, "exact", 300.0),
+        ({"requester": "alice"}, 20_000, "exact", 800.0),
+        ({"requester": "alice"}, 1, "unavailable", None),  # too many for the raw rows, and no histogram has it
+        ({"token": "app"}, 1, "estimated", pytest.approx(1500, rel=0.045)),
+    ],
+)
+def test_percentiles_come_from_raw_rows_histograms_or_nowhere(client, monkeypatch, params, rows_limit, source,
+                                                               p95) -> None:
+    monkeypatch.setattr(queries, "RAW_PERCENTILE_ROWS", rows_limit)
+    data = get(client, "latency", **params)
+    assert data["percentiles"] == source and data["overall"]["p95"] == p95
 
 
 def test_latency_page_percentiles_by_model_and_histogram(client) -> None:
@@ -242,8 +259,8 @@ def test_dashboard_totals_equal_metrion_report_for_any_period(tmp_path: Path) ->
                 assert got[name] == want[name], (since, model, name)
             assert got["cost_usd"] == (pytest.approx(want["cost_usd"], abs=1e-9) if want["cost_usd"] else None)
         f = Filters(since, until)
-        if queries.exact_percentiles(f, queries.usage(conn, f)):  # up to 20,000 rows: exact, as the report's
-            shown = latencies(conn, f, ("model",), exact=True).percentiles((0,))
+        if queries.percentile_source(f, queries.usage(conn, f)) == "exact":  # up to 20,000 rows, as the report
+            shown = latencies(conn, f, ("model",), "exact").percentiles((0,))
             for model, want in expected.items():
                 assert (shown[(model,)]["p50"], shown[(model,)]["p95"]) == (want["latency_p50_ms"],
                                                                           want["latency_p95_ms"])
@@ -277,3 +294,12 @@ def test_a_missing_database_is_a_503_that_says_what_to_do(tmp_path: Path) -> Non
     response = client.get("/api/overview")
     assert response.status_code == 503 and "start the proxy" in response.json()["error"]
     assert "start the proxy" in client.get("/").text
+
+
+def test_logs_read_a_database_from_an_older_metrion_that_lacks_a_column(tmp_path: Path) -> None:
+    write(tmp_path / "m.db", ROWS[:2])
+    with sqlite3.connect(tmp_path / "m.db") as conn:
+        conn.execute("ALTER TABLE requests DROP COLUMN auth_mode")  # the dashboard never alters the database
+    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    rows = get(client, "logs")["rows"]
+    assert [r["model"] for r in rows] == ["claude-sonnet-4", "gpt-4o"] and rows[0]["auth_mode"] is None

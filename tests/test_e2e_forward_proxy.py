@@ -99,10 +99,11 @@ def test_limits_apply_to_forward_proxy_traffic(forward_proxy: Proxy, monkeypatch
         gpt.chat.completions.create(model="gpt-4o", messages=messages)
 
 
-def test_other_hosts_pass_through_untouched(forward_proxy: Proxy, mock: MockProvider) -> None:
-    with httpx.Client(proxy=f"http://127.0.0.1:{forward_proxy.port}") as client:
+def test_other_hosts_pass_through_untouched_for_token_holders(forward_proxy: Proxy, mock: MockProvider) -> None:
+    with httpx.Client(proxy=f"http://m:{FORWARD}@127.0.0.1:{forward_proxy.port}") as client:
         response = client.get(f"http://127.0.0.1:{mock.port}/openai/v1/models")
     assert response.status_code == 200 and response.json()["data"]
+    assert "proxy-authorization" not in mock.received[-1].headers
 
 
 def test_other_hosts_can_be_blocked(start_proxy, mock: MockProvider) -> None:

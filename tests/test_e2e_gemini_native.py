@@ -146,3 +146,13 @@ def test_google_genai_sdk_through_https_proxy_is_metered(
                                                                                    None)
     (sent,) = sent_for(mock, who)
     assert sent.headers["x-goog-api-key"] == CLIENT_KEY and "proxy-authorization" not in sent.headers
+
+
+def test_a_key_query_parameter_is_left_alone_for_other_providers(proxy: Proxy, mock: MockProvider) -> None:
+    who = label()
+    response = httpx.post(f"{proxy.url}/api/proxy/openai/v1/chat/completions?key=not-a-google-key",
+                          json={"model": "gpt-4o", "messages": [{"role": "user", "content": f"q {who}"}]},
+                          headers={"authorization": f"Bearer {APP_TOKEN}"})
+    assert response.status_code == 200
+    (sent,) = sent_for(mock, who)
+    assert sent.query == "key=not-a-google-key" and "x-goog-api-key" not in sent.headers

@@ -27,6 +27,8 @@ MODELS = Route("openai", "models", "u")
         (CHAT, "POST", b'{"model": "gpt-4o"}', "missing_field"),
         (MESSAGES, "POST", b'{"model": "c", "messages": []}', "missing_field"),
         (MESSAGES, "POST", b'{"model": "c", "max_tokens": 5}', "missing_field"),
+        (CHAT, "POST", b'{"model": "m", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", "invalid_request_body"),
+        (MODELS, "POST", b"[" * 5000 + b"]" * 5000, "invalid_request_body"),
     ],
 )
 def test_unusable_bodies_are_refused(route: Route, method: str, body: bytes, code: str) -> None:

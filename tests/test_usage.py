@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from metrion_addon.metering import StreamTap
 from metrion_addon.mock_provider import MockProvider, expected_usage
-from metrion_addon.sse import SSEDecoder
+from metrion_addon.sse import Event, SSEDecoder
 from metrion_addon.usage import StreamUsage, Usage, estimate, from_body, normalize
 
 
@@ -153,6 +153,18 @@ def test_hidden_usage_chunk_is_the_only_thing_removed(recorded, cuts) -> None:
     expected = b"".join(e.raw for e in events if not (e.data and '"choices":[]' in e.data.replace(" ", "")))
     assert forwarded == expected
     assert usage.final and usage.usage is not None and usage.usage.input_tokens > 0
+
+
+def test_reply_nested_too_deep_for_the_parser_still_yields_model_and_usage() -> None:
+    body = b'{"model": "gpt-4o", "usage": {"prompt_tokens": 3, "completion_tokens": 2}, "x": ' + (
+        b"[" * 5000 + b"]" * 5000 + b"}")
+    assert from_body("openai", body) == ("gpt-4o", Usage(input_tokens=3, output_tokens=2))
+
+
+def test_stream_event_nested_too_deep_is_skipped() -> None:
+    meter = StreamUsage("openai", "chat")
+    assert meter.feed(Event(b"", None, "[" * 5000 + "]" * 5000)) is False
+    assert meter.usage is None
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from starlette.templating import Jinja2Templates
 from metrion_addon import alerts, queries
 from metrion_addon.clock import Clock
 from metrion_addon.config import Config
+from metrion_addon.dashboard import pages
 from metrion_addon.dashboard.access import PasswordRequired
 from metrion_addon.dashboard.filters import PERIODS, View, read_view
 from metrion_addon.dashboard.formats import FILTERS
@@ -43,14 +44,14 @@ class Page:
 
 
 PAGES = (
-    Page("overview", "Overview", "/", lambda conn, view, config, now: queries.overview(conn, view.filters)),
+    Page("overview", "Overview", "/", lambda conn, view, config, now: pages.overview(conn, view.filters)),
     Page("logs", "Logs", "/logs",
-         lambda conn, view, config, now: queries.logs(conn, view.filters, view.cursor, view.offset)),
-    Page("latency", "Latency", "/latency", lambda conn, view, config, now: queries.latency(conn, view.filters)),
-    Page("errors", "Errors", "/errors", lambda conn, view, config, now: queries.errors(conn, view.filters)),
-    Page("costs", "Costs", "/costs", lambda conn, view, config, now: queries.costs(conn, view.filters, now)),
+         lambda conn, view, config, now: pages.logs(conn, view.filters, view.cursor, view.offset)),
+    Page("latency", "Latency", "/latency", lambda conn, view, config, now: pages.latency(conn, view.filters)),
+    Page("errors", "Errors", "/errors", lambda conn, view, config, now: pages.errors(conn, view.filters)),
+    Page("costs", "Costs", "/costs", lambda conn, view, config, now: pages.costs(conn, view.filters, now)),
     Page("tokens", "Tokens", "/tokens",
-         lambda conn, view, config, now: queries.tokens(conn, config, view.filters, now)),
+         lambda conn, view, config, now: pages.tokens(conn, config, view.filters, now)),
     Page("alerts", "Alerts", "/alerts", lambda conn, view, config, now: alerts.status(conn, config, now.timestamp())),
 )
 
@@ -83,7 +84,7 @@ def create_app(config: Config, clock: Clock) -> Starlette:
         view = read_view(request.query_params, now)
         conn = open_database(config.database)
         try:
-            offered = queries.filter_choices(conn, config, view.filters) if choices else {}
+            offered = pages.filter_choices(conn, config, view.filters) if choices else {}
             return view, page.load(conn, view, config, now), offered
         finally:
             conn.close()

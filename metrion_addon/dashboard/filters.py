@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from urllib.parse import urlencode
 
 from metrion_addon.clock import iso_utc
@@ -39,11 +39,11 @@ class View:
         return "?" + urlencode({**self.params, **{k: str(v) for k, v in extra.items()}})
 
 
-def _cursor(text: str, older: bool) -> Cursor:
+def _cursor(text: str, older: bool, now: datetime) -> Cursor:
     ts, sep, row_id = text.rpartition("~")
     if not sep or not row_id.isdigit():
         raise ValueError(f"not a page cursor: {text!r}")
-    return Cursor(ts=parse_since(ts, datetime.now(UTC)), id=int(row_id), older=older)
+    return Cursor(ts=parse_since(ts, now), id=int(row_id), older=older)
 
 
 def read_view(query: Mapping[str, str], now: datetime) -> View:
@@ -76,8 +76,8 @@ def read_view(query: Mapping[str, str], now: datetime) -> View:
     )
     cursor = None
     if query.get("older"):
-        cursor = _cursor(query["older"], older=True)
+        cursor = _cursor(query["older"], older=True, now=now)
     elif query.get("newer"):
-        cursor = _cursor(query["newer"], older=False)
+        cursor = _cursor(query["newer"], older=False, now=now)
     offset = int(query["from"]) if query.get("from", "").isdigit() else 0
     return View(filters=filters, period=period, params=params, cursor=cursor, offset=offset)
