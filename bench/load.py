@@ -54,7 +54,7 @@ async def _requests(job: dict) -> dict:
 
     Each connection first sends `warmup` untimed requests; the clock starts once every connection is warm.
     """
-    raw = request_bytes(job, stream=False)
+    raw = request_bytes(job, stream=job.get("stream", False))  # a stream is timed until its last byte
     latencies: list[int] = []
     errors = 0
     remaining = [job["count"]]

@@ -313,7 +313,7 @@ class Metrion:
         assert self.writer is not None
         for state in admission.saved:
             self.writer.put(state)
-        exchange.limit_headers, exchange.cache_hit = admission.headers, hit
+        exchange.limit_headers, exchange.cache_hit, exchange.cache_told = admission.headers, hit, cache.Outcome.HIT
         flow.response = _replayed(cache.replay(hit, self.clock()))
         _redact_flow(flow)
 
@@ -424,7 +424,7 @@ class Metrion:
         exchange.request = inspect_body(
             route, flow.request.method, headers.get("content-type", ""), flow.request.raw_content or b""
         )
-        scope = "*" if self.config.cache.share_across_tokens else identity.token_name
+        scope = cache.scope(identity.token_name, identity.mode, headers, self.config.cache.share_across_tokens)
         include_usage = self.config.providers[route.provider].include_usage
         exchange.cache = cache.plan(headers, scope, route, flow.request.method, exchange.request,
                                     flow.request.raw_content or b"", include_usage)
@@ -472,7 +472,8 @@ class Metrion:
             flow.response.stream = GuardedStream(tap, lambda: tap.held_back,
                                                  functools.partial(self._note_internal_error, flow.id))
         if exchange.cache is not None and exchange.cache_hit is None and self.config is not None:
-            flow.response.headers[cache.HEADER] = cache.outcome(exchange.cache).value
+            exchange.cache_told = cache.outcome(exchange.cache)
+            flow.response.headers[cache.HEADER] = exchange.cache_told.value
             if exchange.stream is not None:
                 flow.response.stream = cache.StreamRecorder(flow.response.stream, self.config.cache.max_entry_bytes)
 
@@ -566,7 +567,7 @@ class Metrion:
         record = build_record(exchange, status=status, body=body, latency_ms=latency_ms, ttfb_ms=ttfb_ms,
                               error=error, flow_id=flow_id)
         if exchange.cache is not None:
-            record = cache.account(record, exchange.cache, exchange.cache_hit)
+            record = cache.account(record, exchange.cache_told, exchange.cache_hit)
         if flow is not None:
             flow.metadata["metrion"] = metadata(record)
             flow.comment = summary(record)

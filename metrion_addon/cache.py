@@ -27,6 +27,8 @@ LONGEST_MAX_AGE = 365 * 86_400
 IGNORED_FIELDS = frozenset({"stream_options", "user", "metadata"})
 # Query parameters that carry a credential: never part of a key (a key is stored).
 _CREDENTIAL_PARAMS = frozenset({"key", "api_key", "apikey", "access_token", "token"})
+# Where a client's own provider key travels (pass-through and HTTPS_PROXY modes).
+_PROVIDER_KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
 # The provider headers a hit replays: what clients read (body type, encoding, the provider's request id).
 STORED_HEADERS = ("content-type", "content-encoding", "request-id", "x-request-id")
 _DIGITS = re.compile(r"[0-9]+")
@@ -70,6 +72,17 @@ class CacheStore(Protocol):
 
     def close(self) -> None:
         """Release what the store holds; called once, when Metrion stops or reloads its config."""
+
+
+def scope(token_name: str, mode: str, headers: Mapping[str, str], share_across_tokens: bool) -> str:
+    """Who may read an entry: the Metrion token (or everyone, if the config shares entries across tokens), and,
+    when the client sends its own provider key, that key too (hashed): a hit must never answer a key the provider
+    was not shown, so a valid Metrion token with a wrong provider key reads nothing."""
+    who = "*" if share_across_tokens else f"token:{token_name}"
+    if mode == "stored":
+        return who
+    key = "\n".join(headers.get(name, "") for name in _PROVIDER_KEY_HEADERS)
+    return f"{who} key:{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()}"
 
 
 def parse_mode(value: str | None) -> Mode | None:
@@ -136,7 +149,7 @@ def cache_key(scope: str, route: Route, method: str, request: RequestBody | None
               include_usage: bool) -> str:
     """SHA-256 over everything that can change the answer or the bytes the client receives.
 
-    `scope` is the Metrion token's name (or "*" when the config shares entries across tokens). Whether Metrion
+    `scope` says who may read the entry (see `scope`). Whether Metrion
     hides an injected usage chunk from this client (`include_usage`: the provider is asked for one) is part of
     the key: it changes the bytes of the stream.
     """
@@ -204,14 +217,15 @@ def outcome(plan: CachePlan) -> Outcome:
     return Outcome.REFRESH if plan.mode is Mode.REFRESH else Outcome.MISS
 
 
-def account(record: RequestRecord, plan: CachePlan, hit: CacheEntry | None) -> RequestRecord:
-    """The row of a request that asked for the cache.
+def account(record: RequestRecord, told: Outcome | None, hit: CacheEntry | None) -> RequestRecord:
+    """The row of a request that asked for the cache; `told` is the `x-metrion-cache` the client was sent.
 
     A hit has no tokens and costs nothing (`price_source` 'cache'), and `saved_usd` holds what the original
-    request cost; a miss or refresh is an ordinary row that says so in `cache_status`.
+    request cost; a miss or refresh is an ordinary row that says so in `cache_status`; a request Metrion refused
+    before it was looked up or forwarded was told nothing, and its `cache_status` stays NULL.
     """
     if hit is None:
-        return dataclasses.replace(record, cache_status=outcome(plan).value)
+        return dataclasses.replace(record, cache_status=told.value if told else None)
     return dataclasses.replace(
         record, model=hit.model or record.model, status=hit.status, input_tokens=0, output_tokens=0,
         cache_read_tokens=0, cache_write_tokens=0, reasoning_tokens=0, total_tokens=0, usage_source="none",

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .auth import Identity
-from .cache import CacheEntry, CachePlan
+from .cache import CacheEntry, CachePlan, Outcome
 from .clock import iso_utc
 from .errors import MetrionError
 from .json_array import JSONArrayDecoder
@@ -44,6 +44,7 @@ class Exchange:
     forwarded: bool = False  # sent on to the provider: its row is never dropped
     cache: CachePlan | None = None  # the request asked for the response cache
     cache_hit: CacheEntry | None = None  # ... and was answered from it
+    cache_told: Outcome | None = None  # the x-metrion-cache header the client was sent
     internal_error: str | None = None  # Metrion's own code failed while metering the answer (guard.describe)
     secrets: tuple[str, ...] = field(default=(), repr=False)  # the request's credentials, scrubbed from errors
 

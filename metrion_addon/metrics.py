@@ -39,6 +39,10 @@ class Metrics:
         self.rejections = Counter("metrion_rejections", "Requests Metrion refused instead of forwarding, by kind: "
                                   "its error code (rate_limit_exceeded, budget_exceeded, limits_unavailable, ...).",
                                   ("kind",), registry=registry)
+        self.cache = Counter("metrion_cache_requests", "Requests that asked for the response cache, by outcome "
+                             "(HIT, MISS, REFRESH).", ("outcome",), registry=registry)
+        self.saved = Counter("metrion_cache_saved_usd", "What the requests answered from the response cache cost "
+                             "when they were first made, in USD.", registry=registry)
         self.backlog = Gauge("metrion_writer_backlog_rows", "Rows and counters waiting for the database writer.",
                              registry=registry)
 
@@ -56,6 +60,8 @@ class Metrics:
         unpriced: Counter_[tuple[str, ...]] = Counter_()
         latency: dict[str, list[float]] = defaultdict(list)
         ttfb: dict[str, list[float]] = defaultdict(list)
+        cache: Counter_[tuple[str, ...]] = Counter_()
+        saved = 0.0
         for r in records:
             row = (r.provider, r.model or "", r.token_name or "")
             requests[(*row, str(r.status) if r.status is not None else "none")] += 1
@@ -70,8 +76,13 @@ class Metrics:
                 latency[r.provider].append(r.latency_ms / 1000)
             if r.ttfb_ms is not None:
                 ttfb[r.provider].append(r.ttfb_ms / 1000)
+            if r.cache_status is not None:
+                cache[(r.cache_status,)] += 1
+                saved += r.saved_usd or 0.0
+        if saved:
+            self.saved.inc(saved)
         for metric, sums in ((self.requests, requests), (self.tokens, tokens), (self.cost, cost),
-                             (self.unpriced, unpriced)):
+                             (self.unpriced, unpriced), (self.cache, cache)):
             for labels, amount in sums.items():
                 metric.labels(*labels).inc(amount)
         for histogram, observed in ((self.latency, latency), (self.ttfb, ttfb)):

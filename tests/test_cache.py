@@ -141,6 +141,16 @@ def test_a_body_nested_too_deep_to_re_encode_is_keyed_on_its_bytes() -> None:
     assert cache.canonical_body({"messages": deep}, b"raw bytes") == b"raw:raw bytes"
 
 
+def test_stored_mode_entries_belong_to_the_token_and_own_key_entries_to_the_token_and_that_key() -> None:
+    one, other = {"authorization": "Bearer sk-one"}, {"authorization": "Bearer sk-other"}
+    assert cache.scope("app", "stored", one, False) == cache.scope("app", "stored", other, False) == "token:app"
+    assert cache.scope("app", "pass-through", one, False) != cache.scope("app", "pass-through", other, False)
+    assert cache.scope("app", "forward", one, False) == cache.scope("app", "pass-through", one, False)
+    assert cache.scope("app", "pass-through", one, True) == cache.scope("ci", "pass-through", one, True)
+    assert cache.scope("app", "stored", one, True) == cache.scope("ci", "stored", other, True) == "*"
+    assert "sk-one" not in cache.scope("app", "pass-through", one, False)
+
+
 def test_no_plan_without_the_header() -> None:
     assert cache.plan({}, "app", CHAT, "POST", None, b"", True) is None
     assert cache.plan({"x-metrion-cache": "false"}, "app", CHAT, "POST", None, b"", True) is None
@@ -204,15 +214,17 @@ def test_a_hit_replays_status_headers_and_body_and_says_how_old_it_is() -> None:
 
 def test_the_hit_row_has_no_tokens_no_cost_and_what_the_original_cost() -> None:
     hit = CacheEntry("k", "app", "openai", "gpt-4o-2024-08-06", 200, (), b"{}", False, 0.0, 1.0, cost_usd=0.125)
-    row = cache.account(record(model="gpt-4o"), PLAN, hit)
+    row = cache.account(record(model="gpt-4o"), cache.Outcome.HIT, hit)
     assert (row.cached, row.cache_status, row.saved_usd, row.cost_usd, row.price_source) == (
         True, "HIT", 0.125, 0.0, "cache")
     assert (row.input_tokens, row.output_tokens, row.total_tokens, row.usage_source, row.model) == (
         0, 0, 0, "none", "gpt-4o-2024-08-06")
-    miss = cache.account(record(), PLAN, None)
+    miss = cache.account(record(), cache.outcome(PLAN), None)
     assert (miss.cached, miss.cache_status, miss.input_tokens, miss.cost_usd) == (False, "MISS", 10, 0.25)
-    refresh = cache.account(record(), CachePlan(Mode.REFRESH, "k", 60), None)
+    refresh = cache.account(record(), cache.outcome(CachePlan(Mode.REFRESH, "k", 60)), None)
     assert refresh.cache_status == "REFRESH"
+    refused = cache.account(record(status=429), None, None)  # refused before it was looked up or forwarded
+    assert refused.cache_status is None
 
 
 @given(st.lists(st.binary(max_size=20), max_size=10))

@@ -5,7 +5,6 @@ A repeated request is answered by Metrion byte for byte (streams event for event
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import httpx
 import openai
 import pytest
 from harness import APP_TOKEN, PASS_TOKEN, Proxy, token
+from prometheus_client.parser import text_string_to_metric_families
 from test_e2e_metering import MODELS, PROVIDERS, label, received_for, request_for
 
 from metrion_addon.mock_provider import MockProvider
@@ -180,6 +180,23 @@ def test_another_token_does_not_share_entries(proxy: Proxy, mock: MockProvider) 
     assert len(received_for(mock, who)) == 2
 
 
+def test_a_client_with_its_own_provider_key_only_reads_entries_made_with_that_key(proxy: Proxy,
+                                                                                   mock: MockProvider) -> None:
+    who = label()
+    before = entry_keys(proxy)
+    chat(proxy, who, key="sk-client-one", headers={"x-metrion-token": PASS_TOKEN})
+    wait_for_new_entry(proxy, before)
+    # the same Metrion token with another (say, wrong or revoked) provider key: the provider must see it
+    other = chat(proxy, who, key="sk-client-two", headers={"x-metrion-token": PASS_TOKEN})
+    same = chat(proxy, who, key="sk-client-one", headers={"x-metrion-token": PASS_TOKEN})
+    assert (other.headers["x-metrion-cache"], same.headers["x-metrion-cache"]) == ("MISS", "HIT")
+    assert [r.headers["authorization"] for r in received_for(mock, who)] == ["Bearer sk-client-one",
+                                                                             "Bearer sk-client-two"]
+    with sqlite3.connect(proxy.db_path) as conn:
+        stored = conn.execute("SELECT key, token_name, headers, body FROM cache_entries").fetchall()
+    assert stored and not any(b"sk-client" in str(field).encode() for row in stored for field in row)
+
+
 def test_requests_without_the_header_are_neither_served_nor_stored(proxy: Proxy, mock: MockProvider) -> None:
     who = label()
     before = entry_keys(proxy)
@@ -319,6 +336,9 @@ def test_a_hit_counts_against_the_rate_limit_but_not_the_monthly_cap(start_proxy
     answers = [chat(proxy, who, key=capped) for _ in range(4)]
     assert [a.status_code for a in answers] == [200, 200, 200, 429]  # a runaway loop is throttled: 4 a minute
     assert answers[-1].json()["error"]["code"] == "rate_limit_exceeded"
+    assert "x-metrion-cache" not in answers[-1].headers
+    statuses = [row["cache_status"] for row in proxy.rows("requester = ?", (who,), n=5)]
+    assert statuses == ["MISS", "HIT", "HIT", "HIT", None]  # the refused one was told nothing
     assert answers[0].headers["x-metrion-quota-remaining"] == "1"  # hits leave the monthly count alone
     set_clock(clock, "2026-03-10T12:01:00Z")  # a minute later the bucket is full again
     fresh = chat(proxy, label(), key=capped)
@@ -329,15 +349,19 @@ def test_a_hit_counts_against_the_rate_limit_but_not_the_monthly_cap(start_proxy
     assert len(received_for(mock, who)) == 1
 
 
-def test_the_least_recently_used_entries_are_evicted_at_the_size_bound(start_proxy, mock: MockProvider) -> None:
+def test_entries_survive_a_restart_and_the_least_recently_used_go_at_the_size_bound(
+        start_proxy, mock: MockProvider) -> None:
     proxy = start_proxy()
     who = label()
-    chat(proxy, f"{who}-0")
+    first = chat(proxy, f"{who}-0")
     key = wait_for_new_entry(proxy, set())
     with sqlite3.connect(proxy.db_path) as conn:
         (size,) = conn.execute("SELECT size FROM cache_entries WHERE key = ?", (key,)).fetchone()
     proxy.config["cache"] = {"max_mb": 9.5 * size / 1024 / 1024}  # nine of these replies fit, ten do not
     proxy.restart()
+    again = chat(proxy, f"{who}-0")
+    assert again.headers["x-metrion-cache"] == "HIT" and again.content == first.content  # kept across the restart
+    assert len(received_for(mock, f"{who}-0")) == 1
     for n in range(1, 9):
         before = entry_keys(proxy)
         chat(proxy, f"{who}-{n}")
@@ -353,14 +377,24 @@ def test_the_least_recently_used_entries_are_evicted_at_the_size_bound(start_pro
     assert chat(proxy, f"{who}-1").headers["x-metrion-cache"] == "MISS"
 
 
-def test_a_restart_keeps_the_cache(start_proxy, mock: MockProvider) -> None:
-    proxy = start_proxy()
+def test_metrics_count_cache_outcomes_and_savings(proxy: Proxy) -> None:
+    def figures() -> tuple[float, float, float]:
+        text = httpx.get(f"{proxy.url}/metrion/metrics", timeout=10).text
+        found = {(s.name, s.labels.get("outcome")): s.value for family in text_string_to_metric_families(text)
+                 for s in family.samples}
+        outcomes = [found.get(("metrion_cache_requests_total", outcome), 0.0) for outcome in ("HIT", "MISS")]
+        return outcomes[0], outcomes[1], found.get(("metrion_cache_saved_usd_total", None), 0.0)
+
+    hits, misses, saved = figures()
     who = label()
     before = entry_keys(proxy)
-    first = chat(proxy, who)
+    chat(proxy, who)
     wait_for_new_entry(proxy, before)
-    proxy.restart()
-    again = chat(proxy, who)
-    assert again.headers["x-metrion-cache"] == "HIT" and again.content == first.content
-    assert len(received_for(mock, who)) == 1
-    assert json.loads(again.content)["choices"][0]["message"]["content"].startswith("Echo:")
+    assert chat(proxy, who).headers["x-metrion-cache"] == "HIT"
+    miss, _ = proxy.rows("requester = ?", (who,), n=2)
+    deadline = time.monotonic() + 5
+    while figures()[0] < hits + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    now_hits, now_misses, now_saved = figures()
+    assert (now_hits - hits, now_misses - misses) == (1, 1)
+    assert now_saved - saved == pytest.approx(miss["cost_usd"])
