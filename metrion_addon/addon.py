@@ -13,9 +13,10 @@ import logging
 import os
 import sqlite3
 import sys
+import threading
 import time
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import NoReturn
 from urllib.parse import urlsplit
 
@@ -25,7 +26,7 @@ from mitmproxy.proxy import server_hooks
 
 from metrion_addon import cache, contentview, store  # importing contentview registers the LLM stream view for mitmweb
 from metrion_addon.auth import Upstream, authenticate, identify_forward, lift_query_key, other_host_identity, requester
-from metrion_addon.budgets import Budgets, Hold, MemoryBudgetCounters, token_budgets
+from metrion_addon.budgets import Budgets, Hold, MemoryBudgetCounters, TokenBudget, token_budgets
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
 from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
@@ -47,6 +48,7 @@ from metrion_addon.metrics import CONTENT_TYPE, Metrics
 from metrion_addon.notify import AlertMonitor
 from metrion_addon.pricing import Pricer, context_window
 from metrion_addon.redact import redact_query, request_secrets
+from metrion_addon.reload import ConfigWatcher, needs_restart
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
 from metrion_addon.routes import (
     Route,
@@ -87,6 +89,7 @@ class Metrion:
         self.limits = Limits(1, {})
         self.shared: SharedLimits | None = None  # the limits on Redis, when the config has `shared:`
         self.metrics = Metrics()  # one per process: a reload keeps the counts
+        self._watcher: ConfigWatcher | None = None
         self._version = metrion_version()
         self.budgets = Budgets({}, MemoryBudgetCounters(), Pricer({}), lambda provider, model: None)
         self._tokens: dict = {}
@@ -124,13 +127,10 @@ class Metrion:
         except ConfigError as e:
             self._bad_config(f"metrion: {e}", e)
         self._close_shared()
+        self._stop_watching()
         buckets, months = store.load_counters(conn)
-        price_ids = {name: provider.price_as for name, provider in config.providers.items()}
-        pricer = Pricer(config.prices, price_ids)
-        pricer.warm()
-        limits = {token.name: (config.budget_usd(token), config.unpriced(token)) for token in config.tokens}
-        self.budgets = Budgets(token_budgets(limits), MemoryBudgetCounters(store.load_budgets(conn)),
-                               Pricer(config.prices, price_ids), functools.partial(context_window, price_ids))
+        pricer, budget_pricer, budgets, window = _pricing(config)
+        self.budgets = Budgets(budgets, MemoryBudgetCounters(store.load_budgets(conn)), budget_pricer, window)
         self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._written,
                                    settle=self.budgets.settle)
         self.writer.start()
@@ -140,8 +140,7 @@ class Metrion:
             self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put,
                                         store.load_alert_history(conn))
             self.monitor.start()
-        self.config = config
-        caps = {name: plan.monthly_requests for name, plan in config.plans.items()}
+        caps = _caps(config)
         self.limits = Limits(config.rate_limit, caps, buckets, months)
         if config.shared is not None:
             shared = SharedLimits(config.shared, config.rate_limit, caps, config.limits_fingerprint(), months)
@@ -152,17 +151,69 @@ class Metrion:
             self.shared = shared
             with contextlib.suppress(RuntimeError):  # no loop yet at start-up: running() starts it
                 shared.start()
+        self._use(config)
+        self._watcher = ConfigWatcher(config.path, self._reload)
+        with contextlib.suppress(RuntimeError):
+            self._watcher.start()
+        answer_upstream_failures(self._answer_upstream_failure)
+        watch_response_bodies(self._body_data)
+
+    def _use(self, config: Config) -> None:
+        """Route and authenticate by `config` from the next request on."""
+        self.config = config
         self._tokens = config.token_by_hash()
         self._urls = {name: provider.url for name, provider in config.providers.items()}
         self._hosts = provider_hosts(self._urls)
         self._upstream_hosts = {urlsplit(url).hostname for url in self._urls.values()}
-        answer_upstream_failures(self._answer_upstream_failure)
-        watch_response_bodies(self._body_data)
 
     def _bad_config(self, line: str, cause: Exception) -> NoReturn:
         if self.config is None and not self._running:  # start-up: one line, no proxy behind a broken meter
             _refuse_to_start(line)
         raise exceptions.OptionsError(line) from cause
+
+    @guarded
+    def _reload(self) -> None:
+        """The config file changed (or SIGHUP): apply tokens, plans, limits, prices and providers in place.
+
+        Connections, flows in flight and every counter stay; a file that does not load keeps the running config.
+        """
+        assert self.config is not None and self.writer is not None
+        try:
+            config = load_config(self.config.path)
+            if problem := needs_restart(self.config, config):
+                raise ConfigError(f"{config.path}: {problem}")
+        except ConfigError as e:
+            log.error("metrion: %s; keeping the running config", e)
+            return
+        pricer, budget_pricer, budgets, window = _pricing(config)
+        self.writer.reprice(pricer)
+        self.budgets.reconfigure(budgets, budget_pricer, window)
+        caps = _caps(config)
+        self.limits.reconfigure(config.rate_limit, caps)
+        if self.shared is not None:
+            self.shared.reconfigure(config.rate_limit, caps, config.limits_fingerprint())
+        if config.alerts != self.config.alerts:
+            self._replace_monitor(config)
+        self._use(config)
+        log.info("metrion: reloaded %s: %d token(s)", config.path, len(config.tokens))
+
+    def _replace_monitor(self, config: Config) -> None:
+        """New alert rules: the old monitor stops on a thread of its own (it may be delivering), a new one starts."""
+        assert self.writer is not None
+        old, self.monitor = self.monitor, None
+        if old is not None:
+            threading.Thread(target=old.close, name="metrion-alerts-stop", daemon=True).start()
+        if config.alerts.rules:
+            with contextlib.closing(store.connect(config.database)) as conn:
+                history = store.load_alert_history(conn)
+            self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put, history)
+            self.monitor.start()
+            self.monitor.poke()  # evaluate the new rules now, not at the next written row
+
+    def _stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
 
     @guarded
     def running(self) -> None:
@@ -171,6 +222,8 @@ class Metrion:
         self._loop = asyncio.get_running_loop() if ctx.master.addons.get("view") is not None else None
         if self.shared is not None:
             self.shared.start()
+        if self._watcher is not None:
+            self._watcher.start()
         if self.config is not None:
             log.info("metrion: metering %d token(s) into %s", len(self.config.tokens), self.config.database)
 
@@ -182,6 +235,7 @@ class Metrion:
             timer.cancel()
         self._timers.clear()
         answer_upstream_failures(None)
+        self._stop_watching()
         watch_response_bodies(None)
         self._close_writer()
         self._close_shared()
@@ -305,8 +359,12 @@ class Metrion:
             if (admitting := self._admit(flow, exchange, headers, credentials)) is not None:
                 await admitting
             return
+        name, plan = exchange.identity.token_name, exchange.identity.plan
         try:
-            admission = self.limits.admit_cached(exchange.identity.token_name, exchange.identity.plan, self.clock())
+            if self.shared is not None:
+                admission = await self.shared.admit(name, plan, self.clock(), counts=False)
+            else:
+                admission = self.limits.admit_cached(name, plan, self.clock())
         except MetrionError as e:
             self._refuse(flow, exchange, e)
             return
@@ -680,6 +738,20 @@ class Metrion:
                         ) -> http.Response:
         headers = {**(exchange.limit_headers if exchange else {}), **error_headers(error)}
         return http.Response.make(error.status, error_body(error_format, error), headers)
+
+
+def _pricing(config: Config) -> tuple[Pricer, Pricer, dict[str, TokenBudget], Callable[[str, str], int | None]]:
+    """`config`'s row pricer (warmed), the budgets' own pricer, the token budgets and the context-window lookup."""
+    price_ids = {name: provider.price_as for name, provider in config.providers.items()}
+    pricer = Pricer(config.prices, price_ids)
+    pricer.warm()
+    limits = {token.name: (config.budget_usd(token), config.unpriced(token)) for token in config.tokens}
+    return (pricer, Pricer(config.prices, price_ids), token_budgets(limits),
+            functools.partial(context_window, price_ids))
+
+
+def _caps(config: Config) -> dict[str, int | None]:
+    return {name: plan.monthly_requests for name, plan in config.plans.items()}
 
 
 def _open_database(config: Config) -> sqlite3.Connection:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -247,10 +247,7 @@ def create_hourly(conn: sqlite3.Connection) -> None:
             conn.execute(f"DROP TABLE IF EXISTS {table}")
         for level, (time_column, _) in LEVELS.items():
             _create_tables(conn, level, time_column)
-        backfilled = 0
-        for chunk in _stored_rows(conn):
-            add_to_hourly(conn, chunk)
-            backfilled += len(chunk)
+        backfilled = _backfill(conn)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -286,7 +283,32 @@ def _create_tables(conn: sqlite3.Connection, level: str, time_column: str) -> No
     )
 
 
-def _stored_rows(conn: sqlite3.Connection, chunk: int = 50_000) -> Iterator[list[StoredRow]]:
-    cursor = conn.execute(f"SELECT {STORED_ROW_SELECT} FROM requests")
-    while batch := cursor.fetchmany(chunk):
-        yield [StoredRow(*row) for row in batch]
+def _backfill(conn: sqlite3.Connection) -> int:
+    """Fill the empty aggregate tables from the logged rows in SQL: what fold() computes row by row (the same
+    rounding: int(x + 0.5) and CAST(x + 0.5 AS INTEGER) both truncate), grouped by SQLite in one pass per table."""
+    conn.create_function("metrion_latency_bucket", 1, latency_bucket, deterministic=True)
+    failed = "(status IS NULL OR status >= 400 OR error IS NOT NULL)"
+    sums = [
+        "count(*)",
+        *(f"coalesce(sum({name}), 0)" for name in USAGE_SUMS[1:7]),
+        f"coalesce(sum(CAST(cost_usd * {NANO} + 0.5 AS INTEGER)), 0)",
+        "count(cost_usd)",
+        "coalesce(sum(CAST(latency_ms * 1000 + 0.5 AS INTEGER)), 0)",
+        "count(latency_ms)",
+        "coalesce(sum(CAST(ttfb_ms * 1000 + 0.5 AS INTEGER)), 0)",
+        "count(ttfb_ms)",
+    ]
+    for level, (time_column, cut) in LEVELS.items():
+        keys = [f"substr(ts, 1, {cut})", "provider", "coalesce(model, '')", "coalesce(token_name, '')",
+                "coalesce(requester, '')", "coalesce(status, 0)", failed, "ttfb_ms IS NULL"]
+        conn.execute(
+            f"INSERT INTO {level}_usage ({time_column}, {', '.join(USAGE_KEY[1:] + USAGE_SUMS)}) "
+            f"SELECT {', '.join(keys + sums)} FROM requests GROUP BY {', '.join(keys)}"
+        )
+        keys = [f"substr(ts, 1, {cut})", "provider", "coalesce(model, '')", "coalesce(token_name, '')",
+                "coalesce(status, 0)", "metrion_latency_bucket(latency_ms)"]
+        conn.execute(
+            f"INSERT INTO {level}_latency ({time_column}, {', '.join(LATENCY_KEY[1:])}, requests) "
+            f"SELECT {', '.join(keys)}, count(*) FROM requests WHERE latency_ms IS NOT NULL GROUP BY {', '.join(keys)}"
+        )
+    return conn.execute("SELECT count(*) FROM requests").fetchone()[0]

@@ -389,6 +389,15 @@ class Budgets:
         self._lock = threading.Lock()
         self._month = CalendarMonth()
 
+    def reconfigure(self, budgets: Mapping[str, TokenBudget], price: PriceFn,
+                    context_window: Callable[[str, str], int | None]) -> None:
+        """New budgets and prices from a reloaded config; reservations in flight and the counters stay."""
+        with self._lock:
+            self.budgets = dict(budgets)
+            self._price = price
+            self._context_window = context_window
+            self._models = {}
+
     def _model(self, provider: str, model: str, ts: str) -> tuple[TokenRates | None, int | None]:
         key = (provider, model, ts[:10])
         known = self._models.get(key)

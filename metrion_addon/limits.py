@@ -57,6 +57,13 @@ class RateLimiter:
     def _bucket(self, tokens: float, now: float) -> TokenBucket:
         return TokenBucket(self.per_minute, self.per_minute / 60, tokens, now)
 
+    def resize(self, per_minute: int) -> None:
+        """A new rate for every bucket, keeping what each holds (up to the new capacity)."""
+        self.per_minute = per_minute
+        for bucket in self._buckets.values():
+            bucket.capacity, bucket.rate = per_minute, per_minute / 60
+            bucket.tokens = min(bucket.tokens, per_minute)
+
     def take(self, name: str, now: float) -> RateDecision:
         bucket = self._buckets.get(name)
         if bucket is None:
@@ -148,6 +155,11 @@ class Limits:
                  months: Iterable[MonthlyCount] = ()) -> None:
         self.rates = RateLimiter(per_minute, buckets)
         self.quota = MonthlyQuota(months)
+        self._caps = caps
+
+    def reconfigure(self, per_minute: int, caps: Mapping[str, int | None]) -> None:
+        """New limits from a reloaded config; the counts so far stay."""
+        self.rates.resize(per_minute)
         self._caps = caps
 
     def admit(self, name: str, plan: str, now: float) -> Admission:

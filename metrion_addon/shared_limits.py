@@ -44,12 +44,14 @@ _WAIT = 5.0
 
 ADMIT = """
 -- One admission. KEYS[1]: the token's bucket (hash tokens, updated); KEYS[2]: its counter for this month.
--- ARGV: now (unix s), requests per minute, monthly cap (-1 = none), counter expiry (unix s), bucket ttl (s).
+-- ARGV: now (unix s), requests per minute, monthly cap (-1 = none), counter expiry (unix s), bucket ttl (s),
+-- '1' if the request counts toward the cap ('0': answered from the response cache, the bucket only).
 -- The cap is checked, then the bucket taken, then the cap counted: a refused request costs no quota.
 -- Returns {quota_ok, rate_ok (-1 when the cap refused first), tokens left (string), requests this month}.
 local now, capacity, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local counts = ARGV[6] == '1'
 local used = tonumber(redis.call('GET', KEYS[2]) or '0')
-if cap >= 0 and used >= cap then return {0, -1, '0', used} end
+if counts and cap >= 0 and used >= cap then return {0, -1, '0', used} end
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
 local tokens = math.min(capacity, tonumber(state[1]) or capacity)
 local updated = tonumber(state[2]) or now
@@ -61,7 +63,7 @@ local ok = 0
 if tokens >= 1 then tokens = tokens - 1; ok = 1 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'updated', string.format('%.17g', updated))
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-if ok == 1 then
+if ok == 1 and counts then
   used = redis.call('INCR', KEYS[2])
   redis.call('EXPIREAT', KEYS[2], ARGV[4])
 end
@@ -172,6 +174,10 @@ class SharedLimits:
     def up(self) -> bool:
         return self.error is None
 
+    def reconfigure(self, per_minute: int, caps: Mapping[str, int | None], fingerprint: str) -> None:
+        """New limits from a reloaded config (the next heartbeat tells the others); the counts stay in Redis."""
+        self.per_minute, self._caps, self.fingerprint = per_minute, caps, fingerprint
+
     # start-up, in configure: the only blocking calls, before any request
 
     def connect(self, now: float) -> None:
@@ -222,28 +228,31 @@ class SharedLimits:
 
     # the hot path
 
-    async def admit(self, name: str, plan: str, now: float) -> Admission:
-        """Count one request of token `name` across every instance; raise MetrionError (429, or 503 if `closed`)."""
+    async def admit(self, name: str, plan: str, now: float, counts: bool = True) -> Admission:
+        """Count one request of token `name` across every instance; raise MetrionError (429, or 503 if `closed`).
+
+        `counts=False`: a request answered from the response cache takes from the bucket, not from the cap.
+        """
         if self.error is not None:
-            return self._admit_without_redis(name, plan, now)
+            return self._admit_without_redis(name, plan, now, counts)
         month, resets_at = self._month(now)
         cap = self._caps[plan]
         try:
             quota_ok, rate_ok, tokens, used = await self._admit(
                 keys=[bucket_key(name), month_key(name, month)],
                 args=[repr(now), self.per_minute, -1 if cap is None else cap, int(resets_at) + _MONTH_KEPT,
-                      _BUCKET_TTL],
+                      _BUCKET_TTL, int(counts)],
             )
         except Exception as e:  # whatever went wrong, the request is decided without Redis, never let through
             self._went_down(e)
-            return self._admit_without_redis(name, plan, now)
+            return self._admit_without_redis(name, plan, now, counts)
         key = (name, month)
         self._known[key] = max(used, self._known.get(key, 0))
         quota = QuotaDecision(bool(quota_ok), cap, used, resets_at)
         rate = None if rate_ok < 0 else bucket_decision(self.per_minute, float(tokens), bool(rate_ok))
-        return decide(name, plan, quota, rate, now, (MonthlyCount(name, month, used),))
+        return decide(name, plan, quota, rate, now, (MonthlyCount(name, month, used),) if counts else ())
 
-    def _admit_without_redis(self, name: str, plan: str, now: float) -> Admission:
+    def _admit_without_redis(self, name: str, plan: str, now: float, counts: bool) -> Admission:
         if self.on_failure == "closed":
             raise MetrionError(503, "limits_unavailable", (
                 "Metrion cannot reach the shared limit store (Redis), so it cannot count this request; "
@@ -254,12 +263,12 @@ class SharedLimits:
         key = (name, month)
         added = self._added.get(key, 0)
         share = None if cap is None else self._share.of_cap(cap, self._known.get(key, 0))
-        if share is not None and added >= share:
+        if counts and share is not None and added >= share:
             return decide(name, plan, QuotaDecision(False, cap, cap, resets_at), None, now, ())
         if self._local_rates is None:
             self._local_rates = RateLimiter(self._share.per_minute)
         rate = self._local_rates.take(name, now)
-        if rate.allowed:
+        if rate.allowed and counts:
             self._added[key] = added = added + 1
         used = self._known.get(key, 0) + added if cap is None or share is None else cap - (share - added)
         return decide(name, plan, QuotaDecision(True, cap, used, resets_at), rate, now, ())

@@ -117,6 +117,30 @@ def test_a_database_without_aggregates_gets_them_built_from_its_rows(tmp_path: P
                              ).fetchone() == (2,)
 
 
+def test_aggregates_built_for_an_existing_log_equal_those_the_writer_keeps(tmp_path: Path) -> None:
+    import random
+    import sys
+    from datetime import UTC, datetime
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from dashboard_data import rows
+
+    logged = rows(3000, 4, datetime(2026, 11, 20, 12, tzinfo=UTC), random.Random(5))
+    live = store.connect(tmp_path / "live.db")
+    store.create_schema(live)
+    writer = Writer(store.SQLiteBackend(live), batch_seconds=0)
+    writer.start()
+    for record in logged:
+        writer.put(record)
+    writer.close()
+    rebuilt = sqlite3.connect(tmp_path / "live.db", isolation_level=None)
+    kept = {table: set(rebuilt.execute(f"SELECT * FROM {table}")) for table in aggregates.TABLES}
+    for table in aggregates.TABLES:
+        rebuilt.execute(f"DROP TABLE {table}")
+    store.create_schema(rebuilt)
+    for table in aggregates.TABLES:
+        assert set(rebuilt.execute(f"SELECT * FROM {table}")) == kept[table], table
+
+
 def test_creating_the_schema_again_does_not_count_rows_twice(tmp_path: Path) -> None:
     conn = store.connect(tmp_path / "m.db")
     store.create_schema(conn)

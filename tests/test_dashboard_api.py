@@ -150,6 +150,7 @@ def test_percentiles_come_from_raw_rows_histograms_or_nowhere(client, monkeypatc
     monkeypatch.setattr(queries, "RAW_PERCENTILE_ROWS", rows_limit)
     data = get(client, "latency", **params)
     assert data["percentiles"] == source and data["overall"]["p95"] == p95
+    assert client.get("/latency", params=params).status_code == 200
 
 
 def test_latency_page_percentiles_by_model_and_histogram(client) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
 import threading
 import time
 import uuid
@@ -145,3 +146,27 @@ def test_without_redis_local_keeps_each_instance_to_its_share_and_hands_counts_b
     time.sleep(1)  # both back on Redis
     assert burst(proxies, 10, marker) == [429] * 10
     assert forwarded(mock, marker) == 100
+
+
+def test_cache_hits_take_from_the_shared_bucket_but_not_from_the_monthly_cap(
+    start_proxy, start_redis, tmp_path: Path
+) -> None:
+    server = start_redis()
+    proxy = start_instances(start_proxy, 1, tmp_path / "now", **shared_config(server.url, rate_limit=1000, cap=2))[0]
+    path, body, _ = request_for("openai", stream=False)
+
+    def chat(text: str) -> httpx.Response:
+        return httpx.post(f"{proxy.url}{path}", json={**body, "messages": [{"role": "user", "content": text}]},
+                          headers={"authorization": f"Bearer {SHARED}", "x-metrion-cache": "true"}, timeout=30)
+
+    assert chat("cached").headers["x-metrion-cache"] == "MISS"
+    deadline = time.monotonic() + 10
+    while not sqlite3.connect(proxy.db_path).execute("SELECT count(*) FROM cache_entries").fetchone()[0]:
+        assert time.monotonic() < deadline, "no cache entry was stored"
+        time.sleep(0.05)
+    hit = chat("cached")
+    assert hit.status_code == 200 and hit.headers["x-metrion-cache"] == "HIT"
+    bucket = redis.Redis.from_url(server.url).hget("metrion:rate:team", "tokens")
+    assert month_counter(server.url) == 1 and float(bucket) == 998  # two taken from the bucket, one counted
+    assert chat("another").status_code == 200
+    assert chat("a third").status_code == 429

@@ -142,7 +142,8 @@ def latency(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
     table = []
     for row in with_errors(rollup(groups, (1, 2, 3)), 2):
         provider, model = row.pop("key")
-        table.append({"provider": provider, "model": model or None, **row, **by_model.get((provider, model), {})})
+        table.append({"provider": provider, "model": model or None, **row, **{f"p{p}": None for p in PERCENTS},
+                      **by_model.get((provider, model), {})})
     table.sort(key=lambda row: -row["requests"])
     overall = found.percentiles(()).get((), {})
     everything = totals(rollup(groups, ()).get(()))

@@ -109,6 +109,10 @@ class Writer:
     def healthy(self) -> bool:
         return self.trouble is None
 
+    def reprice(self, price: Pricer) -> None:
+        """Price the rows of later batches with `price` (a reloaded config's prices)."""
+        self._price = price
+
     @property
     def backlog(self) -> int:
         """Items not written yet: queued, plus the rows waiting in the writer (during an outage, say)."""
