@@ -83,6 +83,7 @@ class Metrion:
         self.clock = clock or clock_from_env()
         self.config: Config | None = None
         self.writer: store.Writer | None = None
+        self._ownership: store.Ownership | None = None
         self.cache: cache.CacheStore | None = None
         self.monitor: AlertMonitor | None = None
         self.limits = Limits(1, {})
@@ -120,6 +121,8 @@ class Metrion:
         try:
             config = load_config(find_config(ctx.options.metrion_config))
             self._close_writer()
+            if config.shared is None:  # limits in Redis (`shared:`): several processes may share the database
+                self._ownership = _claim_database(config)
             conn = _open_database(config)
         except ConfigError as e:
             self._bad_config(f"metrion: {e}", e)
@@ -252,6 +255,9 @@ class Metrion:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self._ownership is not None:
+            self._ownership.release()
+            self._ownership = None
 
     def _close_shared(self) -> None:
         if self.shared is not None:
@@ -394,7 +400,7 @@ class Metrion:
             return http.Response.make(200, self.metrics.render(), {"content-type": CONTENT_TYPE})
         assert self.config is not None and self.writer is not None
         shared = self.shared
-        state = health(writer_error=self.writer.error, backlog=self.writer.backlog, database="sqlite",
+        state = health(writer_error=self.writer.trouble, backlog=self.writer.backlog, database="sqlite",
                        redis_error=False if shared is None else shared.error,
                        redis_closed=shared is not None and shared.on_failure == "closed", version=self._version)
         return http.Response.make(state.status, json.dumps(state.body).encode(),
@@ -480,9 +486,9 @@ class Metrion:
         include_usage = self.config.providers[route.provider].include_usage
         exchange.cache = cache.plan(headers, scope, route, flow.request.method, exchange.request,
                                     flow.request.raw_content or b"", include_usage)
-        if not self.writer.healthy:
+        if trouble := self.writer.trouble:
             raise MetrionError(503, "metering_unavailable", "Metrion cannot record usage right now "
-                               f"(database write failed: {self.writer.error}); request not forwarded.")
+                               f"({trouble}); request not forwarded.")
         return credentials
 
     def _release(self, hold: Hold | None) -> None:
@@ -499,6 +505,7 @@ class Metrion:
             request.content = with_stream_usage(request.raw_content or b"", exchange.request.parsed)
             exchange.hide_usage_chunk = True
         request.scheme, request.host, request.port, request.path = _target(route.upstream_url)  # in this order
+        exchange.forwarded = True
         self._timers[flow.id] = IdleTimer(self.config.timeout, lambda: self._time_out(flow))
         token = exchange.identity.token_name if exchange.identity else None
         flow.metadata["metrion"] = {"provider": route.provider, "token": token}
@@ -754,6 +761,13 @@ def _open_database(config: Config) -> sqlite3.Connection:
     except (sqlite3.Error, OSError) as e:
         raise ConfigError(f"{config.path}: database: cannot use {config.database}: {e}") from e
     return conn
+
+
+def _claim_database(config: Config) -> store.Ownership:
+    try:
+        return store.claim(config.database)
+    except store.DatabaseInUse as e:
+        raise ConfigError(f"{config.path}: database: {e}") from e
 
 
 def _refuse_to_start(line: str) -> NoReturn:

@@ -148,12 +148,12 @@ def usage_key(row: Row) -> tuple:
 def usage_sums(row: Row) -> tuple[int, ...]:
     return (
         1,
-        row.input_tokens,
-        row.output_tokens,
-        row.cache_read_tokens,
-        row.cache_write_tokens,
-        row.reasoning_tokens,
-        row.total_tokens,
+        row.input_tokens or 0,  # NULL when the provider sent a count no column can hold (store.storable)
+        row.output_tokens or 0,
+        row.cache_read_tokens or 0,
+        row.cache_write_tokens or 0,
+        row.reasoning_tokens or 0,
+        row.total_tokens or 0,
         0 if row.cost_usd is None else nano_usd(row.cost_usd),
         int(row.cost_usd is not None),
         0 if row.latency_ms is None else micros(row.latency_ms),

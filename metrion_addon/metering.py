@@ -41,6 +41,7 @@ class Exchange:
     stream: StreamUsage | None = None
     timed_out: bool = False
     failure: MetrionError | None = None  # Metrion answered instead of the provider
+    forwarded: bool = False  # sent on to the provider: its row is never dropped
     cache: CachePlan | None = None  # the request asked for the response cache
     cache_hit: CacheEntry | None = None  # ... and was answered from it
     cache_told: Outcome | None = None  # the x-metrion-cache header the client was sent
@@ -207,6 +208,7 @@ def build_record(
         error=error,
         auth_mode=exchange.identity.mode if exchange.identity else None,
         flow_id=flow_id,
+        forwarded=exchange.forwarded,
     )
 
 

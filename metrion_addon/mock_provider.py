@@ -2,7 +2,8 @@
 
 Deterministic replies, usage and SSE streams, plus failure scenarios chosen by `x-mock-scenario` (comma-separated,
 `name:arg`): error-<status>, echo-key, reset, slow-headers:s, stall-after:n, cut-after:n, delay-events:ms, lockstep:key,
-no-usage, gzip, and hostile replies: deep-reply:depth, invalid-utf8, surrogate-model, sse-garbage:seed, trickle:ms.
+no-usage, gzip, and hostile replies: deep-reply:depth, invalid-utf8, surrogate-model, huge-usage, sse-garbage:seed,
+trickle:ms.
 Gemini's native API under `/gemini/v1beta/models/...`; recorded replies served byte for byte (`replay()` +
 `x-mock-replay`).
 Run it alone with `python -m metrion_addon.mock_provider [--port 9000]`.
@@ -287,7 +288,24 @@ def _rand_id(prefix: str, n: int = 24) -> str:
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate echoed from the request: escaped, as real APIs do
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _inflate_usage(obj: Any) -> Any:
+    """`huge-usage`: every count in a `usage` object becomes 10**30 (more than any 64-bit column holds)."""
+    if isinstance(obj, dict):
+        return {k: (_inflate_usage_counts(v) if k == "usage" else _inflate_usage(v)) for k, v in obj.items()}
+    return obj
+
+
+def _inflate_usage_counts(usage: Any) -> Any:
+    if isinstance(usage, dict):
+        return {k: _inflate_usage_counts(v) for k, v in usage.items()}
+    return 10**30 if isinstance(usage, int) and not isinstance(usage, bool) else usage
 
 
 # --------------------------------------------------------------------------- errors
@@ -966,7 +984,7 @@ class MockProvider:
         obj: Any,
         provider: str | None = None,
     ) -> web.Response:
-        payload = _hostile(_dumps(obj), scenario)
+        payload = _hostile(_dumps(_inflate_usage(obj) if "huge-usage" in scenario else obj), scenario)
         headers = self._headers(rid, provider, status)
         if "gzip" in scenario and _accepts_gzip(request.headers.get("accept-encoding", "")):
             payload = gzip.compress(payload, mtime=0)

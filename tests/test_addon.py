@@ -90,23 +90,25 @@ def test_rejected_flow_is_marked_and_the_token_never_shown(tmp_path: Path) -> No
     run(scenario)
 
 
-def test_full_disk_refuses_new_requests_with_503_and_keeps_their_rows(tmp_path: Path) -> None:
+def test_a_failing_database_refuses_new_requests_with_503_and_counts_them_without_rows(tmp_path: Path) -> None:
     async def scenario() -> None:
         addon = Metrion()
         with taddons.context(addon) as tctx:
             tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
-            addon.writer.error = "database or disk is full"
+            writer = addon.writer
+            writer.error = "database or disk is full"
             flow = chat_flow()
             addon.request(flow)
             assert flow.response.status_code == 503
             assert "database write failed" in json.loads(flow.response.content)["error"]["message"]
             addon.response(flow)
-            addon.writer.error = None
+            assert writer.rejected_while_failing == 1
+            writer.error = None
             addon.done()
 
     run(scenario)
     with sqlite3.connect(tmp_path / "m.db") as conn:
-        assert conn.execute("SELECT status FROM requests").fetchall() == [(503,)]
+        assert conn.execute("SELECT status FROM requests").fetchall() == []
 
 
 def test_sqlite_and_pricing_never_run_on_the_event_loop_thread(tmp_path: Path) -> None:

@@ -41,16 +41,16 @@ def test_health_turns_503_while_the_writer_cannot_write_and_200_when_it_can_agai
     proxy = start_proxy()
     assert call(proxy, "warm").status_code == 200
     proxy.rows(n=1)
-    with sqlite3.connect(proxy.db_path) as conn:
-        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON requests BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    blocker = sqlite3.connect(proxy.db_path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # another program holds the database: writes fail after busy_timeout (5 s)
     call(proxy, "fails to write")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 20
     while (response := httpx.get(f"{proxy.url}/metrion/health", timeout=10)).status_code != 503:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert response.json()["writer"].startswith("failing: ") and response.json()["backlog"] >= 1
-    with sqlite3.connect(proxy.db_path) as conn:
-        conn.execute("DROP TRIGGER refuse")
+    blocker.execute("ROLLBACK")
+    blocker.close()
     deadline = time.monotonic() + 10
     while (response := httpx.get(f"{proxy.url}/metrion/health", timeout=10)).status_code != 200:
         assert time.monotonic() < deadline

@@ -1,22 +1,30 @@
-"""The writer batches rows off the caller's thread, flushes on close, and loses nothing when the disk is full."""
+"""The writer batches rows off the caller's thread, never dies over a value, isolates bad rows, survives outages."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metrion_addon import store
-from metrion_addon.store import BucketState, MonthlyCount, RequestRecord, Writer
+from metrion_addon.store import BucketState, MonthlyCount, RequestRecord, Writer, storable
 
 
-def record(n: int = 0, **fields: object) -> RequestRecord:
-    return RequestRecord(ts=f"2026-11-24T10:00:{n % 60:02d}.000Z", token_name="app", requester=None,
-                         provider="openai", model="gpt-4o", path="/api/proxy/openai/v1/chat/completions",
-                         method="POST", stream=False, status=200, input_tokens=n, **fields)
+def record(n: int = 0, **fields: Any) -> RequestRecord:
+    defaults: dict[str, Any] = dict(
+        ts=f"2026-11-24T10:00:{n % 60:02d}.000Z", token_name="app", requester=None, provider="openai",
+        model="gpt-4o", path="/api/proxy/openai/v1/chat/completions", method="POST", stream=False, status=200,
+        input_tokens=n)
+    return RequestRecord(**{**defaults, **fields})
 
 
 def open_db(path: Path) -> sqlite3.Connection:
@@ -120,8 +128,9 @@ def test_full_disk_keeps_rows_and_writes_them_once_there_is_room(tmp_path: Path)
     assert not written.is_set()
     conn.execute("PRAGMA max_page_count = 1073741823")  # room again (this connection is the writer's own)
     assert written.wait(5)
+    assert writer.healthy
     writer.close()
-    assert count(path) == 200 and writer.healthy
+    assert count(path) == 200
 
 
 @pytest.mark.parametrize("name", ["ts", "token_name", "model", "cost_usd", "price_source", "usage_source"])
@@ -144,3 +153,212 @@ def test_budget_snapshots_keep_the_latest_version_whatever_order_they_arrive_in(
     writer.close()
     saved = sorted(store.load_budgets(open_db(path)), key=lambda state: state.month)
     assert saved == [settled, store.BudgetState("app", "2026-12", 10, 0, 8)]
+
+
+# the writer never dies and never lies
+
+TEXT_FIELDS = ("requester", "model", "path", "error", "token_name")
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(st.text(alphabet=st.characters(codec=None)), min_size=len(TEXT_FIELDS),
+                      max_size=len(TEXT_FIELDS)))
+def test_any_text_is_stored_with_bad_characters_replaced_and_good_ones_kept(texts: list[str]) -> None:
+    conn = open_db(Path(":memory:"))
+    store.SQLiteBackend(conn).write([storable(record(**dict(zip(TEXT_FIELDS, texts, strict=True))))], [], [])
+    stored = conn.execute(f"SELECT {', '.join(TEXT_FIELDS)} FROM requests").fetchone()
+    for text, value in zip(texts, stored, strict=True):
+        assert value == text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        if not any("\ud800" <= c <= "\udfff" for c in text):
+            assert value == text  # nothing that could be stored is changed
+
+
+@pytest.mark.parametrize(("field", "value", "stored"), [
+    ("requester", "caf\udce9", "caf\ufffd"),  # the byte \xe9 of a header, decoded with surrogateescape
+    ("path", "/api/proxy/openai/v1/\udcff", "/api/proxy/openai/v1/\ufffd"),  # a raw \xff in the path
+    ("model", "gpt-4o\ud800", "gpt-4o\ufffd"),  # "\ud800" escaped in a JSON body
+    ("model", "\ud83d\ude00", "😀"),  # a surrogate pair is one character, not two bad ones
+    ("model", {"not": "text"}, "{'not': 'text'}"),
+    ("input_tokens", 10**30, None),
+    ("input_tokens", "12", 12),
+    ("latency_ms", float("inf"), None),
+])
+def test_every_value_is_made_storable_at_the_boundary(tmp_path: Path, field: str, value: object,
+                                                      stored: object) -> None:
+    path = tmp_path / "m.db"
+    writer = Writer(store.SQLiteBackend(open_db(path)), batch_seconds=0)
+    writer.start()
+    writer.put(record(1, **{field: value}))
+    writer.put(record(2))
+    writer.close()
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute(f"SELECT {field}, error FROM requests ORDER BY id").fetchall()
+    assert [row[0] for row in rows] == [stored, 2 if field == "input_tokens" else record(2).__dict__[field]]
+    if stored is None:
+        assert "not storable" in rows[0][1]
+
+
+def test_a_row_the_database_refuses_becomes_a_dead_letter_and_the_rest_of_its_batch_lands(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    conn = open_db(path)
+    conn.execute("CREATE TRIGGER poison BEFORE INSERT ON requests WHEN NEW.model = 'poison' "
+                 "BEGIN SELECT RAISE(ABORT, 'poison row'); END")
+    writer = Writer(store.SQLiteBackend(conn), batch_seconds=0.2)
+    writer.start()
+    for n in range(50):
+        writer.put(record(n, model="poison" if n == 17 else "gpt-4o"))
+    writer.put(MonthlyCount("app", "2026-11", 50))
+    deadline = time.monotonic() + 5
+    while count(path) < 49 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert writer.healthy and writer.dead_letters == 1
+    writer.close()
+    with sqlite3.connect(path) as check:
+        assert check.execute("SELECT count(*), sum(model = 'poison') FROM requests").fetchone() == (49, 0)
+        assert check.execute("SELECT requests FROM monthly_usage").fetchone() == (50,)
+        ts, error, row = check.execute("SELECT ts, error, row FROM dead_letters").fetchone()
+    assert "poison row" in error and json.loads(row)["input_tokens"] == 17 and ts == record(17).ts
+
+
+def test_the_writer_survives_its_own_failures_and_keeps_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+
+    class Flaky(store.SQLiteBackend):
+        failures = 2
+
+        def is_outage(self, error: Exception) -> bool:
+            if Flaky.failures:  # a bug in the writer's own path, not in a row or the database
+                Flaky.failures -= 1
+                raise RuntimeError("classification failed")
+            return super().is_outage(error)
+
+    conn = open_db(path)
+    conn.execute("CREATE TRIGGER poison BEFORE INSERT ON requests WHEN NEW.model = 'poison' "
+                 "BEGIN SELECT RAISE(ABORT, 'poison row'); END")
+
+    def explode(records: list[RequestRecord]) -> None:
+        raise RuntimeError("the UI callback failed")
+
+    writer = Writer(Flaky(conn), on_written=explode, retry_seconds=0.05, batch_seconds=0)
+    writer.start()
+    writer.put(record(1, model="poison"))
+    for n in range(2, 12):
+        writer.put(record(n))
+    deadline = time.monotonic() + 5
+    while (count(path) < 10 or not writer.healthy) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert writer.healthy and count(path) == 10 and writer.dead_letters == 1
+    writer.close()
+
+
+def test_healthy_means_rows_are_being_written_now(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    class Stuck(store.SQLiteBackend):
+        def write(self, *args: Any) -> None:
+            release.wait(10)
+            super().write(*args)
+
+    path = tmp_path / "m.db"
+    writer = Writer(Stuck(open_db(path)), batch_seconds=0, stall_seconds=0.3)
+    assert not writer.healthy and "not running" in (writer.trouble or "")
+    writer.start()
+    assert writer.healthy
+    writer.put(record(1))
+    time.sleep(0.5)
+    assert not writer.healthy and "stuck" in (writer.trouble or "")
+    release.set()
+    deadline = time.monotonic() + 5
+    while not writer.healthy and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert writer.healthy and count(path) == 1
+    writer.close()
+    assert not writer.healthy
+
+
+def test_an_outage_keeps_forwarded_rows_counts_rejections_and_bounds_the_rest(tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "m.db"
+    conn = open_db(path)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # the database is locked: every write fails after busy_timeout
+    conn.execute("PRAGMA busy_timeout = 10")
+    writer = Writer(store.SQLiteBackend(conn), retry_seconds=0.05, batch_seconds=0, backlog_rows=100)
+    writer.start()
+    writer.put(record(0))
+    deadline = time.monotonic() + 5
+    while writer.healthy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "locked" in (writer.trouble or "")
+    for n in range(30):  # refused by Metrion while it could not write: counted, no row
+        writer.put(record(n, forwarded=False, status=503))
+    for n in range(300):  # in flight when the outage began: every one is kept, past the backlog bound too
+        writer.put(record(n, status=200))
+    time.sleep(0.2)
+    assert writer.rejected_while_failing == 30
+    with caplog.at_level(logging.ERROR):
+        writer.close(timeout=5)
+    assert ("301 request rows (301 of forwarded requests), 0 counter updates and 0 dead letters could not be "
+            "written; 0 unforwarded rows were dropped past the backlog limit and 30 requests refused while "
+            "failing left no row") in caplog.text
+    blocker.execute("ROLLBACK")
+
+
+def test_unforwarded_rows_past_the_backlog_bound_are_counted_and_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    conn = open_db(path)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    conn.execute("PRAGMA busy_timeout = 10")
+    writer = Writer(store.SQLiteBackend(conn), retry_seconds=0.05, batch_seconds=0, backlog_rows=100)
+    writer.start()
+    for n in range(150):  # put before the writer noticed: a 401 flood, say, queued as rows
+        writer._queue.put(record(n, forwarded=False, status=401))
+    deadline = time.monotonic() + 5
+    while writer.dropped < 50 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer.dropped == 50
+    blocker.execute("ROLLBACK")
+    deadline = time.monotonic() + 5
+    while count(path) < 100 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    writer.close()
+    assert count(path) == 100
+
+
+def test_a_large_backlog_is_written_in_small_transactions_once_there_is_room(tmp_path: Path) -> None:
+    sizes: list[int] = []
+
+    class Counting(store.SQLiteBackend):
+        def write(self, records: Any, counters: Any, dead: Any) -> None:
+            super().write(records, counters, dead)
+            sizes.append(len(records))
+
+    path = tmp_path / "m.db"
+    conn = open_db(path)
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    writer = Writer(Counting(conn), retry_seconds=0.05, batch_seconds=0)
+    writer.start()
+    for n in range(20_000):
+        writer.put(record(n, error="x" * 200))
+    deadline = time.monotonic() + 5
+    while writer.healthy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not writer.healthy
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    deadline = time.monotonic() + 30
+    while count(path) < 20_000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert count(path) == 20_000 and writer.healthy
+    assert max(sizes) <= store.writer.CHUNK_ROWS
+    writer.close()
+
+
+def test_a_second_claim_on_a_database_names_the_process_that_holds_it(tmp_path: Path) -> None:
+    database = tmp_path / "m.db"
+    held = store.claim(database)
+    with pytest.raises(store.DatabaseInUse, match=rf"m\.db is in use by another Metrion process \(pid {os.getpid()}\)"):
+        store.claim(database)
+    held.release()
+    store.claim(database).release()  # free again once released

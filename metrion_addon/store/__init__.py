@@ -3,6 +3,7 @@
 Callers import from here; a backend module (sqlite.py today) is chosen once, in the addon's configure.
 """
 
+from .owner import DatabaseInUse, Ownership, claim
 from .records import (
     COLUMNS,
     AlertEvent,
@@ -12,8 +13,10 @@ from .records import (
     CacheTouch,
     CacheWrite,
     Counter,
+    DeadLetter,
     MonthlyCount,
     RequestRecord,
+    storable,
 )
 from .sqlite import (
     SQLiteBackend,
@@ -37,12 +40,16 @@ __all__ = [
     "CacheTouch",
     "CacheWrite",
     "Counter",
+    "DatabaseInUse",
+    "DeadLetter",
     "MonthlyCount",
+    "Ownership",
     "Pricer",
     "RequestRecord",
     "SQLiteBackend",
     "Settler",
     "Writer",
+    "claim",
     "connect",
     "create_schema",
     "insert_alert_event",
@@ -50,4 +57,5 @@ __all__ = [
     "load_alert_history",
     "load_budgets",
     "load_counters",
+    "storable",
 ]

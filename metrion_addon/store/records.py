@@ -1,11 +1,13 @@
 """What the store keeps: one row per request, the rate-limit buckets, the monthly counters, cache writes.
 
-Plain data shared by every backend; the column list of the `requests` table is derived from RequestRecord.
+Plain data shared by every backend, and `storable`: the boundary that makes any row's values writable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass
 
 
@@ -40,6 +42,8 @@ class RequestRecord:
     cache_status: str | None = None  # HIT, MISS or REFRESH when the request asked for the cache
     requested_model: str | None = None  # the model the client asked for; `model` is what the provider answered
     flow_id: str | None = dataclasses.field(default=None, compare=False)  # for mitmweb, not stored
+    # Not stored: the request went (or may have gone) to the provider. Such rows are never dropped.
+    forwarded: bool = dataclasses.field(default=True, compare=False)
 
 
 @dataclass(frozen=True)
@@ -130,4 +134,89 @@ class CacheTouch:
 # events each have a key of their own).
 Counter = BucketState | MonthlyCount | BudgetState | AlertEvent | CacheWrite | CacheTouch
 
-COLUMNS = [f.name for f in dataclasses.fields(RequestRecord) if f.name != "flow_id"]
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A row the database refused even after `storable`: kept as ASCII JSON with the reason, never dropped."""
+
+    ts: str
+    error: str
+    row: str
+
+    @classmethod
+    def of(cls, record: RequestRecord, error: BaseException) -> DeadLetter:
+        fields = {name: getattr(record, name) for name in COLUMNS}
+        reason = _text(f"{type(error).__name__}: {error}")
+        return cls(_text(record.ts), reason, json.dumps(fields, ensure_ascii=True, default=_text))
+
+COLUMNS = [f.name for f in dataclasses.fields(RequestRecord) if f.name not in ("flow_id", "forwarded")]
+_KINDS = {f.name: str(f.type) for f in dataclasses.fields(RequestRecord) if f.name in COLUMNS}
+_TEXT = tuple(name for name, kind in _KINDS.items() if kind.startswith("str"))
+_INTEGER = tuple(name for name, kind in _KINDS.items() if kind.startswith("int"))
+_REAL = tuple(name for name, kind in _KINDS.items() if kind.startswith("float"))
+_INT64 = range(-(2**63), 2**63)
+
+
+def storable(record: RequestRecord) -> RequestRecord:
+    """The record with every value one a database can take; the same record when it already was.
+
+    Text that cannot be encoded (lone surrogates: bad bytes in headers or paths, `\\ud800` in JSON) keeps
+    its readable part, each bad character becoming U+FFFD. A number a column cannot hold becomes NULL, and
+    the row's `error` says so. Values of the wrong type are stored as their text.
+    """
+    changes: dict[str, object] = {}
+    notes: list[str] = []
+    for name in _TEXT:
+        value = getattr(record, name)
+        if value is not None and not (type(value) is str and (value.isascii() or _encodable(value))):
+            changes[name] = _text(value)
+    for name in _INTEGER:
+        value = getattr(record, name)
+        if value is None or (type(value) is int and value in _INT64):
+            continue
+        number = _number(value, int)
+        if number is None or number not in _INT64:
+            notes.append(f"{name} not storable (not a 64-bit integer), stored as NULL")
+            number = None
+        changes[name] = number
+    for name in _REAL:
+        value = getattr(record, name)
+        if value is None or (type(value) is float and math.isfinite(value)):
+            continue
+        number = _number(value, float)
+        if number is None or not math.isfinite(number):
+            notes.append(f"{name} not storable (not a finite number), stored as NULL")
+            number = None
+        changes[name] = number
+    if type(record.stream) is not bool:
+        changes["stream"] = bool(record.stream) if isinstance(record.stream, int | float) else True
+    if notes:
+        error = changes.get("error", record.error)
+        changes["error"] = "; ".join([*notes, error] if error else notes)
+    return dataclasses.replace(record, **changes) if changes else record
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    try:
+        text = str(value) if isinstance(value, str) else repr(value)
+    except Exception:  # e.g. an int too long to print
+        text = f"<{type(value).__name__} not printable>"
+    # Through UTF-16 with surrogatepass: a valid surrogate pair becomes its character, a lone one U+FFFD.
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _number(value: object, kind: type[int] | type[float]) -> int | float | None:
+    try:
+        return kind(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None

@@ -5,6 +5,7 @@ Everything SQLite-specific lives here; the Writer (writer.py) only sees the Back
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -23,6 +24,7 @@ from .records import (
     CacheTouch,
     CacheWrite,
     Counter,
+    DeadLetter,
     MonthlyCount,
     RequestRecord,
 )
@@ -30,6 +32,8 @@ from .records import (
 _ROW = f"({', '.join('?' * len(COLUMNS))})"
 _ROWS_PER_INSERT = 500  # under SQLite's 32,766 bound parameters per statement
 _INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES "
+_WAL_BYTES = 4 * 1024 * 1024
+_INSERT_DEAD = "INSERT INTO dead_letters (ts, error, row) VALUES (?, ?, ?)"
 _UPSERT_BUCKET = (
     "INSERT INTO rate_buckets (token_name, tokens, updated_at) VALUES (?, ?, ?) "
     "ON CONFLICT(token_name) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at"
@@ -50,6 +54,7 @@ def connect(path: Path | str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA busy_timeout = 5000")
     conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: no fsync per commit, still safe from corruption
+    conn.execute(f"PRAGMA journal_size_limit = {_WAL_BYTES}")  # a checkpointed WAL gives its disk space back
     return conn
 
 
@@ -86,6 +91,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
         pk="id", not_null={"ts", "rule", "level", "channel"}, if_not_exists=True,
     )
     db["alert_events"].create_index(["rule", "ts"], if_not_exists=True)
+    db["dead_letters"].create({"id": int, "ts": str, "error": str, "row": str}, pk="id", if_not_exists=True)
     create_hourly(conn)  # a database from before the aggregates gets them built from its rows
     create_cache_schema(conn)
 
@@ -134,8 +140,27 @@ class SQLiteBackend:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
 
-    def write(self, records: Sequence[RequestRecord], counters: Sequence[Counter]) -> None:
-        """Write the rows and counters in one transaction, or nothing (and raise)."""
+    def write(self, records: Sequence[RequestRecord], counters: Sequence[Counter],
+              dead_letters: Sequence[DeadLetter] = ()) -> None:
+        """Write rows, counters and dead letters in one transaction, or nothing (and raise)."""
+        try:
+            self._transaction(records, counters, dead_letters)
+        except sqlite3.OperationalError:
+            self._give_back_space()
+            raise
+
+    def is_outage(self, error: Exception) -> bool:
+        # OperationalError: full, locked, I/O error, read-only, missing table; a plain DatabaseError: corruption.
+        # A closed connection (ProgrammingError) fails every row alike, which the writer tells by writing none.
+        return isinstance(error, sqlite3.OperationalError) or type(error) is sqlite3.DatabaseError
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _transaction(self, records: Sequence[RequestRecord], counters: Sequence[Counter],
+                     dead_letters: Sequence[DeadLetter]) -> None:
+        if self._conn.in_transaction:  # a rollback that failed (I/O error) left one open
+            self._conn.rollback()
         with self._conn:
             self._conn.execute("BEGIN")
             # One multi-row INSERT per 500 rows: sqlite3 hands the GIL back and forth on every statement,
@@ -153,13 +178,17 @@ class SQLiteBackend:
                     insert_alert_event(self._conn, counter)
                 elif isinstance(counter, MonthlyCount):
                     self._conn.execute(_UPSERT_MONTH, (counter.token_name, counter.month, counter.requests))
+            if dead_letters:
+                self._conn.executemany(_INSERT_DEAD, [(d.ts, d.error, d.row) for d in dead_letters])
             writes = [item for item in counters if isinstance(item, CacheWrite)]
             touches = [item for item in counters if isinstance(item, CacheTouch)]
             if writes or touches:
                 write_cache(self._conn, writes, touches)
 
-    def close(self) -> None:
-        self._conn.close()
+    def _give_back_space(self) -> None:
+        """After a failed write (a full disk, typically): shrink the WAL so that freed space is not eaten again."""
+        with contextlib.suppress(sqlite3.Error):  # the next attempt will say what is wrong
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def _params(records: Iterable[RequestRecord]) -> list:
