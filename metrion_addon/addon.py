@@ -58,8 +58,10 @@ from metrion_addon.routes import (
     route_metrion_path,
     route_provider_host,
 )
+from metrion_addon.shared_budgets import SharedBudgetCounters
 from metrion_addon.shared_limits import SharedLimits
 from metrion_addon.store.cache import SQLiteCacheStore
+from metrion_addon.store.redis_cache import RedisCacheStore
 from metrion_addon.upstream import (
     IdleTimer,
     answer_upstream_failures,
@@ -129,20 +131,11 @@ class Metrion:
         self._close_shared()
         self._stop_watching()
         buckets, months = store.load_counters(conn)
-        pricer, budget_pricer, budgets, window = _pricing(config)
-        self.budgets = Budgets(budgets, MemoryBudgetCounters(store.load_budgets(conn)), budget_pricer, window)
-        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._written,
-                                   settle=self.budgets.settle)
-        self.writer.start()
-        self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
-        self.cache = SQLiteCacheStore(config.database, self.writer, config.cache.max_bytes)
-        if config.alerts.rules:
-            self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put,
-                                        store.load_alert_history(conn))
-            self.monitor.start()
         caps = _caps(config)
         self.limits = Limits(config.rate_limit, caps, buckets, months)
-        if config.shared is not None:
+        pricer, budget_pricer, budgets, window = _pricing(config)
+        counters: MemoryBudgetCounters | SharedBudgetCounters = MemoryBudgetCounters(store.load_budgets(conn))
+        if config.shared is not None:  # limits, budgets and the cache live in Redis
             shared = SharedLimits(config.shared, config.rate_limit, caps, config.limits_fingerprint(), months)
             try:
                 shared.connect(self.clock())
@@ -151,6 +144,20 @@ class Metrion:
             self.shared = shared
             with contextlib.suppress(RuntimeError):  # no loop yet at start-up: running() starts it
                 shared.start()
+            counters = SharedBudgetCounters(shared, config.shared.redis, store.load_budgets(conn))
+        self.budgets = Budgets(budgets, counters, budget_pricer, window)
+        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._written,
+                                   settle=self.budgets.settle)
+        self.writer.start()
+        self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
+        if self.shared is not None:
+            self.cache = RedisCacheStore(self.shared.client, config.cache.max_bytes, pricer)
+        else:
+            self.cache = SQLiteCacheStore(config.database, self.writer, config.cache.max_bytes)
+        if config.alerts.rules:
+            self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put,
+                                        store.load_alert_history(conn))
+            self.monitor.start()
         self._use(config)
         self._watcher = ConfigWatcher(config.path, self._reload)
         with contextlib.suppress(RuntimeError):
@@ -187,6 +194,8 @@ class Metrion:
             return
         pricer, budget_pricer, budgets, window = _pricing(config)
         self.writer.reprice(pricer)
+        if isinstance(self.cache, RedisCacheStore):
+            self.cache.reprice(pricer)
         self.budgets.reconfigure(budgets, budget_pricer, window)
         caps = _caps(config)
         self.limits.reconfigure(config.rate_limit, caps)
@@ -260,6 +269,8 @@ class Metrion:
             self._ownership = None
 
     def _close_shared(self) -> None:
+        if isinstance(self.budgets.counters, SharedBudgetCounters):
+            self.budgets.counters.close()
         if self.shared is not None:
             self.shared.close()
             self.shared = None
@@ -334,9 +345,9 @@ class Metrion:
         """Reserve the budget and count the limits, then forward; a coroutine when the limits live on Redis."""
         try:
             now = self.clock()
-            hold = self._hold(flow, exchange, now)
             if self.shared is not None:
-                return self._request_shared(flow, self.shared, exchange, headers, credentials, hold, now)
+                return self._request_shared(flow, self.shared, exchange, headers, credentials, now)
+            hold = self._hold(flow, exchange, now)
             assert exchange.identity is not None
             try:
                 admission = self.limits.admit(exchange.identity.token_name, exchange.identity.plan, now)
@@ -377,13 +388,22 @@ class Metrion:
 
     @guarded_coroutine("request")
     async def _request_shared(self, flow: http.HTTPFlow, shared: SharedLimits, exchange: Exchange,
-                              headers: dict[str, str], credentials: Upstream | None, hold: Hold | None,
-                              now: float) -> None:
-        assert exchange.identity is not None
+                              headers: dict[str, str], credentials: Upstream | None, now: float) -> None:
+        """Reserve the budget, then count the limits, each in one round trip to Redis."""
+        assert exchange.identity is not None and isinstance(self.budgets.counters, SharedBudgetCounters)
+        counters = self.budgets.counters
+        try:
+            hold = await self.budgets.admit_shared(counters, exchange.identity.token_name, now, exchange.route,
+                                                   flow.request.method, flow.request.raw_content or b"",
+                                                   exchange.request)
+        except MetrionError as e:
+            self._refuse(flow, exchange, e)
+            return
         try:
             admission = await shared.admit(exchange.identity.token_name, exchange.identity.plan, now)
         except MetrionError as e:
-            self._release(hold)
+            if hold is not None and hold.reservation is not None:
+                await counters.release(hold.reservation)
             self._refuse(flow, exchange, e)
             return
         self._let_through(flow, exchange, admission, hold, headers, credentials)
