@@ -33,6 +33,7 @@ from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
 from metrion_addon.display import FlowDisplay
 from metrion_addon.errors import MetrionError, error_body, error_headers, provider_error_message
 from metrion_addon.guard import GuardedStream, guarded, guarded_coroutine
+from metrion_addon.headers import drop_metrion_headers, lowercase, redact, redact_request, rewrite
 from metrion_addon.health import health, metrion_version
 from metrion_addon.limits import Admission, Limits
 from metrion_addon.metering import (
@@ -57,6 +58,7 @@ from metrion_addon.routes import (
     provider_hosts,
     route_metrion_path,
     route_provider_host,
+    upstream_target,
 )
 from metrion_addon.shared_limits import SharedLimits
 from metrion_addon.store.cache import SQLiteCacheStore
@@ -72,8 +74,6 @@ log = logging.getLogger(__name__)
 
 _OWN_ENDPOINTS = ("/metrion/health", "/metrion/metrics")
 
-_CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-goog-api-key", b"x-metrion-token", b"proxy-authorization")
-_REDACTED = b"[redacted]"
 _REQUEST_HOOKS = ("request", "http_connect")  # a failure here must answer the request: it is not forwarded yet
 _FINAL_HOOKS = ("response", "error")  # a failure here must still leave the row
 
@@ -282,7 +282,7 @@ class Metrion:
         except MetrionError as e:
             flow.response = self._error_response(None, e)
             flow.marked = _REJECTED_MARK
-        _redact(flow.request.headers)  # CONNECT flows are kept and saved like any other
+        redact(flow.request.headers)  # CONNECT flows are kept and saved like any other
 
     @guarded
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
@@ -316,7 +316,7 @@ class Metrion:
             flow.request.path = path
             if "x-goog-api-key" not in flow.request.headers:
                 flow.request.headers["x-goog-api-key"] = query_key
-        headers = _lowercase(flow.request.headers)
+        headers = lowercase(flow.request.headers)
         exchange = Exchange(route, redact_query(path), flow.request.method, started=self.clock(),
                             secrets=request_secrets(headers, original_path))
         self._exchanges[flow.id] = exchange
@@ -373,7 +373,7 @@ class Metrion:
             self.writer.put(state)
         exchange.limit_headers, exchange.cache_hit, exchange.cache_told = admission.headers, hit, cache.Outcome.HIT
         flow.response = _replayed(cache.replay(hit, self.clock()))
-        _redact_flow(flow)
+        redact_request(flow.request)
 
     @guarded_coroutine("request")
     async def _request_shared(self, flow: http.HTTPFlow, shared: SharedLimits, exchange: Exchange,
@@ -411,7 +411,7 @@ class Metrion:
         exchange.failure = error
         flow.response = self._error_response(exchange.route.format, error, exchange)
         flow.marked = _REJECTED_MARK
-        _redact_flow(flow)
+        redact_request(flow.request)
 
     def _let_through(self, flow: http.HTTPFlow, exchange: Exchange, admission: Admission, hold: Hold | None,
                      headers: dict[str, str], credentials: Upstream | None) -> None:
@@ -428,7 +428,7 @@ class Metrion:
             drop.update(credentials.drop_headers)
             replace.update(credentials.set_headers or {})
             exchange.secrets += request_secrets(credentials.set_headers or {})
-        _rewrite(flow.request.headers, drop, replace)
+        rewrite(flow.request.headers, drop, replace)
         self._forward(flow, exchange)
 
     def _route(self, flow: http.HTTPFlow, path: str) -> Route | None:
@@ -459,9 +459,9 @@ class Metrion:
         except MetrionError as e:
             flow.response = self._error_response(None, e)
             flow.marked = _REJECTED_MARK
-            _redact(headers)
+            redact(headers)
             return
-        _rewrite(headers, {"proxy-authorization"}, {})  # the proxy's credential is for Metrion, never the host
+        rewrite(headers, {"proxy-authorization"}, {})  # the proxy's credential is for Metrion, never the host
 
     def _check(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str]) -> Upstream | None:
         """Authenticate and validate the request (the limits come next); raise MetrionError to refuse it.
@@ -504,7 +504,7 @@ class Metrion:
         ):
             request.content = with_stream_usage(request.raw_content or b"", exchange.request.parsed)
             exchange.hide_usage_chunk = True
-        request.scheme, request.host, request.port, request.path = _target(route.upstream_url)  # in this order
+        request.scheme, request.host, request.port, request.path = upstream_target(route.upstream_url)  # in this order
         exchange.forwarded = True
         self._timers[flow.id] = IdleTimer(self.config.timeout, lambda: self._time_out(flow))
         token = exchange.identity.token_name if exchange.identity else None
@@ -517,7 +517,7 @@ class Metrion:
         exchange = self._exchanges.get(flow.id)
         if exchange is None or flow.response is None:
             return
-        _redact_flow(flow)
+        redact_request(flow.request)
         if exchange.failure is None:  # Metrion's own answers carry these already
             limits = tuple((name.encode(), value.encode()) for name, value in exchange.limit_headers.items())
             flow.response.headers.fields += limits
@@ -541,7 +541,7 @@ class Metrion:
         if exchange is None or flow.response is None:
             return
         self._stop_timer(flow.id)
-        _redact_flow(flow)
+        redact_request(flow.request)
         response = flow.response
         body = None if exchange.stream is not None else _plain_body(response)
         if exchange.failure is not None:
@@ -567,7 +567,7 @@ class Metrion:
         if exchange is None:
             return
         self._stop_timer(flow.id)
-        _redact_flow(flow)
+        redact_request(flow.request)
         message = flow.error.msg if flow.error else "unknown error"
         if exchange.timed_out and self.config is not None:
             message = f"upstream silent for {self.config.timeout:g} s; connection closed"
@@ -639,7 +639,7 @@ class Metrion:
         recorder = response.stream if isinstance(response.stream, cache.StreamRecorder) else None
         body = recorder.body if recorder is not None else response.raw_content
         meter = exchange.stream
-        entry = cache.entry_for(exchange.cache, record, _lowercase(response.headers), body, stream=meter is not None,
+        entry = cache.entry_for(exchange.cache, record, lowercase(response.headers), body, stream=meter is not None,
                                 complete=meter is None or meter.complete, now=self.clock(),
                                 max_bytes=self.config.cache.max_entry_bytes)
         if entry is not None and self.cache is not None:
@@ -668,7 +668,7 @@ class Metrion:
             self._refuse_after_internal_error(flow, description)
         elif hook in _FINAL_HOOKS:
             self._stop_timer(flow.id)
-            _redact_flow(flow)
+            redact_request(flow.request)
             if exchange := self._exchanges.get(flow.id):
                 status = flow.response.status_code if flow.response else None
                 self._put(flow.id, fallback_record(exchange, status, description))
@@ -686,10 +686,8 @@ class Metrion:
             exchange.failure = error
         flow.response = self._error_response(error_format, error, exchange)
         flow.marked = _REJECTED_MARK
-        headers = flow.request.headers
-        _rewrite(headers, {name.decode("latin-1").lower() for name, _ in headers.fields
-                           if name.lower().startswith(b"x-metrion-")}, {})
-        _redact(headers)
+        drop_metrion_headers(flow.request.headers)
+        redact(flow.request.headers)
 
     def _exchange_after_internal_error(self, flow: http.HTTPFlow) -> Exchange | None:
         """The exchange of a request that failed before Metrion routed it; None if it is no provider route."""
@@ -793,44 +791,6 @@ def _plain_body(response: http.Response) -> bytes | None:
         return response.content  # decoded: the provider ignored accept-encoding: identity
     except ValueError:
         return response.raw_content
-
-
-def _lowercase(headers: http.Headers) -> dict[str, str]:
-    """The request headers as a plain dict with lower-case names (read from the raw fields: fast)."""
-    return {name.decode("latin-1").lower(): value.decode("utf-8", "surrogateescape") for name, value in headers.fields}
-
-
-def _rewrite(headers: http.Headers, drop: set[str], replace: dict[str, str]) -> None:
-    """Drop and replace request headers in one pass over the raw fields (each Headers call is a full scan)."""
-    gone = {name.encode() for name in (*drop, *replace)}
-    kept = tuple(field for field in headers.fields if field[0].lower() not in gone)
-    headers.fields = kept + tuple((name.encode(), value.encode()) for name, value in replace.items())
-
-
-@functools.lru_cache(maxsize=256)
-def _target(url: str) -> tuple[str, str, int, str]:
-    parts = urlsplit(url)
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    return parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), path
-
-
-def _redact_flow(flow: http.HTTPFlow) -> None:
-    """Once the request is sent (or refused): no credential header or credential query parameter stays in it."""
-    _redact(flow.request.headers)
-    path = flow.request.path
-    if "?" in path and (redacted := redact_query(path)) != path:
-        flow.request.path = redacted
-
-
-def _redact(headers: http.Headers) -> None:
-    """Keep secrets out of mitmweb, saved flows and logs once they have been used (idempotent)."""
-    fields = headers.fields
-    for i, (name, value) in enumerate(fields):
-        if name.lower() in _CREDENTIAL_HEADERS and not value.endswith(_REDACTED):
-            scheme, _, secret = value.partition(b" ")
-            kept = scheme + b" " if secret and scheme.lower() in (b"bearer", b"basic") else b""
-            fields = (*fields[:i], (name, kept + _REDACTED), *fields[i + 1 :])
-    headers.fields = fields
 
 
 def _blocked(host: str) -> str:

@@ -15,6 +15,7 @@ from starlette.testclient import TestClient
 
 from metrion_addon import queries, report, store
 from metrion_addon.config import load_config
+from metrion_addon.dashboard import pages
 from metrion_addon.dashboard.access import hash_password, password_matches, refuse_open_bind
 from metrion_addon.dashboard.app import create_app
 from metrion_addon.queries import Filters, grouped, latencies
@@ -265,6 +266,42 @@ def test_dashboard_totals_equal_metrion_report_for_any_period(tmp_path: Path) ->
             for model, want in expected.items():
                 assert (shown[(model,)]["p50"], shown[(model,)]["p95"]) == (want["latency_p50_ms"],
                                                                           want["latency_p95_ms"])
+
+
+def test_a_model_filter_matches_the_model_asked_for_or_answered_like_metrion_logs(tmp_path: Path) -> None:
+    # Successes carry the dated model the provider answered, failures the alias asked for: gpt-4o finds both.
+    rows = [row(f"11-20T{hour}:{minute}:00", "gpt-4o-2024-08-06", requested_model="gpt-4o", input_tokens=10,
+                total_tokens=10, latency_ms=500.0) for hour in ("09", "10", "12") for minute in ("05", "50")]
+    rows += [row("11-20T10:20:00", status=429, requested_model="gpt-4o", error="provider: rate limited"),
+             row("11-20T12:20:00", "gpt-4o-mini-2024-07-18", requested_model="gpt-4o-mini", input_tokens=7)]
+    write(tmp_path / "m.db", rows)
+    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    conn = sqlite3.connect(tmp_path / "m.db")
+    # 09:30 to 12:25: raw rows at both edges, hourly aggregates between them
+    since, until = "2026-11-20T09:30:00.000Z", "2026-11-20T12:25:00.000Z"
+    for model, requests, errors in (("gpt-4o", 5, 1), ("gpt-4o-2024-08-06", 4, 0), ("gpt-4o-mini", 1, 0)):
+        params = {"period": "custom", "since": since, "until": until, "model": model}
+        listed = report.logs(conn, 100, report.LogFilter(model=model, since=since, until=until))
+        assert len(listed) == requests
+        cards = get(client, "overview", **params)["cards"]
+        assert (cards["requests"]["value"], cards["errors"]["value"]) == (requests, errors), model
+        assert get(client, "logs", **params)["total"] == requests
+        assert sum(r["requests"] for r in get(client, "costs", **params)["tables"]["model"]) == requests
+    offered = pages.filter_choices(conn, load_config(config_file(tmp_path, tmp_path / "m.db")), Filters(since, until))
+    assert offered["model"] == ["gpt-4o", "gpt-4o-2024-08-06", "gpt-4o-mini", "gpt-4o-mini-2024-07-18"]
+
+
+def test_a_configured_provider_is_a_provider_filter_like_the_five(tmp_path: Path) -> None:
+    write(tmp_path / "m.db", [row("11-20T11:00:00", "llama-3.3-70b-versatile", "groq", input_tokens=5), ROWS[0]])
+    path = config_file(tmp_path, tmp_path / "m.db")
+    config = yaml.safe_load(path.read_text())
+    groq = {"url": "http://127.0.0.1:9/v1", "format": "openai"}
+    path.write_text(yaml.safe_dump({**config, "providers": {"groq": groq}}))
+    client = TestClient(create_app(load_config(path), clock=NOW.timestamp))
+    assert get(client, "overview", provider="groq")["cards"]["requests"]["value"] == 1
+    assert [r["model"] for r in get(client, "logs", provider="groq")["rows"]] == ["llama-3.3-70b-versatile"]
+    assert client.get("/", params={"provider": "groq"}).status_code == 200
+    assert client.get("/api/overview", params={"provider": "ollama"}).status_code == 400
 
 
 def test_the_password_guards_every_page_and_endpoint(tmp_path: Path) -> None:
