@@ -18,7 +18,7 @@ from metrion_addon.config import load_config
 from metrion_addon.dashboard import pages
 from metrion_addon.dashboard.access import hash_password, password_matches, refuse_open_bind
 from metrion_addon.dashboard.app import create_app
-from metrion_addon.queries import Filters, grouped, latencies
+from metrion_addon.queries import Filters, grouped
 from metrion_addon.store import RequestRecord
 
 NOW = datetime(2026, 11, 20, 12, 30, tzinfo=UTC)
@@ -240,7 +240,16 @@ def test_logs_pages_by_50_newest_first_without_gaps_or_repeats(tmp_path: Path) -
     assert client.get("/api/logs/999999").status_code == 404
 
 
-def test_dashboard_totals_equal_metrion_report_for_any_period(tmp_path: Path) -> None:
+NUMBERS = ("requests", "errors", "input_tokens", "output_tokens", "cached_tokens")
+
+
+def same_numbers(shown: dict, want: dict, where: object) -> None:
+    for name in NUMBERS:
+        assert shown[name] == want[name], (where, name)
+    assert shown["cost_usd"] == (pytest.approx(want["cost_usd"], abs=1e-9) if want["cost_usd"] else None), where
+
+
+def test_every_page_shows_what_metrion_report_says_for_the_same_period(tmp_path: Path) -> None:
     import random
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -248,24 +257,43 @@ def test_dashboard_totals_equal_metrion_report_for_any_period(tmp_path: Path) ->
 
     write(tmp_path / "m.db", realistic(3000, 5, NOW, random.Random(3)))
     conn = sqlite3.connect(tmp_path / "m.db")
-    for since, until in [("2026-11-15T00:00:00.000Z", NOW.isoformat()), ("2026-11-17T03:17:42.250Z",
+    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    for since, until in [("2026-11-15T00:00:00.000Z", "2026-11-20T12:30:00.000Z"), ("2026-11-17T03:17:42.250Z",
                          "2026-11-19T22:05:00.000Z"), ("2026-11-18T10:20:00.000Z", "2026-11-18T10:40:00.000Z"),
                          ("2026-11-18T04:10:00.000Z", "2026-11-19T10:00:00.000Z")]:
-        until = until.replace("+00:00", ".000Z") if "+" in until else until
+        params = {"period": "custom", "since": since, "until": until}
+        # the query layer, grouped as `metrion report --by model`
         expected = {r["model"]: r for r in report.report(conn, since, until, ["model"])}
         shown = {r["model"]: r for r in grouped(conn, Filters(since, until), ("model",))}
         assert set(shown) == set(expected)
         for model, want in expected.items():
-            got = shown[model]
-            for name in ("requests", "errors", "input_tokens", "output_tokens", "cached_tokens"):
-                assert got[name] == want[name], (since, model, name)
-            assert got["cost_usd"] == (pytest.approx(want["cost_usd"], abs=1e-9) if want["cost_usd"] else None)
-        f = Filters(since, until)
-        if queries.percentile_source(f, queries.usage(conn, f)) == "exact":  # up to 20,000 rows, as the report
-            shown = latencies(conn, f, ("model",), "exact").percentiles((0,))
-            for model, want in expected.items():
-                assert (shown[(model,)]["p50"], shown[(model,)]["p95"]) == (want["latency_p50_ms"],
-                                                                          want["latency_p95_ms"])
+            same_numbers(shown[model], want, (since, model))
+        # every page, through its JSON endpoint
+        (everything,) = report.report(conn, since, until, [])
+        overview = get(client, "overview", **params)
+        cards = {name: card["value"] for name, card in overview["cards"].items()}
+        same_numbers(cards, everything, (since, "overview"))
+        costs = get(client, "costs", **params)
+        same_numbers({**costs["total"], "errors": everything["errors"]}, everything, (since, "costs total"))
+        for table, by in (("model", "model"), ("provider", "provider"), ("token", "token"), ("requester", "requester")):
+            want = {r[by]: r for r in report.report(conn, since, until, [by])}
+            got = {r["name"]: r for r in costs["tables"][table]}
+            assert set(got) == set(want), (since, table)
+            for name, row in want.items():
+                same_numbers(got[name], row, (since, table, name))
+        errors = get(client, "errors", **params)
+        assert (errors["requests"], errors["errors"]) == (everything["requests"], everything["errors"])
+        assert get(client, "logs", **params)["total"] == everything["requests"]
+        latency = get(client, "latency", **params)
+        by_model = {(r["provider"], r["model"]): r for r in latency["by_model"]}
+        want = {(r["provider"], r["model"]): r for r in report.report(conn, since, until, ["provider", "model"])}
+        assert set(by_model) == set(want)
+        if latency["percentiles"] == "exact":  # up to 20,000 rows: nearest rank over raw rows, as the report
+            assert (latency["overall"]["p50"], latency["overall"]["p95"]) == (everything["latency_p50_ms"],
+                                                                              everything["latency_p95_ms"])
+            assert cards["latency_p95_ms"] == everything["latency_p95_ms"]
+            for key, row in want.items():
+                assert (by_model[key]["p50"], by_model[key]["p95"]) == (row["latency_p50_ms"], row["latency_p95_ms"])
 
 
 def test_a_model_filter_matches_the_model_asked_for_or_answered_like_metrion_logs(tmp_path: Path) -> None:
