@@ -16,8 +16,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .budgets import Reservation
-from .limits import next_month_start
+from .budgets import Budgets, Hold, Reservation
+from .limits import Admission, next_month_start
+from .request_body import RequestBody
+from .routes import Route
 from .shared_limits import PREFIX, SharedLimits
 from .store import BudgetState
 
@@ -220,3 +222,20 @@ class SharedBudgetCounters:
     def close(self) -> None:
         with contextlib.suppress(redis.RedisError):
             self._sync.close()
+
+
+async def admit_on_redis(budgets: Budgets, shared: SharedLimits, name: str, plan: str, now: float, route: Route,
+                         method: str, body: bytes, request: RequestBody | None) -> tuple[Hold | None, Admission]:
+    """Reserve the budget (if the token has one), then count the limits: one round trip each.
+
+    Raise MetrionError to refuse; a reservation made for a request the limits then refuse is given back.
+    """
+    counters = budgets.counters
+    assert isinstance(counters, SharedBudgetCounters)
+    hold = await budgets.admit_shared(counters, name, now, route, method, body, request)
+    try:
+        return hold, await shared.admit(name, plan, now)
+    except BaseException:
+        if hold is not None and hold.reservation is not None:
+            await counters.release(hold.reservation)
+        raise
