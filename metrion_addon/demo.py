@@ -66,7 +66,7 @@ class Settings:
 
 
 FULL = Settings(days=28, scale=0.5, latency_scale=1.0, rate_limit=60, burst=80)
-QUICK = Settings(days=2, scale=0.4, latency_scale=0.05, rate_limit=10, burst=15)
+QUICK = Settings(days=1, scale=0.4, latency_scale=0.05, rate_limit=10, burst=15)
 
 
 def token_value(name: str) -> str:
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--dir", type=Path, default=Path("demo"), help="demo directory, wiped first (default: demo)")
     parser.add_argument("--port", type=int, default=8081, help="dashboard port; 0 picks a free one (default: 8081)")
-    parser.add_argument("--quick", action="store_true", help="two days of history, fast providers: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="one day of history, fast providers: a smoke run")
     parser.add_argument("--seed", type=int, default=7, help="traffic seed (default: 7)")
     args = parser.parse_args(argv)
     for stopping in (signal.SIGINT, signal.SIGTERM):  # also when started in the background, where SIGINT is ignored
