@@ -16,32 +16,29 @@ import weakref
 from collections.abc import Coroutine
 from typing import NoReturn
 
-from mitmproxy import ctx, exceptions, hooks, http
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import server_hooks
 
-from metrion_addon import cache, contentview, store  # importing contentview registers the LLM stream view for mitmweb
+from metrion_addon import cache, contentview  # importing contentview registers the LLM stream view for mitmweb
 from metrion_addon.auth import Upstream, authenticate, identify_forward, lift_query_key, other_host_identity, requester
 from metrion_addon.budgets import Hold
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import ConfigError
 from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
 from metrion_addon.display import FlowDisplay
-from metrion_addon.errors import MetrionError, error_body, error_headers, provider_error_message
+from metrion_addon.errors import MetrionError, error_body, error_headers
 from metrion_addon.guard import GuardedStream, guarded, guarded_coroutine
 from metrion_addon.headers import drop_metrion_headers, lowercase, redact, redact_request, rewrite
 from metrion_addon.health import health, metrion_version
 from metrion_addon.limits import Admission
 from metrion_addon.metering import (
     Exchange,
-    build_record,
-    disconnect_error,
     fallback_record,
-    metadata,
     stream_tap,
-    summary,
 )
 from metrion_addon.metrics import CONTENT_TYPE, Metrics
+from metrion_addon.recording import Recorder
 from metrion_addon.redact import redact_query, request_secrets
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
 from metrion_addon.routes import (
@@ -75,13 +72,11 @@ class Metrion:
     def __init__(self, clock: Clock | None = None) -> None:
         self.clock = clock or clock_from_env()
         self.metrics = Metrics()  # one per process: a reload keeps the counts
-        self.runtime = Runtime(self.clock, self.metrics, self._written)
+        self.runtime = Runtime(self.clock, self.metrics, lambda records: self.recorder.written(records))
+        self.recorder = Recorder(self.runtime)
         self._version = metrion_version()
-        self._exchanges: dict[str, Exchange] = {}
         self._timers: dict[str, IdleTimer] = {}
-        self._flows: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
         self._tunnels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client conn -> Identity
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
 
     # lifecycle
@@ -119,14 +114,14 @@ class Metrion:
     def running(self) -> None:
         self._running = True
         # Only a UI (mitmweb's or the console's flow view) shows the cost once the writer has priced a row.
-        self._loop = asyncio.get_running_loop() if ctx.master.addons.get("view") is not None else None
+        self.recorder.loop = asyncio.get_running_loop() if ctx.master.addons.get("view") is not None else None
         self.runtime.start()
         if (config := self.runtime.config) is not None:
             log.info("metrion: metering %d token(s) into %s", len(config.tokens), config.database)
 
     @guarded
     def done(self) -> None:
-        for flow_id in list(self._exchanges):
+        for flow_id in list(self.recorder.exchanges):
             self._abandon(flow_id)
         for timer in self._timers.values():
             timer.cancel()
@@ -137,7 +132,7 @@ class Metrion:
 
     @guarded
     def _abandon(self, flow_id: str) -> None:
-        self._record(None, self._exchanges[flow_id], status=None, body=None,
+        self.recorder.record(None, self.recorder.exchanges[flow_id], status=None, body=None,
                      error="Metrion shut down before the request finished", flow_id=flow_id)
 
     # forward-proxy tunnels
@@ -195,7 +190,7 @@ class Metrion:
         headers = lowercase(flow.request.headers)
         exchange = Exchange(route, redact_query(path), flow.request.method, started=self.clock(),
                             secrets=request_secrets(headers, original_path))
-        self._exchanges[flow.id] = exchange
+        self.recorder.exchanges[flow.id] = exchange
         try:
             credentials = self._check(flow, exchange, headers)
         except MetrionError as e:
@@ -392,7 +387,7 @@ class Metrion:
 
     @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.get(flow.id)
+        exchange = self.recorder.exchanges.get(flow.id)
         if exchange is None or flow.response is None:
             return
         redact_request(flow.request)
@@ -416,55 +411,27 @@ class Metrion:
 
     @guarded
     def response(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.get(flow.id)
+        exchange = self.recorder.exchanges.get(flow.id)
         if exchange is None or flow.response is None:
             return
         self._stop_timer(flow.id)
         redact_request(flow.request)
-        response = flow.response
-        body = None if exchange.stream is not None else _plain_body(response)
-        if exchange.failure is not None:
-            error = exchange.failure.message
-        elif response.status_code >= 400:
-            error = f"provider: {provider_error_message(body) or response.reason}"
-        else:
-            error = None
-        start = flow.request.timestamp_start
-        # A whole answer settles at its cost; so does a connection that never opened (nothing reached the provider).
-        settles = exchange.failure is None or flow.server_conn.timestamp_tcp_setup is None
-        record = self._record(
-            flow, exchange, status=response.status_code, body=body, error=error,
-            latency_ms=((response.timestamp_end or time.time()) - start) * 1000,
-            ttfb_ms=None if exchange.failure else (response.timestamp_start - start) * 1000, complete=settles,
-        )
-        if exchange.cache is not None and exchange.cache_hit is None:
-            self._store_reply(response, exchange, record)
+        self.recorder.answered(flow, exchange, flow.response)
 
     @guarded
     def error(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.get(flow.id)
+        exchange = self.recorder.exchanges.get(flow.id)
         if exchange is None:
             return
         self._stop_timer(flow.id)
         redact_request(flow.request)
-        message = flow.error.msg if flow.error else "unknown error"
-        if exchange.timed_out and self.runtime.config is not None:
-            message = f"upstream silent for {self.runtime.config.timeout:g} s; connection closed"
-        elif message == "Client disconnected.":
-            message = disconnect_error(exchange)  # None once the provider's terminal event reached the client
-        response = flow.response
-        start = flow.request.timestamp_start
-        self._record(
-            flow, exchange, status=response.status_code if response else None, body=None,
-            error=message, latency_ms=(time.time() - start) * 1000,
-            ttfb_ms=(response.timestamp_start - start) * 1000 if response and response.timestamp_start else None,
-        )
+        self.recorder.failed(flow, exchange)
 
     # timeouts and upstream failures
 
     @guarded
     def _time_out(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.get(flow.id)
+        exchange = self.recorder.exchanges.get(flow.id)
         if exchange is None:
             return
         exchange.timed_out = True
@@ -479,7 +446,7 @@ class Metrion:
 
     @guarded
     def _answer_upstream_failure(self, flow: http.HTTPFlow, message: str) -> http.Response | None:
-        exchange = self._exchanges.get(flow.id)
+        exchange = self.recorder.exchanges.get(flow.id)
         if exchange is None or self.runtime.config is None:
             return None
         if exchange.timed_out:
@@ -497,49 +464,12 @@ class Metrion:
 
     # rows and annotations
 
-    def _record(self, flow: http.HTTPFlow | None, exchange: Exchange, *, status: int | None, body: bytes | None,
-                error: str | None, latency_ms: float | None = None, ttfb_ms: float | None = None,
-                flow_id: str | None = None, complete: bool = False) -> store.RequestRecord:
-        flow_id = flow.id if flow else flow_id
-        record = build_record(exchange, status=status, body=body, latency_ms=latency_ms, ttfb_ms=ttfb_ms,
-                              error=error, flow_id=flow_id)
-        if exchange.cache is not None:
-            record = cache.account(record, exchange.cache_told, exchange.cache_hit)
-        if flow is not None:
-            flow.metadata["metrion"] = metadata(record)
-            flow.comment = summary(record)
-            if self._loop is not None:  # a UI will want the cost once the row is priced
-                self._flows[flow.id] = flow
-        self._put(flow_id, record, complete)
-        return record
-
-    def _store_reply(self, response: http.Response, exchange: Exchange, record: store.RequestRecord) -> None:
-        assert exchange.cache is not None and self.runtime.config is not None
-        recorder = response.stream if isinstance(response.stream, cache.StreamRecorder) else None
-        body = recorder.body if recorder is not None else response.raw_content
-        meter = exchange.stream
-        entry = cache.entry_for(exchange.cache, record, lowercase(response.headers), body, stream=meter is not None,
-                                complete=meter is None or meter.complete, now=self.clock(),
-                                max_bytes=self.runtime.config.cache.max_entry_bytes)
-        if entry is not None and self.runtime.cache is not None:
-            self.runtime.cache.put(entry, record)
-
-    def _put(self, flow_id: str | None, record: store.RequestRecord, complete: bool = False) -> None:
-        """Hand the row to the writer; the exchange is finished only now (contain() looks for unfinished ones).
-
-        `complete`: the provider's whole answer arrived, so the row's cost replaces its budget reservation.
-        """
-        self._exchanges.pop(flow_id or "", None)
-        self.runtime.budgets.finish(flow_id, complete)  # before the writer can see the row
-        if self.runtime.writer is not None:
-            self.runtime.writer.put(record)
-
     # failures of Metrion's own code (guard.py)
 
     def contain(self, hook: str, arg: object, description: str) -> None:
         """An unexpected exception in `hook`: never forward the request, always leave its row."""
         if hook == "_abandon" and isinstance(arg, str):
-            self._put(arg, fallback_record(self._exchanges[arg], None, description))
+            self.recorder.put(arg, fallback_record(self.recorder.exchanges[arg], None, description))
         if not isinstance(arg, http.HTTPFlow):
             return  # lifecycle and connection hooks: the guard logged it; no request is waiting on them
         flow = arg
@@ -548,9 +478,9 @@ class Metrion:
         elif hook in _FINAL_HOOKS:
             self._stop_timer(flow.id)
             redact_request(flow.request)
-            if exchange := self._exchanges.get(flow.id):
+            if exchange := self.recorder.exchanges.get(flow.id):
                 status = flow.response.status_code if flow.response else None
-                self._put(flow.id, fallback_record(exchange, status, description))
+                self.recorder.put(flow.id, fallback_record(exchange, status, description))
         else:
             self._note_internal_error(flow.id, description)
 
@@ -559,7 +489,7 @@ class Metrion:
         flow.metadata.pop("metrion", None)
         error = MetrionError(500, "metrion_internal_error",
                              f"Metrion failed while handling this request ({description}); it was not forwarded.")
-        exchange = self._exchanges.get(flow.id) or self._exchange_after_internal_error(flow)
+        exchange = self.recorder.exchanges.get(flow.id) or self._exchange_after_internal_error(flow)
         error_format = exchange.route.format if exchange else None
         if exchange is not None:
             exchange.failure = error
@@ -583,33 +513,13 @@ class Metrion:
         flow.request.path = path  # a ?key= never stays in the flow
         exchange = Exchange(route, redact_query(path), flow.request.method, started=self.clock(),
                             requester=requester({"x-metrion-user": flow.request.headers.get("x-metrion-user", "")}))
-        self._exchanges[flow.id] = exchange
+        self.recorder.exchanges[flow.id] = exchange
         return exchange
 
     def _note_internal_error(self, flow_id: str, description: str) -> None:
         """Metering failed mid-answer: the answer goes on, and the row will say why its usage may be missing."""
-        if exchange := self._exchanges.get(flow_id):
+        if exchange := self.recorder.exchanges.get(flow_id):
             exchange.internal_error = description
-
-    def _written(self, records: list[store.RequestRecord]) -> None:
-        """Called on the writer thread once rows are written: count them, let alert rules look again, and show
-        their cost in mitmweb."""
-        self.metrics.rows_written(records)
-        if self.runtime.monitor is not None:
-            self.runtime.monitor.poke()
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._annotate, records)
-
-    def _annotate(self, records: list[store.RequestRecord]) -> None:
-        flows = []
-        for record in records:
-            flow = self._flows.pop(record.flow_id, None) if record.flow_id else None
-            if flow is not None:
-                flow.metadata["metrion"] = metadata(record)
-                flow.comment = summary(record)
-                flows.append(flow)
-        if flows:
-            ctx.master.addons.trigger(hooks.UpdateHook(flows))
 
     def _error_response(self, error_format: str | None, error: MetrionError, exchange: Exchange | None = None
                         ) -> http.Response:
@@ -631,15 +541,6 @@ def _replayed(replay: cache.Replay) -> http.Response:
     now = time.time()
     reason = status_codes.RESPONSES.get(replay.status, "").encode()
     return http.Response(b"HTTP/1.1", replay.status, reason, http.Headers(replay.headers), replay.body, None, now, now)
-
-
-def _plain_body(response: http.Response) -> bytes | None:
-    if "content-encoding" not in response.headers:
-        return response.raw_content
-    try:
-        return response.content  # decoded: the provider ignored accept-encoding: identity
-    except ValueError:
-        return response.raw_content
 
 
 def _blocked(host: str) -> str:
