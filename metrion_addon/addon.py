@@ -47,6 +47,7 @@ from metrion_addon.routes import (
     upstream_target,
 )
 from metrion_addon.runtime import Runtime
+from metrion_addon.shared_budgets import admit_on_redis
 from metrion_addon.shared_limits import SharedLimits
 from metrion_addon.upstream import (
     IdleTimer,
@@ -184,9 +185,9 @@ class Metrion:
         """Reserve the budget and count the limits, then forward; a coroutine when the limits live on Redis."""
         try:
             now = self.clock()
-            hold = self._hold(flow, exchange, now)
             if self.runtime.shared is not None:
-                return self._request_shared(flow, self.runtime.shared, exchange, headers, credentials, hold, now)
+                return self._request_shared(flow, self.runtime.shared, exchange, headers, credentials, now)
+            hold = self._hold(flow, exchange, now)
             assert exchange.identity is not None
             try:
                 admission = self.runtime.limits.admit(exchange.identity.token_name, exchange.identity.plan, now)
@@ -227,13 +228,14 @@ class Metrion:
 
     @guarded_coroutine("request")
     async def _request_shared(self, flow: http.HTTPFlow, shared: SharedLimits, exchange: Exchange,
-                              headers: dict[str, str], credentials: Upstream | None, hold: Hold | None,
-                              now: float) -> None:
-        assert exchange.identity is not None
+                              headers: dict[str, str], credentials: Upstream | None, now: float) -> None:
+        identity = exchange.identity
+        assert identity is not None
         try:
-            admission = await shared.admit(exchange.identity.token_name, exchange.identity.plan, now)
+            hold, admission = await admit_on_redis(
+                self.runtime.budgets, shared, identity.token_name, identity.plan, now, exchange.route,
+                flow.request.method, flow.request.raw_content or b"", exchange.request)
         except MetrionError as e:
-            self._release(hold)
             self._refuse(flow, exchange, e)
             return
         self._let_through(flow, exchange, admission, hold, headers, credentials)
