@@ -25,7 +25,15 @@ from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import server_hooks
 
 from metrion_addon import cache, contentview, store  # importing contentview registers the LLM stream view for mitmweb
-from metrion_addon.auth import Upstream, authenticate, identify_forward, lift_query_key, other_host_identity, requester
+from metrion_addon.auth import (
+    Upstream,
+    authenticate,
+    forbid_stray_metrion_token,
+    identify_forward,
+    lift_query_key,
+    other_host_identity,
+    requester,
+)
 from metrion_addon.budgets import Budgets, Hold, MemoryBudgetCounters, TokenBudget, token_budgets
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import Config, ConfigError, find_config, load_config
@@ -479,6 +487,8 @@ class Metrion:
         else:
             identity, credentials = authenticate(route.provider, headers, self._tokens, route.format)
         exchange.identity = identity
+        replaced = (*credentials.drop_headers, *(credentials.set_headers or {})) if credentials else ()
+        forbid_stray_metrion_token(flow.request.headers.fields, flow.request.path, replaced)
         exchange.request = inspect_body(
             route, flow.request.method, headers.get("content-type", ""), flow.request.raw_content or b""
         )
