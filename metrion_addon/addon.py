@@ -7,61 +7,54 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import os
 import sys
-import time
-import weakref
 from collections.abc import Coroutine
 from typing import NoReturn
 
 from mitmproxy import ctx, exceptions, http
-from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import server_hooks
 
 from metrion_addon import cache, contentview  # importing contentview registers the LLM stream view for mitmweb
-from metrion_addon.auth import Upstream, authenticate, identify_forward, lift_query_key, other_host_identity, requester
+from metrion_addon.auth import Upstream, authenticate, lift_query_key, requester
 from metrion_addon.budgets import Hold
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import ConfigError
-from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
 from metrion_addon.display import FlowDisplay
-from metrion_addon.errors import MetrionError, error_body, error_headers
+from metrion_addon.errors import MetrionError
+from metrion_addon.forward_proxy import ForwardProxy, one_request_per_connection
 from metrion_addon.guard import GuardedStream, guarded, guarded_coroutine
 from metrion_addon.headers import drop_metrion_headers, lowercase, redact, redact_request, rewrite
-from metrion_addon.health import health, metrion_version
+from metrion_addon.health import metrion_version
 from metrion_addon.limits import Admission
 from metrion_addon.metering import (
     Exchange,
     fallback_record,
     stream_tap,
 )
-from metrion_addon.metrics import CONTENT_TYPE, Metrics
+from metrion_addon.metrics import Metrics
 from metrion_addon.recording import Recorder
 from metrion_addon.redact import redact_query, request_secrets
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
+from metrion_addon.responses import OWN_ENDPOINTS, answer_with_error, error_response, own_endpoint, replayed
 from metrion_addon.routes import (
     Route,
-    host_provider,
     is_metrion_path,
     route_metrion_path,
     route_provider_host,
     upstream_target,
 )
 from metrion_addon.runtime import Runtime
+from metrion_addon.shared_budgets import admit_on_redis
 from metrion_addon.shared_limits import SharedLimits
+from metrion_addon.timeouts import Timeouts
 from metrion_addon.upstream import (
-    IdleTimer,
-    answer_upstream_failures,
-    cancel_upstream,
     connect_lazily_unless_chosen,
-    watch_response_bodies,
 )
 
 log = logging.getLogger(__name__)
 
-_OWN_ENDPOINTS = ("/metrion/health", "/metrion/metrics")
 
 _REQUEST_HOOKS = ("request", "http_connect")  # a failure here must answer the request: it is not forwarded yet
 _FINAL_HOOKS = ("response", "error")  # a failure here must still leave the row
@@ -74,8 +67,8 @@ class Metrion:
         self.runtime = Runtime(self.clock, self.metrics, lambda records: self.recorder.written(records))
         self.recorder = Recorder(self.runtime)
         self._version = metrion_version()
-        self._timers: dict[str, IdleTimer] = {}
-        self._tunnels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client conn -> Identity
+        self.timeouts = Timeouts(self.recorder, self.contain)
+        self.forward_proxy = ForwardProxy(self.runtime)
         self._running = False
 
     # lifecycle
@@ -97,8 +90,7 @@ class Metrion:
             self.runtime.open(ctx.options.metrion_config, self._reload)
         except ConfigError as e:
             self._bad_config(f"metrion: {e}", e)
-        answer_upstream_failures(self._answer_upstream_failure)
-        watch_response_bodies(self._body_data)
+        self.timeouts.watch()
 
     def _bad_config(self, line: str, cause: Exception) -> NoReturn:
         if self.runtime.config is None and not self._running:  # start-up: one line, no proxy behind a broken meter
@@ -122,11 +114,7 @@ class Metrion:
     def done(self) -> None:
         for flow_id in list(self.recorder.exchanges):
             self._abandon(flow_id)
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
-        answer_upstream_failures(None)
-        watch_response_bodies(None)
+        self.timeouts.close()
         self.runtime.close()
 
     @guarded
@@ -140,26 +128,11 @@ class Metrion:
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or self.runtime.config is None:
             return
-        credentials = flow.request.headers.get("proxy-authorization")
-        try:
-            if host_provider(flow.request.host, flow.request.port, self.runtime.hosts):
-                self._tunnels[flow.client_conn] = identify_forward(credentials, self.runtime.tokens)
-            elif self.runtime.config.block_other_hosts:
-                raise MetrionError(403, "host_blocked", _blocked(flow.request.host))
-            elif identity := other_host_identity(credentials, self.runtime.tokens, tunnel=None,
-                                                 open_to_all=self.runtime.config.allow_other_hosts_without_token):
-                self._tunnels[flow.client_conn] = identity
-        except MetrionError as e:
-            flow.response = self._error_response(None, e)
-            flow.marked = _REJECTED_MARK
-        redact(flow.request.headers)  # CONNECT flows are kept and saved like any other
+        self.forward_proxy.connect(flow)
 
     @guarded
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        # One upstream connection per flow (HTTP/1.1) lets a timeout close exactly one request.
-        address = data.server.address
-        if address and address[0] in self.runtime.upstream_hosts and not data.server.alpn_offers:
-            data.server.alpn_offers = (b"http/1.1",)
+        one_request_per_connection(data.server, self.runtime.upstream_hosts)
 
     # the request's way up
 
@@ -169,9 +142,8 @@ class Metrion:
         the one round trip never blocks the loop, and a single instance pays nothing for it."""
         if flow.response or flow.error or not flow.live or self.runtime.config is None:
             return None
-        if flow.request.path in _OWN_ENDPOINTS and host_provider(flow.request.host, flow.request.port,
-                                                                  self.runtime.hosts) is None:
-            flow.response = self._own_endpoint(flow.request.path)
+        if flow.request.path in OWN_ENDPOINTS and self.forward_proxy.provider(flow) is None:
+            flow.response = own_endpoint(flow.request.path, self.runtime, self._version)
             return None
         original_path = flow.request.path
         path, query_key = lift_query_key(original_path)  # Gemini's ?key= becomes x-goog-api-key: never logged
@@ -204,9 +176,9 @@ class Metrion:
         """Reserve the budget and count the limits, then forward; a coroutine when the limits live on Redis."""
         try:
             now = self.clock()
-            hold = self._hold(flow, exchange, now)
             if self.runtime.shared is not None:
-                return self._request_shared(flow, self.runtime.shared, exchange, headers, credentials, hold, now)
+                return self._request_shared(flow, self.runtime.shared, exchange, headers, credentials, now)
+            hold = self._hold(flow, exchange, now)
             assert exchange.identity is not None
             try:
                 admission = self.runtime.limits.admit(exchange.identity.token_name, exchange.identity.plan, now)
@@ -242,18 +214,19 @@ class Metrion:
         for state in admission.saved:
             self.runtime.writer.put(state)
         exchange.limit_headers, exchange.cache_hit, exchange.cache_told = admission.headers, hit, cache.Outcome.HIT
-        flow.response = _replayed(cache.replay(hit, self.clock()))
+        flow.response = replayed(cache.replay(hit, self.clock()))
         redact_request(flow.request)
 
     @guarded_coroutine("request")
     async def _request_shared(self, flow: http.HTTPFlow, shared: SharedLimits, exchange: Exchange,
-                              headers: dict[str, str], credentials: Upstream | None, hold: Hold | None,
-                              now: float) -> None:
-        assert exchange.identity is not None
+                              headers: dict[str, str], credentials: Upstream | None, now: float) -> None:
+        identity = exchange.identity
+        assert identity is not None
         try:
-            admission = await shared.admit(exchange.identity.token_name, exchange.identity.plan, now)
+            hold, admission = await admit_on_redis(
+                self.runtime.budgets, shared, identity.token_name, identity.plan, now, exchange.route,
+                flow.request.method, flow.request.raw_content or b"", exchange.request)
         except MetrionError as e:
-            self._release(hold)
             self._refuse(flow, exchange, e)
             return
         self._let_through(flow, exchange, admission, hold, headers, credentials)
@@ -264,23 +237,10 @@ class Metrion:
         return self.runtime.budgets.admit(exchange.identity.token_name, now, exchange.route, flow.request.method,
                                   flow.request.raw_content or b"", exchange.request)
 
-    def _own_endpoint(self, path: str) -> http.Response:
-        """GET /metrion/health for load balancers, GET /metrion/metrics for Prometheus."""
-        if path == "/metrion/metrics":
-            return http.Response.make(200, self.metrics.render(), {"content-type": CONTENT_TYPE})
-        assert self.runtime.config is not None and self.runtime.writer is not None
-        shared = self.runtime.shared
-        state = health(writer_error=self.runtime.writer.trouble, backlog=self.runtime.writer.backlog, database="sqlite",
-                       redis_error=False if shared is None else shared.error,
-                       redis_closed=shared is not None and shared.on_failure == "closed", version=self._version)
-        return http.Response.make(state.status, json.dumps(state.body).encode(),
-                                  {"content-type": "application/json", "cache-control": "no-store"})
-
     def _refuse(self, flow: http.HTTPFlow, exchange: Exchange, error: MetrionError) -> None:
         self.metrics.rejected(error.code)
         exchange.failure = error
-        flow.response = self._error_response(exchange.route.format, error, exchange)
-        flow.marked = _REJECTED_MARK
+        answer_with_error(flow, exchange.route.format, error, exchange)
         redact_request(flow.request)
 
     def _let_through(self, flow: http.HTTPFlow, exchange: Exchange, admission: Admission, hold: Hold | None,
@@ -303,35 +263,18 @@ class Metrion:
 
     def _route(self, flow: http.HTTPFlow, path: str) -> Route | None:
         assert self.runtime.config is not None
-        if provider := host_provider(flow.request.host, flow.request.port, self.runtime.hosts):
+        if provider := self.forward_proxy.provider(flow):
             return route_provider_host(provider, flow.request.host, path, self.runtime.urls)
         if not is_metrion_path(path):
-            self._pass_other_host(flow)
+            self.forward_proxy.pass_other_host(flow)
             return None
         route = route_metrion_path(path, self.runtime.urls)
         if route is None:
             others = ",".join(name for name in self.runtime.urls if name != "anthropic")
             error = MetrionError(404, "unknown_route", f"Metrion has no route {path.split('?')[0]!r}: "
                                  f"use /api/proxy/v1/messages or /api/proxy/{{{others}}}/v1/...")
-            flow.response = self._error_response(None, error)
+            flow.response = error_response(None, error)
         return route
-
-    def _pass_other_host(self, flow: http.HTTPFlow) -> None:
-        """Traffic that is not Metrion's: blocked, or passed on for a token holder (or anyone, if configured)."""
-        assert self.runtime.config is not None
-        headers = flow.request.headers
-        try:
-            if self.runtime.config.block_other_hosts:
-                raise MetrionError(403, "host_blocked", _blocked(flow.request.host))
-            other_host_identity(headers.get("proxy-authorization"), self.runtime.tokens,
-                                tunnel=self._tunnels.get(flow.client_conn),
-                                open_to_all=self.runtime.config.allow_other_hosts_without_token)
-        except MetrionError as e:
-            flow.response = self._error_response(None, e)
-            flow.marked = _REJECTED_MARK
-            redact(headers)
-            return
-        rewrite(headers, {"proxy-authorization"}, {})  # the proxy's credential is for Metrion, never the host
 
     def _check(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str]) -> Upstream | None:
         """Authenticate and validate the request (the limits come next); raise MetrionError to refuse it.
@@ -341,10 +284,8 @@ class Metrion:
         assert self.runtime.config is not None and self.runtime.writer is not None
         route = exchange.route
         exchange.requester = requester(headers)
-        if host_provider(flow.request.host, flow.request.port, self.runtime.hosts) is not None:
-            identity = self._tunnels.get(flow.client_conn) or identify_forward(
-                headers.get("proxy-authorization"), self.runtime.tokens
-            )
+        if self.forward_proxy.provider(flow) is not None:
+            identity = self.forward_proxy.identity(flow, headers.get("proxy-authorization"))
             credentials = None
         else:
             identity, credentials = authenticate(route.provider, headers, self.runtime.tokens, route.format)
@@ -377,7 +318,7 @@ class Metrion:
             exchange.hide_usage_chunk = True
         request.scheme, request.host, request.port, request.path = upstream_target(route.upstream_url)  # in this order
         exchange.forwarded = True
-        self._timers[flow.id] = IdleTimer(self.runtime.config.timeout, lambda: self._time_out(flow))
+        self.timeouts.start(flow, self.runtime.config.timeout)
         token = exchange.identity.token_name if exchange.identity else None
         flow.metadata["metrion"] = {"provider": route.provider, "token": token}
 
@@ -392,7 +333,7 @@ class Metrion:
         if exchange.failure is None:  # Metrion's own answers carry these already
             limits = tuple((name.encode(), value.encode()) for name, value in exchange.limit_headers.items())
             flow.response.headers.fields += limits
-        timer = self._timers.get(flow.id)
+        timer = self.timeouts.get(flow.id)
         if timer is None:
             return
         timer.touch()
@@ -412,7 +353,7 @@ class Metrion:
         exchange = self.recorder.exchanges.get(flow.id)
         if exchange is None or flow.response is None:
             return
-        self._stop_timer(flow.id)
+        self.timeouts.stop(flow.id)
         redact_request(flow.request)
         self.recorder.answered(flow, exchange, flow.response)
 
@@ -421,46 +362,9 @@ class Metrion:
         exchange = self.recorder.exchanges.get(flow.id)
         if exchange is None:
             return
-        self._stop_timer(flow.id)
+        self.timeouts.stop(flow.id)
         redact_request(flow.request)
         self.recorder.failed(flow, exchange)
-
-    # timeouts and upstream failures
-
-    @guarded
-    def _time_out(self, flow: http.HTTPFlow) -> None:
-        exchange = self.recorder.exchanges.get(flow.id)
-        if exchange is None:
-            return
-        exchange.timed_out = True
-        if not cancel_upstream(flow):
-            log.warning("metrion: flow %s timed out but had no upstream connection to close", flow.id)
-
-    @guarded
-    def _body_data(self, flow: http.HTTPFlow) -> None:
-        """Any byte from the provider means it is not silent, body bytes of a buffered reply included."""
-        if timer := self._timers.get(flow.id):
-            timer.touch()
-
-    @guarded
-    def _answer_upstream_failure(self, flow: http.HTTPFlow, message: str) -> http.Response | None:
-        exchange = self.recorder.exchanges.get(flow.id)
-        if exchange is None or self.runtime.config is None:
-            return None
-        if exchange.timed_out:
-            error = MetrionError(504, "upstream_timeout",
-                                 f"The provider did not respond within {self.runtime.config.timeout:g} s.")
-        else:
-            error = MetrionError(502, "upstream_unreachable", f"Metrion could not reach the provider: {message}")
-        exchange.failure = error
-        flow.marked = _REJECTED_MARK
-        return self._error_response(exchange.route.format, error, exchange)
-
-    def _stop_timer(self, flow_id: str) -> None:
-        if timer := self._timers.pop(flow_id, None):
-            timer.cancel()
-
-    # rows and annotations
 
     # failures of Metrion's own code (guard.py)
 
@@ -474,7 +378,7 @@ class Metrion:
         if hook in _REQUEST_HOOKS:
             self._refuse_after_internal_error(flow, description)
         elif hook in _FINAL_HOOKS:
-            self._stop_timer(flow.id)
+            self.timeouts.stop(flow.id)
             redact_request(flow.request)
             if exchange := self.recorder.exchanges.get(flow.id):
                 status = flow.response.status_code if flow.response else None
@@ -483,7 +387,7 @@ class Metrion:
             self._note_internal_error(flow.id, description)
 
     def _refuse_after_internal_error(self, flow: http.HTTPFlow, description: str) -> None:
-        self._stop_timer(flow.id)
+        self.timeouts.stop(flow.id)
         flow.metadata.pop("metrion", None)
         error = MetrionError(500, "metrion_internal_error",
                              f"Metrion failed while handling this request ({description}); it was not forwarded.")
@@ -491,8 +395,7 @@ class Metrion:
         error_format = exchange.route.format if exchange else None
         if exchange is not None:
             exchange.failure = error
-        flow.response = self._error_response(error_format, error, exchange)
-        flow.marked = _REJECTED_MARK
+        answer_with_error(flow, error_format, error, exchange)
         drop_metrion_headers(flow.request.headers)
         redact(flow.request.headers)
 
@@ -502,7 +405,7 @@ class Metrion:
             return None
         path, _ = lift_query_key(flow.request.path)
         route = None
-        if provider := host_provider(flow.request.host, flow.request.port, self.runtime.hosts):
+        if provider := self.forward_proxy.provider(flow):
             route = route_provider_host(provider, flow.request.host, path, self.runtime.urls)
         elif is_metrion_path(path):
             route = route_metrion_path(path, self.runtime.urls)
@@ -519,11 +422,6 @@ class Metrion:
         if exchange := self.recorder.exchanges.get(flow_id):
             exchange.internal_error = description
 
-    def _error_response(self, error_format: str | None, error: MetrionError, exchange: Exchange | None = None
-                        ) -> http.Response:
-        headers = {**(exchange.limit_headers if exchange else {}), **error_headers(error)}
-        return http.Response.make(error.status, error_body(error_format, error), headers)
-
 
 def _refuse_to_start(line: str) -> NoReturn:
     """Print `line` and end the process now: mitmproxy would log a traceback for a script and listen anyway.
@@ -533,16 +431,6 @@ def _refuse_to_start(line: str) -> NoReturn:
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
     os._exit(2)
-
-
-def _replayed(replay: cache.Replay) -> http.Response:
-    now = time.time()
-    reason = status_codes.RESPONSES.get(replay.status, "").encode()
-    return http.Response(b"HTTP/1.1", replay.status, reason, http.Headers(replay.headers), replay.body, None, now, now)
-
-
-def _blocked(host: str) -> str:
-    return f"Metrion: {host} is not an AI provider host, and this proxy blocks other hosts."
 
 
 __all__ = ["Metrion", "contentview"]
