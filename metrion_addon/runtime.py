@@ -66,7 +66,7 @@ class Runtime:
         pricer, budget_pricer, budgets, window = pricing(config)
         self.budgets = Budgets(budgets, MemoryBudgetCounters(store.load_budgets(conn)), budget_pricer, window)
         self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._on_written,
-                                   settle=self.budgets.settle)
+                                   settle=self.budgets.settle, settles_now=self.budgets.waits_for)
         self.writer.start()
         self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
         self.cache = SQLiteCacheStore(config.database, self.writer, config.cache.max_bytes)
