@@ -7,52 +7,47 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import os
 import sys
-import time
-import weakref
 from collections.abc import Coroutine
 from typing import NoReturn
 
-from mitmproxy import ctx, exceptions, hooks, http
-from mitmproxy.net.http import status_codes
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
-from metrion_addon import cache, contentview, store  # importing contentview registers the LLM stream view for mitmweb
-from metrion_addon.auth import Upstream, authenticate, identify_forward, lift_query_key, other_host_identity, requester
+from metrion_addon import cache, contentview  # importing contentview registers the LLM stream view for mitmweb
+from metrion_addon.auth import Upstream, authenticate, lift_query_key, requester
 from metrion_addon.budgets import Hold
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import ConfigError
 from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
 from metrion_addon.display import FlowDisplay
-from metrion_addon.errors import MetrionError, error_body, error_headers, provider_error_message
+from metrion_addon.errors import MetrionError
+from metrion_addon.forward_proxy import ForwardProxy, one_request_per_connection
 from metrion_addon.guard import GuardedStream, guarded, guarded_coroutine
 from metrion_addon.headers import drop_metrion_headers, lowercase, redact, redact_request, rewrite
-from metrion_addon.health import health, metrion_version
+from metrion_addon.health import metrion_version
 from metrion_addon.limits import Admission
 from metrion_addon.metering import (
     Exchange,
-    build_record,
-    disconnect_error,
     fallback_record,
-    metadata,
     stream_tap,
-    summary,
 )
-from metrion_addon.metrics import CONTENT_TYPE, Metrics
+from metrion_addon.metrics import Metrics
+from metrion_addon.recording import Recorder
 from metrion_addon.redact import redact_query, request_secrets
 from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
+from metrion_addon.responses import OWN_ENDPOINTS, answer_with_error, error_response, own_endpoint, replayed
 from metrion_addon.routes import (
     Route,
-    host_provider,
     is_metrion_path,
     route_metrion_path,
     route_provider_host,
     upstream_target,
 )
 from metrion_addon.runtime import Runtime
+from metrion_addon.shared_budgets import admit_on_redis
 from metrion_addon.shared_limits import SharedLimits
 from metrion_addon.upstream import (
     IdleTimer,
@@ -64,7 +59,6 @@ from metrion_addon.upstream import (
 
 log = logging.getLogger(__name__)
 
-_OWN_ENDPOINTS = ("/metrion/health", "/metrion/metrics")
 
 _REQUEST_HOOKS = ("request", "http_connect")  # a failure here must answer the request: it is not forwarded yet
 _FINAL_HOOKS = ("response", "error")  # a failure here must still leave the row
@@ -74,13 +68,11 @@ class Metrion:
     def __init__(self, clock: Clock | None = None) -> None:
         self.clock = clock or clock_from_env()
         self.metrics = Metrics()  # one per process: a reload keeps the counts
-        self.runtime = Runtime(self.clock, self.metrics, self._written)
+        self.runtime = Runtime(self.clock, self.metrics, lambda records: self.recorder.written(records))
+        self.recorder = Recorder(self.runtime)
         self._version = metrion_version()
-        self._exchanges: dict[str, Exchange] = {}
         self._timers: dict[str, IdleTimer] = {}
-        self._flows: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
-        self._tunnels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client conn -> Identity
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.forward_proxy = ForwardProxy(self.runtime)
         self._running = False
 
     # lifecycle
@@ -118,14 +110,14 @@ class Metrion:
     def running(self) -> None:
         self._running = True
         # Only a UI (mitmweb's or the console's flow view) shows the cost once the writer has priced a row.
-        self._loop = asyncio.get_running_loop() if ctx.master.addons.get("view") is not None else None
+        self.recorder.loop = asyncio.get_running_loop() if ctx.master.addons.get("view") is not None else None
         self.runtime.start()
         if (config := self.runtime.config) is not None:
             log.info("metrion: metering %d token(s) into %s", len(config.tokens), config.database)
 
     @guarded
     def done(self) -> None:
-        for flow_id in list(self._exchanges):
+        for flow_id in list(self.recorder.exchanges):
             self._abandon(flow_id)
         for timer in self._timers.values():
             timer.cancel()
@@ -136,7 +128,7 @@ class Metrion:
 
     @guarded
     def _abandon(self, flow_id: str) -> None:
-        self._record(None, self._exchanges[flow_id], status=None, body=None,
+        self.recorder.record(None, self.recorder.exchanges[flow_id], status=None, body=None,
                      error="Metrion shut down before the request finished", flow_id=flow_id)
 
     # forward-proxy tunnels
@@ -145,26 +137,11 @@ class Metrion:
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or self.runtime.config is None:
             return
-        credentials = flow.request.headers.get("proxy-authorization")
-        try:
-            if host_provider(flow.request.host, flow.request.port, self.runtime.hosts):
-                self._tunnels[flow.client_conn] = identify_forward(credentials, self.runtime.tokens)
-            elif self.runtime.config.block_other_hosts:
-                raise MetrionError(403, "host_blocked", _blocked(flow.request.host))
-            elif identity := other_host_identity(credentials, self.runtime.tokens, tunnel=None,
-                                                 open_to_all=self.runtime.config.allow_other_hosts_without_token):
-                self._tunnels[flow.client_conn] = identity
-        except MetrionError as e:
-            flow.response = self._error_response(None, e)
-            flow.marked = _REJECTED_MARK
-        redact(flow.request.headers)  # CONNECT flows are kept and saved like any other
+        self.forward_proxy.connect(flow)
 
     @guarded
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        # One upstream connection per flow (HTTP/1.1) lets a timeout close exactly one request.
-        address = data.server.address
-        if address and address[0] in self.runtime.upstream_hosts and not data.server.alpn_offers:
-            data.server.alpn_offers = (b"http/1.1",)
+        one_request_per_connection(data.server, self.runtime.upstream_hosts)
 
     # the request's way up
 
@@ -174,9 +151,8 @@ class Metrion:
         the one round trip never blocks the loop, and a single instance pays nothing for it."""
         if flow.response or flow.error or not flow.live or self.runtime.config is None:
             return None
-        if flow.request.path in _OWN_ENDPOINTS and host_provider(flow.request.host, flow.request.port,
-                                                                  self.runtime.hosts) is None:
-            flow.response = self._own_endpoint(flow.request.path)
+        if flow.request.path in OWN_ENDPOINTS and self.forward_proxy.provider(flow) is None:
+            flow.response = own_endpoint(flow.request.path, self.runtime, self._version)
             return None
         original_path = flow.request.path
         path, query_key = lift_query_key(original_path)  # Gemini's ?key= becomes x-goog-api-key: never logged
@@ -194,7 +170,7 @@ class Metrion:
         headers = lowercase(flow.request.headers)
         exchange = Exchange(route, redact_query(path), flow.request.method, started=self.clock(),
                             secrets=request_secrets(headers, original_path))
-        self._exchanges[flow.id] = exchange
+        self.recorder.exchanges[flow.id] = exchange
         try:
             credentials = self._check(flow, exchange, headers)
         except MetrionError as e:
@@ -209,9 +185,9 @@ class Metrion:
         """Reserve the budget and count the limits, then forward; a coroutine when the limits live on Redis."""
         try:
             now = self.clock()
-            hold = self._hold(flow, exchange, now)
             if self.runtime.shared is not None:
-                return self._request_shared(flow, self.runtime.shared, exchange, headers, credentials, hold, now)
+                return self._request_shared(flow, self.runtime.shared, exchange, headers, credentials, now)
+            hold = self._hold(flow, exchange, now)
             assert exchange.identity is not None
             try:
                 admission = self.runtime.limits.admit(exchange.identity.token_name, exchange.identity.plan, now)
@@ -247,18 +223,19 @@ class Metrion:
         for state in admission.saved:
             self.runtime.writer.put(state)
         exchange.limit_headers, exchange.cache_hit, exchange.cache_told = admission.headers, hit, cache.Outcome.HIT
-        flow.response = _replayed(cache.replay(hit, self.clock()))
+        flow.response = replayed(cache.replay(hit, self.clock()))
         redact_request(flow.request)
 
     @guarded_coroutine("request")
     async def _request_shared(self, flow: http.HTTPFlow, shared: SharedLimits, exchange: Exchange,
-                              headers: dict[str, str], credentials: Upstream | None, hold: Hold | None,
-                              now: float) -> None:
-        assert exchange.identity is not None
+                              headers: dict[str, str], credentials: Upstream | None, now: float) -> None:
+        identity = exchange.identity
+        assert identity is not None
         try:
-            admission = await shared.admit(exchange.identity.token_name, exchange.identity.plan, now)
+            hold, admission = await admit_on_redis(
+                self.runtime.budgets, shared, identity.token_name, identity.plan, now, exchange.route,
+                flow.request.method, flow.request.raw_content or b"", exchange.request)
         except MetrionError as e:
-            self._release(hold)
             self._refuse(flow, exchange, e)
             return
         self._let_through(flow, exchange, admission, hold, headers, credentials)
@@ -269,23 +246,10 @@ class Metrion:
         return self.runtime.budgets.admit(exchange.identity.token_name, now, exchange.route, flow.request.method,
                                   flow.request.raw_content or b"", exchange.request)
 
-    def _own_endpoint(self, path: str) -> http.Response:
-        """GET /metrion/health for load balancers, GET /metrion/metrics for Prometheus."""
-        if path == "/metrion/metrics":
-            return http.Response.make(200, self.metrics.render(), {"content-type": CONTENT_TYPE})
-        assert self.runtime.config is not None and self.runtime.writer is not None
-        shared = self.runtime.shared
-        state = health(writer_error=self.runtime.writer.trouble, backlog=self.runtime.writer.backlog, database="sqlite",
-                       redis_error=False if shared is None else shared.error,
-                       redis_closed=shared is not None and shared.on_failure == "closed", version=self._version)
-        return http.Response.make(state.status, json.dumps(state.body).encode(),
-                                  {"content-type": "application/json", "cache-control": "no-store"})
-
     def _refuse(self, flow: http.HTTPFlow, exchange: Exchange, error: MetrionError) -> None:
         self.metrics.rejected(error.code)
         exchange.failure = error
-        flow.response = self._error_response(exchange.route.format, error, exchange)
-        flow.marked = _REJECTED_MARK
+        answer_with_error(flow, exchange.route.format, error, exchange)
         redact_request(flow.request)
 
     def _let_through(self, flow: http.HTTPFlow, exchange: Exchange, admission: Admission, hold: Hold | None,
@@ -308,35 +272,18 @@ class Metrion:
 
     def _route(self, flow: http.HTTPFlow, path: str) -> Route | None:
         assert self.runtime.config is not None
-        if provider := host_provider(flow.request.host, flow.request.port, self.runtime.hosts):
+        if provider := self.forward_proxy.provider(flow):
             return route_provider_host(provider, flow.request.host, path, self.runtime.urls)
         if not is_metrion_path(path):
-            self._pass_other_host(flow)
+            self.forward_proxy.pass_other_host(flow)
             return None
         route = route_metrion_path(path, self.runtime.urls)
         if route is None:
             others = ",".join(name for name in self.runtime.urls if name != "anthropic")
             error = MetrionError(404, "unknown_route", f"Metrion has no route {path.split('?')[0]!r}: "
                                  f"use /api/proxy/v1/messages or /api/proxy/{{{others}}}/v1/...")
-            flow.response = self._error_response(None, error)
+            flow.response = error_response(None, error)
         return route
-
-    def _pass_other_host(self, flow: http.HTTPFlow) -> None:
-        """Traffic that is not Metrion's: blocked, or passed on for a token holder (or anyone, if configured)."""
-        assert self.runtime.config is not None
-        headers = flow.request.headers
-        try:
-            if self.runtime.config.block_other_hosts:
-                raise MetrionError(403, "host_blocked", _blocked(flow.request.host))
-            other_host_identity(headers.get("proxy-authorization"), self.runtime.tokens,
-                                tunnel=self._tunnels.get(flow.client_conn),
-                                open_to_all=self.runtime.config.allow_other_hosts_without_token)
-        except MetrionError as e:
-            flow.response = self._error_response(None, e)
-            flow.marked = _REJECTED_MARK
-            redact(headers)
-            return
-        rewrite(headers, {"proxy-authorization"}, {})  # the proxy's credential is for Metrion, never the host
 
     def _check(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str]) -> Upstream | None:
         """Authenticate and validate the request (the limits come next); raise MetrionError to refuse it.
@@ -346,10 +293,8 @@ class Metrion:
         assert self.runtime.config is not None and self.runtime.writer is not None
         route = exchange.route
         exchange.requester = requester(headers)
-        if host_provider(flow.request.host, flow.request.port, self.runtime.hosts) is not None:
-            identity = self._tunnels.get(flow.client_conn) or identify_forward(
-                headers.get("proxy-authorization"), self.runtime.tokens
-            )
+        if self.forward_proxy.provider(flow) is not None:
+            identity = self.forward_proxy.identity(flow, headers.get("proxy-authorization"))
             credentials = None
         else:
             identity, credentials = authenticate(route.provider, headers, self.runtime.tokens, route.format)
@@ -390,7 +335,7 @@ class Metrion:
 
     @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.get(flow.id)
+        exchange = self.recorder.exchanges.get(flow.id)
         if exchange is None or flow.response is None:
             return
         redact_request(flow.request)
@@ -414,55 +359,27 @@ class Metrion:
 
     @guarded
     def response(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.get(flow.id)
+        exchange = self.recorder.exchanges.get(flow.id)
         if exchange is None or flow.response is None:
             return
         self._stop_timer(flow.id)
         redact_request(flow.request)
-        response = flow.response
-        body = None if exchange.stream is not None else _plain_body(response)
-        if exchange.failure is not None:
-            error = exchange.failure.message
-        elif response.status_code >= 400:
-            error = f"provider: {provider_error_message(body) or response.reason}"
-        else:
-            error = None
-        start = flow.request.timestamp_start
-        # A whole answer settles at its cost; so does a connection that never opened (nothing reached the provider).
-        settles = exchange.failure is None or flow.server_conn.timestamp_tcp_setup is None
-        record = self._record(
-            flow, exchange, status=response.status_code, body=body, error=error,
-            latency_ms=((response.timestamp_end or time.time()) - start) * 1000,
-            ttfb_ms=None if exchange.failure else (response.timestamp_start - start) * 1000, complete=settles,
-        )
-        if exchange.cache is not None and exchange.cache_hit is None:
-            self._store_reply(response, exchange, record)
+        self.recorder.answered(flow, exchange, flow.response)
 
     @guarded
     def error(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.get(flow.id)
+        exchange = self.recorder.exchanges.get(flow.id)
         if exchange is None:
             return
         self._stop_timer(flow.id)
         redact_request(flow.request)
-        message = flow.error.msg if flow.error else "unknown error"
-        if exchange.timed_out and self.runtime.config is not None:
-            message = f"upstream silent for {self.runtime.config.timeout:g} s; connection closed"
-        elif message == "Client disconnected.":
-            message = disconnect_error(exchange)  # None once the provider's terminal event reached the client
-        response = flow.response
-        start = flow.request.timestamp_start
-        self._record(
-            flow, exchange, status=response.status_code if response else None, body=None,
-            error=message, latency_ms=(time.time() - start) * 1000,
-            ttfb_ms=(response.timestamp_start - start) * 1000 if response and response.timestamp_start else None,
-        )
+        self.recorder.failed(flow, exchange)
 
     # timeouts and upstream failures
 
     @guarded
     def _time_out(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.get(flow.id)
+        exchange = self.recorder.exchanges.get(flow.id)
         if exchange is None:
             return
         exchange.timed_out = True
@@ -477,7 +394,7 @@ class Metrion:
 
     @guarded
     def _answer_upstream_failure(self, flow: http.HTTPFlow, message: str) -> http.Response | None:
-        exchange = self._exchanges.get(flow.id)
+        exchange = self.recorder.exchanges.get(flow.id)
         if exchange is None or self.runtime.config is None:
             return None
         if exchange.timed_out:
@@ -487,7 +404,7 @@ class Metrion:
             error = MetrionError(502, "upstream_unreachable", f"Metrion could not reach the provider: {message}")
         exchange.failure = error
         flow.marked = _REJECTED_MARK
-        return self._error_response(exchange.route.format, error, exchange)
+        return error_response(exchange.route.format, error, exchange)
 
     def _stop_timer(self, flow_id: str) -> None:
         if timer := self._timers.pop(flow_id, None):
@@ -495,49 +412,12 @@ class Metrion:
 
     # rows and annotations
 
-    def _record(self, flow: http.HTTPFlow | None, exchange: Exchange, *, status: int | None, body: bytes | None,
-                error: str | None, latency_ms: float | None = None, ttfb_ms: float | None = None,
-                flow_id: str | None = None, complete: bool = False) -> store.RequestRecord:
-        flow_id = flow.id if flow else flow_id
-        record = build_record(exchange, status=status, body=body, latency_ms=latency_ms, ttfb_ms=ttfb_ms,
-                              error=error, flow_id=flow_id)
-        if exchange.cache is not None:
-            record = cache.account(record, exchange.cache_told, exchange.cache_hit)
-        if flow is not None:
-            flow.metadata["metrion"] = metadata(record)
-            flow.comment = summary(record)
-            if self._loop is not None:  # a UI will want the cost once the row is priced
-                self._flows[flow.id] = flow
-        self._put(flow_id, record, complete)
-        return record
-
-    def _store_reply(self, response: http.Response, exchange: Exchange, record: store.RequestRecord) -> None:
-        assert exchange.cache is not None and self.runtime.config is not None
-        recorder = response.stream if isinstance(response.stream, cache.StreamRecorder) else None
-        body = recorder.body if recorder is not None else response.raw_content
-        meter = exchange.stream
-        entry = cache.entry_for(exchange.cache, record, lowercase(response.headers), body, stream=meter is not None,
-                                complete=meter is None or meter.complete, now=self.clock(),
-                                max_bytes=self.runtime.config.cache.max_entry_bytes)
-        if entry is not None and self.runtime.cache is not None:
-            self.runtime.cache.put(entry, record)
-
-    def _put(self, flow_id: str | None, record: store.RequestRecord, complete: bool = False) -> None:
-        """Hand the row to the writer; the exchange is finished only now (contain() looks for unfinished ones).
-
-        `complete`: the provider's whole answer arrived, so the row's cost replaces its budget reservation.
-        """
-        self._exchanges.pop(flow_id or "", None)
-        self.runtime.budgets.finish(flow_id, complete)  # before the writer can see the row
-        if self.runtime.writer is not None:
-            self.runtime.writer.put(record)
-
     # failures of Metrion's own code (guard.py)
 
     def contain(self, hook: str, arg: object, description: str) -> None:
         """An unexpected exception in `hook`: never forward the request, always leave its row."""
         if hook == "_abandon" and isinstance(arg, str):
-            self._put(arg, fallback_record(self._exchanges[arg], None, description))
+            self.recorder.put(arg, fallback_record(self.recorder.exchanges[arg], None, description))
         if not isinstance(arg, http.HTTPFlow):
             return  # lifecycle and connection hooks: the guard logged it; no request is waiting on them
         flow = arg
@@ -546,9 +426,9 @@ class Metrion:
         elif hook in _FINAL_HOOKS:
             self._stop_timer(flow.id)
             redact_request(flow.request)
-            if exchange := self._exchanges.get(flow.id):
+            if exchange := self.recorder.exchanges.get(flow.id):
                 status = flow.response.status_code if flow.response else None
-                self._put(flow.id, fallback_record(exchange, status, description))
+                self.recorder.put(flow.id, fallback_record(exchange, status, description))
         else:
             self._note_internal_error(flow.id, description)
 
@@ -557,12 +437,11 @@ class Metrion:
         flow.metadata.pop("metrion", None)
         error = MetrionError(500, "metrion_internal_error",
                              f"Metrion failed while handling this request ({description}); it was not forwarded.")
-        exchange = self._exchanges.get(flow.id) or self._exchange_after_internal_error(flow)
+        exchange = self.recorder.exchanges.get(flow.id) or self._exchange_after_internal_error(flow)
         error_format = exchange.route.format if exchange else None
         if exchange is not None:
             exchange.failure = error
-        flow.response = self._error_response(error_format, error, exchange)
-        flow.marked = _REJECTED_MARK
+        answer_with_error(flow, error_format, error, exchange)
         drop_metrion_headers(flow.request.headers)
         redact(flow.request.headers)
 
@@ -572,7 +451,7 @@ class Metrion:
             return None
         path, _ = lift_query_key(flow.request.path)
         route = None
-        if provider := host_provider(flow.request.host, flow.request.port, self.runtime.hosts):
+        if provider := self.forward_proxy.provider(flow):
             route = route_provider_host(provider, flow.request.host, path, self.runtime.urls)
         elif is_metrion_path(path):
             route = route_metrion_path(path, self.runtime.urls)
@@ -581,38 +460,13 @@ class Metrion:
         flow.request.path = path  # a ?key= never stays in the flow
         exchange = Exchange(route, redact_query(path), flow.request.method, started=self.clock(),
                             requester=requester({"x-metrion-user": flow.request.headers.get("x-metrion-user", "")}))
-        self._exchanges[flow.id] = exchange
+        self.recorder.exchanges[flow.id] = exchange
         return exchange
 
     def _note_internal_error(self, flow_id: str, description: str) -> None:
         """Metering failed mid-answer: the answer goes on, and the row will say why its usage may be missing."""
-        if exchange := self._exchanges.get(flow_id):
+        if exchange := self.recorder.exchanges.get(flow_id):
             exchange.internal_error = description
-
-    def _written(self, records: list[store.RequestRecord]) -> None:
-        """Called on the writer thread once rows are written: count them, let alert rules look again, and show
-        their cost in mitmweb."""
-        self.metrics.rows_written(records)
-        if self.runtime.monitor is not None:
-            self.runtime.monitor.poke()
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._annotate, records)
-
-    def _annotate(self, records: list[store.RequestRecord]) -> None:
-        flows = []
-        for record in records:
-            flow = self._flows.pop(record.flow_id, None) if record.flow_id else None
-            if flow is not None:
-                flow.metadata["metrion"] = metadata(record)
-                flow.comment = summary(record)
-                flows.append(flow)
-        if flows:
-            ctx.master.addons.trigger(hooks.UpdateHook(flows))
-
-    def _error_response(self, error_format: str | None, error: MetrionError, exchange: Exchange | None = None
-                        ) -> http.Response:
-        headers = {**(exchange.limit_headers if exchange else {}), **error_headers(error)}
-        return http.Response.make(error.status, error_body(error_format, error), headers)
 
 
 def _refuse_to_start(line: str) -> NoReturn:
@@ -623,25 +477,6 @@ def _refuse_to_start(line: str) -> NoReturn:
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
     os._exit(2)
-
-
-def _replayed(replay: cache.Replay) -> http.Response:
-    now = time.time()
-    reason = status_codes.RESPONSES.get(replay.status, "").encode()
-    return http.Response(b"HTTP/1.1", replay.status, reason, http.Headers(replay.headers), replay.body, None, now, now)
-
-
-def _plain_body(response: http.Response) -> bytes | None:
-    if "content-encoding" not in response.headers:
-        return response.raw_content
-    try:
-        return response.content  # decoded: the provider ignored accept-encoding: identity
-    except ValueError:
-        return response.raw_content
-
-
-def _blocked(host: str) -> str:
-    return f"Metrion: {host} is not an AI provider host, and this proxy blocks other hosts."
 
 
 __all__ = ["Metrion", "contentview"]

@@ -1,5 +1,5 @@
-"""What a loaded config runs: the writer, response cache, alert monitor, limits (local or on Redis), dollar budgets
-and the routing tables; opened in `configure`, changed in place on reload, closed at shutdown.
+"""What a loaded config runs: the writer, response cache, alert monitor, limits and dollar budgets (each local or on
+Redis) and the routing tables; opened in `configure`, changed in place on reload, closed at shutdown.
 
 No mitmproxy imports: the addon turns a ConfigError raised here into its one-line refusal or an OptionsError.
 """
@@ -24,8 +24,10 @@ from metrion_addon.notify import AlertMonitor
 from metrion_addon.pricing import Pricer, context_window
 from metrion_addon.reload import ConfigWatcher, needs_restart
 from metrion_addon.routes import provider_hosts
+from metrion_addon.shared_budgets import SharedBudgetCounters
 from metrion_addon.shared_limits import SharedLimits
 from metrion_addon.store.cache import SQLiteCacheStore
+from metrion_addon.store.redis_cache import RedisCacheStore
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +65,11 @@ class Runtime:
         self._close_shared()
         self._stop_watching()
         buckets, months = store.load_counters(conn)
-        pricer, budget_pricer, budgets, window = pricing(config)
-        self.budgets = Budgets(budgets, MemoryBudgetCounters(store.load_budgets(conn)), budget_pricer, window)
-        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._on_written,
-                                   settle=self.budgets.settle, settles_now=self.budgets.waits_for)
-        self.writer.start()
-        self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
-        self.cache = SQLiteCacheStore(config.database, self.writer, config.cache.max_bytes)
-        if config.alerts.rules:
-            self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put,
-                                        store.load_alert_history(conn))
-            self.monitor.start()
         caps = monthly_caps(config)
         self.limits = Limits(config.rate_limit, caps, buckets, months)
-        if config.shared is not None:
+        pricer, budget_pricer, budgets, window = pricing(config)
+        counters: MemoryBudgetCounters | SharedBudgetCounters = MemoryBudgetCounters(store.load_budgets(conn))
+        if config.shared is not None:  # limits, budgets and the cache live in Redis
             shared = SharedLimits(config.shared, config.rate_limit, caps, config.limits_fingerprint(), months)
             try:
                 shared.connect(self.clock())
@@ -85,6 +78,20 @@ class Runtime:
             self.shared = shared
             with contextlib.suppress(RuntimeError):  # no loop yet at start-up: start() starts it
                 shared.start()
+            counters = SharedBudgetCounters(shared, config.shared.redis, store.load_budgets(conn))
+        self.budgets = Budgets(budgets, counters, budget_pricer, window)
+        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._on_written,
+                                   settle=self.budgets.settle, settles_now=self.budgets.waits_for)
+        self.writer.start()
+        self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
+        if self.shared is not None:
+            self.cache = RedisCacheStore(self.shared.client, config.cache.max_bytes, pricer)
+        else:
+            self.cache = SQLiteCacheStore(config.database, self.writer, config.cache.max_bytes)
+        if config.alerts.rules:
+            self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put,
+                                        store.load_alert_history(conn))
+            self.monitor.start()
         self._use(config)
         self._watcher = ConfigWatcher(config.path, on_change)
         with contextlib.suppress(RuntimeError):
@@ -112,6 +119,8 @@ class Runtime:
             return
         pricer, budget_pricer, budgets, window = pricing(config)
         self.writer.reprice(pricer)
+        if isinstance(self.cache, RedisCacheStore):
+            self.cache.reprice(pricer)
         self.budgets.reconfigure(budgets, budget_pricer, window)
         caps = monthly_caps(config)
         self.limits.reconfigure(config.rate_limit, caps)
@@ -168,6 +177,8 @@ class Runtime:
             self._ownership = None
 
     def _close_shared(self) -> None:
+        if isinstance(self.budgets.counters, SharedBudgetCounters):
+            self.budgets.counters.close()
         if self.shared is not None:
             self.shared.close()
             self.shared = None

@@ -94,6 +94,7 @@ def get(client: TestClient, page: str, **params: str) -> dict:
     [
         ({}, 5, 2, 0.00725, 1, 2),  # last 24 h: every row of the 20th; the 19th's row is the previous period
         ({"period": "1h"}, 3, 1, 0.006, 0, 2),
+        ({"period": "month"}, 6, 2, 0.00825, 1, 2),  # November so far; the 19 days before hold Oct 25's row
         ({"provider": "anthropic"}, 1, 0, 0.006, 0, 1),
         ({"status": "5xx"}, 1, 1, None, 0, 1),
         ({"token": "ci"}, 1, 0, None, 0, 0),  # an unpriced model: cost unknown, not $0

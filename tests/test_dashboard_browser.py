@@ -141,6 +141,15 @@ def test_logs_page_through_fifty_at_a_time_and_open_a_row(site, page: Page, tmp_
     rows = page.get_by_role("table", name="Requests").locator("tbody tr")
     expect(rows).to_have_count(50)
     expect(rows.first).to_contain_text(newest_model)
+    header = page.get_by_role("table", name="Requests").locator("thead")
+    for column in ("Status", "Time", "Requester", "Provider", "Model", "Input", "Output", "Total", "Cost", "Latency",
+                   "TTFB", "Usage", "Error"):
+        expect(header).to_contain_text(column)
+    colour = "e => getComputedStyle(e).backgroundColor"
+    failed, answered = rows.nth(0).locator(".status"), rows.nth(2).locator(".status")  # a 500, then a 200
+    expect(failed).to_have_text("500")
+    expect(answered).to_have_text("200")
+    assert failed.evaluate(colour) != answered.evaluate(colour)
     page.screenshot(path=tmp_path / "logs.png", full_page=True)
     page.get_by_role("link", name="Next →").click()
     expect(page.get_by_role("status")).to_have_text(f"Requests 51–{total} of {total}")

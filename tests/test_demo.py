@@ -90,6 +90,10 @@ def test_a_quick_demo_fills_the_database_through_the_proxy_and_serves_the_dashbo
     assert page.status_code == 200
     assert code == 0
     assert {row["provider"] for row in rows} == set(PROVIDERS)
+    gemini = {row["path"].rsplit("/", 1)[1] for row in rows if row["provider"] == "gemini" and row["status"] == 200}
+    assert {"gemini-2.5-flash:streamGenerateContent?alt=sse", "gemini-2.5-pro:generateContent",  # google-genai
+            "completions"} <= gemini  # and the openai SDK on Gemini's OpenAI-compatible API
+    assert any(row["reasoning_tokens"] for row in rows if row["model"] == "gemini-2.5-pro")
     assert {row["stream"] for row in rows} == {0, 1}
     assert len({row["requester"] for row in rows}) >= 6
     assert {row["token_name"] for row in rows} == {team.token for team in workload.TEAMS} | {None}  # None: bad token
