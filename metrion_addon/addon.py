@@ -17,7 +17,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
 from metrion_addon import cache, contentview  # importing contentview registers the LLM stream view for mitmweb
-from metrion_addon.auth import Upstream, authenticate, lift_query_key, requester
+from metrion_addon.auth import Upstream, authenticate, forbid_stray_metrion_token, lift_query_key, requester
 from metrion_addon.budgets import Hold
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import ConfigError
@@ -290,6 +290,8 @@ class Metrion:
         else:
             identity, credentials = authenticate(route.provider, headers, self.runtime.tokens, route.format)
         exchange.identity = identity
+        replaced = (*credentials.drop_headers, *(credentials.set_headers or {})) if credentials else ()
+        forbid_stray_metrion_token(flow.request.headers.fields, flow.request.path, replaced)
         exchange.request = inspect_body(
             route, flow.request.method, headers.get("content-type", ""), flow.request.raw_content or b""
         )
