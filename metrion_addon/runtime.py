@@ -81,7 +81,7 @@ class Runtime:
             counters = SharedBudgetCounters(shared, config.shared.redis, store.load_budgets(conn))
         self.budgets = Budgets(budgets, counters, budget_pricer, window)
         self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._on_written,
-                                   settle=self.budgets.settle)
+                                   settle=self.budgets.settle, settles_now=self.budgets.waits_for)
         self.writer.start()
         self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
         if self.shared is not None:
