@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import os
-import sqlite3
 import sys
 import threading
 import time
@@ -59,7 +58,6 @@ from metrion_addon.routes import (
     route_provider_host,
 )
 from metrion_addon.shared_limits import SharedLimits
-from metrion_addon.store.cache import SQLiteCacheStore
 from metrion_addon.upstream import (
     IdleTimer,
     answer_upstream_failures,
@@ -83,6 +81,7 @@ class Metrion:
         self.clock = clock or clock_from_env()
         self.config: Config | None = None
         self.writer: store.Writer | None = None
+        self.log: store.Log | None = None  # the request log the writer writes: SQLite or PostgreSQL
         self._ownership: store.Ownership | None = None
         self.cache: cache.CacheStore | None = None
         self.monitor: AlertMonitor | None = None
@@ -123,22 +122,25 @@ class Metrion:
             self._close_writer()
             if config.shared is None:  # limits in Redis (`shared:`): several processes may share the database
                 self._ownership = _claim_database(config)
-            conn = _open_database(config)
+            opened = _open_database(config)
         except ConfigError as e:
             self._bad_config(f"metrion: {e}", e)
         self._close_shared()
         self._stop_watching()
-        buckets, months = store.load_counters(conn)
+        buckets, months = store.load_counters(opened.conn)
         pricer, budget_pricer, budgets, window = _pricing(config)
-        self.budgets = Budgets(budgets, MemoryBudgetCounters(store.load_budgets(conn)), budget_pricer, window)
-        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._written,
+        self.budgets = Budgets(budgets, MemoryBudgetCounters(store.load_budgets(opened.conn)), budget_pricer, window)
+        self.log = opened
+        self.writer = store.Writer(opened.backend, price=pricer, on_written=self._written,
                                    settle=self.budgets.settle)
         self.writer.start()
         self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
-        self.cache = SQLiteCacheStore(config.database, self.writer, config.cache.max_bytes)
+        self.metrics.watch_spool(lambda: opened.spool.rows if opened.spool else 0,
+                                 lambda: opened.spool.bytes if opened.spool else 0)
+        self.cache = opened.cache_store(self.writer, config.cache.max_bytes)
         if config.alerts.rules:
             self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put,
-                                        store.load_alert_history(conn))
+                                        store.load_alert_history(opened.conn))
             self.monitor.start()
         caps = _caps(config)
         self.limits = Limits(config.rate_limit, caps, buckets, months)
@@ -204,7 +206,7 @@ class Metrion:
         if old is not None:
             threading.Thread(target=old.close, name="metrion-alerts-stop", daemon=True).start()
         if config.alerts.rules:
-            with contextlib.closing(store.connect(config.database)) as conn:
+            with contextlib.closing(store.read_only(config.database, ())) as conn:
                 history = store.load_alert_history(conn)
             self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put, history)
             self.monitor.start()
@@ -225,7 +227,8 @@ class Metrion:
         if self._watcher is not None:
             self._watcher.start()
         if self.config is not None:
-            log.info("metrion: metering %d token(s) into %s", len(self.config.tokens), self.config.database)
+            log.info("metrion: metering %d token(s) into %s", len(self.config.tokens),
+                     store.shown(self.config.database))
 
     @guarded
     def done(self) -> None:
@@ -255,6 +258,7 @@ class Metrion:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+            self.log = None
         if self._ownership is not None:
             self._ownership.release()
             self._ownership = None
@@ -400,7 +404,9 @@ class Metrion:
             return http.Response.make(200, self.metrics.render(), {"content-type": CONTENT_TYPE})
         assert self.config is not None and self.writer is not None
         shared = self.shared
-        state = health(writer_error=self.writer.trouble, backlog=self.writer.backlog, database="sqlite",
+        spool = self.log.spool if self.log else None
+        state = health(writer_error=self.writer.trouble, backlog=self.writer.backlog, database=self.log.describe(),
+                       spool_rows=spool.rows if spool else 0, spool_bytes=spool.bytes if spool else 0,
                        redis_error=False if shared is None else shared.error,
                        redis_closed=shared is not None and shared.on_failure == "closed", version=self._version)
         return http.Response.make(state.status, json.dumps(state.body).encode(),
@@ -754,13 +760,12 @@ def _caps(config: Config) -> dict[str, int | None]:
     return {name: plan.monthly_requests for name, plan in config.plans.items()}
 
 
-def _open_database(config: Config) -> sqlite3.Connection:
+def _open_database(config: Config) -> store.Log:
     try:
-        conn = store.connect(config.database)
-        store.create_schema(conn)
-    except (sqlite3.Error, OSError) as e:
-        raise ConfigError(f"{config.path}: database: cannot use {config.database}: {e}") from e
-    return conn
+        return store.open_log(config.database, config.spool.directory, config.spool.max_bytes)
+    except (*store.Error, OSError) as e:
+        error = str(e).strip().replace("\n", " ")
+        raise ConfigError(f"{config.path}: database: cannot use {store.shown(config.database)}: {error}") from e
 
 
 def _claim_database(config: Config) -> store.Ownership:
