@@ -2,6 +2,7 @@
 
 `*_usage` sums requests, tokens, cost and latency per hour (or day) and per filterable dimension; `*_latency`
 counts latencies per hour (or day), provider, model, token and status in log-scale buckets: charts never scan rows.
+Both keep the model asked for (`requested_model`) beside the one answered, so that a model filter matches either.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ NO_STATUS = 0
 BUCKETS_PER_DOUBLING = 8  # latency buckets are 2^(1/8) ≈ 9 % wide: an estimate from one is within ±4.5 %
 NANO = 1_000_000_000  # cost is summed in integer nano-dollars, so sums are exact and free of float noise
 
-USAGE_KEY = ("hour", "provider", "model", "token_name", "requester", "status", "failed", "own")
+USAGE_KEY = ("hour", "provider", "model", "requested_model", "token_name", "requester", "status", "failed", "own")
 USAGE_SUMS = (
     "requests",
     "input_tokens",
@@ -38,13 +39,15 @@ USAGE_SUMS = (
     "ttfb_count",
 )
 # No requester (that would multiply the rows); the bucket right after the model, so that SQLite groups by
-# (time, provider, model, bucket) in key order, without sorting.
-LATENCY_KEY = ("hour", "provider", "model", "bucket", "token_name", "status")
+# (time, provider, model, bucket) in key order, without sorting. The model asked for mostly follows from the one
+# answered (one dated name per alias), so keying on it too adds few rows.
+LATENCY_KEY = ("hour", "provider", "model", "bucket", "requested_model", "token_name", "status")
 LEVELS = {"hourly": ("hour", 13), "daily": ("day", 10)}  # table prefix: (time column, length of its ts prefix)
 ROW_COLUMNS = (
     "ts",
     "provider",
     "model",
+    "requested_model",
     "token_name",
     "requester",
     "status",
@@ -67,6 +70,7 @@ class Row(Protocol):
     ts: str
     provider: str
     model: str | None
+    requested_model: str | None
     token_name: str | None
     requester: str | None
     status: int | None
@@ -89,6 +93,7 @@ class StoredRow:
     ts: str
     provider: str
     model: str | None
+    requested_model: str | None
     token_name: str | None
     requester: str | None
     status: int | None
@@ -137,6 +142,7 @@ def usage_key(row: Row) -> tuple:
         row.ts[:13],
         row.provider,
         row.model or NO_TEXT,
+        row.requested_model or NO_TEXT,
         row.token_name or NO_TEXT,
         row.requester or NO_TEXT,
         row.status or NO_STATUS,
@@ -177,7 +183,7 @@ def fold(rows: Iterable[Row]) -> tuple[dict[tuple, list[int]], dict[tuple, int]]
             for i, value in enumerate(sums):
                 into[i] += value
         if row.latency_ms is not None:
-            lkey = (key[0], key[1], key[2], latency_bucket(row.latency_ms), key[3], key[5])
+            lkey = (key[0], key[1], key[2], latency_bucket(row.latency_ms), key[3], key[4], key[6])
             latency[lkey] = latency.get(lkey, 0) + 1
     return usage, latency
 
@@ -228,24 +234,25 @@ def add_to_hourly(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
         conn.executemany(latency_sql, [(*key, count) for key, count in latency.items()])
 
 
-def _tables_exist(conn: sqlite3.Connection) -> bool:
-    found = conn.execute(
-        f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ({', '.join('?' * len(TABLES))})",
-        TABLES,
-    ).fetchone()[0]
-    return found == len(TABLES)
+def _tables_current(conn: sqlite3.Connection) -> bool:
+    """Every aggregate table is there, in the current shape (an older Metrion's lack `requested_model`)."""
+    for table in TABLES:
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if "requested_model" not in columns:
+            return False
+    return True
 
 
 def create_hourly(conn: sqlite3.Connection) -> None:
-    """Create the aggregate tables if missing and, when they were, fill them from the rows already logged."""
-    if _tables_exist(conn):
+    """Create the aggregate tables if missing or outdated and, when they were, fill them from the rows logged."""
+    if _tables_current(conn):
         return
     conn.execute("BEGIN IMMEDIATE")  # another process may be building them too: the second one finds them made
     try:
-        if _tables_exist(conn):
+        if _tables_current(conn):
             conn.execute("COMMIT")
             return
-        for table in TABLES:  # some but not all of them: an interrupted older build
+        for table in TABLES:  # some but not all of them (an interrupted build), or an older Metrion's shape
             conn.execute(f"DROP TABLE IF EXISTS {table}")
         for statement in table_definitions():
             conn.execute(statement)
@@ -307,14 +314,14 @@ def _backfill(conn: sqlite3.Connection) -> int:
         "count(ttfb_ms)",
     ]
     for level, (time_column, cut) in LEVELS.items():
-        keys = [f"substr(ts, 1, {cut})", "provider", "coalesce(model, '')", "coalesce(token_name, '')",
-                "coalesce(requester, '')", "coalesce(status, 0)", failed, "ttfb_ms IS NULL"]
+        keys = [f"substr(ts, 1, {cut})", "provider", "coalesce(model, '')", "coalesce(requested_model, '')",
+                "coalesce(token_name, '')", "coalesce(requester, '')", "coalesce(status, 0)", failed, "ttfb_ms IS NULL"]
         conn.execute(
             f"INSERT INTO {level}_usage ({time_column}, {', '.join(USAGE_KEY[1:] + USAGE_SUMS)}) "
             f"SELECT {', '.join(keys + sums)} FROM requests GROUP BY {', '.join(keys)}"
         )
         keys = [f"substr(ts, 1, {cut})", "provider", "coalesce(model, '')", "metrion_latency_bucket(latency_ms)",
-                "coalesce(token_name, '')", "coalesce(status, 0)"]
+                "coalesce(requested_model, '')", "coalesce(token_name, '')", "coalesce(status, 0)"]
         conn.execute(
             f"INSERT INTO {level}_latency ({time_column}, {', '.join(LATENCY_KEY[1:])}, requests) "
             f"SELECT {', '.join(keys)}, count(*) FROM requests WHERE latency_ms IS NOT NULL GROUP BY {', '.join(keys)}"

@@ -227,7 +227,7 @@ def account(record: RequestRecord, told: Outcome | None, hit: CacheEntry | None)
     if hit is None:
         return dataclasses.replace(record, cache_status=told.value if told else None)
     return dataclasses.replace(
-        record, model=hit.model or record.model, status=hit.status, input_tokens=0, output_tokens=0,
+        record, model=hit.model or record.model, status=hit.status, stream=hit.stream, input_tokens=0, output_tokens=0,
         cache_read_tokens=0, cache_write_tokens=0, reasoning_tokens=0, total_tokens=0, usage_source="none",
         cost_usd=0.0, price_source=CACHE_PRICE_SOURCE, cached=True, saved_usd=hit.cost_usd,
         cache_status=Outcome.HIT.value,

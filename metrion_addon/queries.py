@@ -102,13 +102,15 @@ def _narrowing(f: Filters) -> tuple[list[str], list[Any]]:
     clauses, params = [], []
     for column, value in (
         ("provider", f.provider),
-        ("model", f.model),
         ("token_name", f.token),
         ("requester", f.requester),
     ):
         if value is not None:
             clauses.append(f"{column} = ?")
             params.append(value)
+    if f.model is not None:  # the model as asked or as answered (gpt-4o finds gpt-4o-2024-08-06), as `metrion logs`
+        clauses.append("(model = ? OR requested_model = ?)")
+        params.extend([f.model, f.model])
     if f.status is not None:
         clauses.append("status BETWEEN ? AND ?")
         params.extend(f.status)

@@ -5,6 +5,7 @@ Pure functions over the configured provider base URLs; no mitmproxy imports.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -157,3 +158,11 @@ def route_provider_host(provider: str, host: str, path: str, providers: Mapping[
 
 def is_metrion_path(path: str) -> bool:
     return path.startswith(PREFIX) or path == PREFIX.rstrip("/")
+
+
+@functools.lru_cache(maxsize=256)
+def upstream_target(url: str) -> tuple[str, str, int, str]:
+    """Scheme, host, port and path (with query) of `url`: what a forwarded request's fields are set to."""
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), path

@@ -174,6 +174,11 @@ class SharedLimits:
     def up(self) -> bool:
         return self.error is None
 
+    @property
+    def client(self) -> redis.asyncio.Redis:
+        """The async client (its bounded pool) that the budgets and the cache share with the limits."""
+        return self._client
+
     def reconfigure(self, per_minute: int, caps: Mapping[str, int | None], fingerprint: str) -> None:
         """New limits from a reloaded config (the next heartbeat tells the others); the counts stay in Redis."""
         self.per_minute, self._caps, self.fingerprint = per_minute, caps, fingerprint
@@ -201,7 +206,7 @@ class SharedLimits:
             if keys:
                 client.register_script(RECONCILE)(keys=keys, args=args)
         except redis.RedisError as e:
-            self._went_down(e)
+            self.went_down(e)
             return
         finally:
             client.close()
@@ -244,7 +249,7 @@ class SharedLimits:
                       _BUCKET_TTL, int(counts)],
             )
         except Exception as e:  # whatever went wrong, the request is decided without Redis, never let through
-            self._went_down(e)
+            self.went_down(e)
             return self._admit_without_redis(name, plan, now, counts)
         key = (name, month)
         self._known[key] = max(used, self._known.get(key, 0))
@@ -287,7 +292,7 @@ class SharedLimits:
                 if recovering:
                     await self._hand_back_local_counts()
             except Exception as e:  # the loop must outlive any failure: it is what reconnects
-                self._went_down(e)
+                self.went_down(e)
                 continue
             self._agree(others)
             # A Redis that restarted has not heard from the others yet: keep the count until they beat again.
@@ -337,7 +342,7 @@ class SharedLimits:
             args += [known.get((name, month), 0), added.get((name, month), 0), expiry]
         return keys, args
 
-    def _went_down(self, error: BaseException) -> None:
+    def went_down(self, error: BaseException) -> None:
         loop_time = time.monotonic()
         if self.error is None:
             self._share = share_of(self.per_minute, self.instances)
@@ -345,7 +350,8 @@ class SharedLimits:
                 what = "answering 503 to every request until it is back (shared.on_failure: closed)"
             else:
                 what = (f"enforcing this instance's share locally: {self._share.per_minute} requests/min per token "
-                        f"and 1/{self._share.instances} of what is left of each monthly cap (shared.on_failure: local)")
+                        f"and 1/{self._share.instances} of what is left of each monthly cap; tokens with a dollar "
+                        "budget are refused until it is back (shared.on_failure: local)")
             log.error("metrion: Redis %s unreachable (%s): %s", self.address, _describe(error), what)
             self._reminded = loop_time
         elif loop_time - self._reminded >= _REMINDER_SECONDS:

@@ -13,13 +13,14 @@ from metrion_addon.store import RequestRecord, Writer
 
 # An independent statement of what hourly_usage (daily_usage) must hold, written against the raw table.
 RAW_USAGE = """
-SELECT substr(ts, 1, {cut}), provider, coalesce(model, ''), coalesce(token_name, ''), coalesce(requester, ''),
+SELECT substr(ts, 1, {cut}), provider, coalesce(model, ''), coalesce(requested_model, ''), coalesce(token_name, ''),
+       coalesce(requester, ''),
        coalesce(status, 0), (status IS NULL OR status >= 400 OR error IS NOT NULL), ttfb_ms IS NULL,
        count(*), total(input_tokens), total(output_tokens), total(cache_read_tokens), total(cache_write_tokens),
        total(reasoning_tokens), total(total_tokens), total(CAST(cost_usd * 1000000000 + 0.5 AS INTEGER)),
        count(cost_usd), total(CAST(latency_ms * 1000 + 0.5 AS INTEGER)), count(latency_ms),
        total(CAST(ttfb_ms * 1000 + 0.5 AS INTEGER)), count(ttfb_ms)
-FROM requests GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
+FROM requests GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
 """
 LEVELS = (("hourly", 13), ("daily", 10))
 
@@ -31,10 +32,12 @@ def usage_tables(conn: sqlite3.Connection, level: str = "hourly", cut: int = 13)
 
 def latency_tables(conn: sqlite3.Connection, level: str = "hourly", cut: int = 13) -> tuple[dict, dict]:
     raw: dict[tuple, int] = {}
-    for ts, provider, model, token, status, latency in conn.execute(
-        "SELECT ts, provider, model, token_name, status, latency_ms FROM requests WHERE latency_ms IS NOT NULL"
+    for ts, provider, model, asked, token, status, latency in conn.execute(
+        "SELECT ts, provider, model, requested_model, token_name, status, latency_ms FROM requests"
+        " WHERE latency_ms IS NOT NULL"
     ):
-        key = (ts[:cut], provider, model or "", aggregates.latency_bucket(latency), token or "", status or 0)
+        key = (ts[:cut], provider, model or "", aggregates.latency_bucket(latency), asked or "", token or "",
+               status or 0)
         raw[key] = raw.get(key, 0) + 1
     return raw, {row[:-1]: row[-1] for row in conn.execute(f"SELECT * FROM {level}_latency")}
 
@@ -45,7 +48,8 @@ records = st.builds(
     token_name=st.sampled_from([None, "app", "ci"]),
     requester=st.sampled_from([None, "alice", "bob"]),
     provider=st.sampled_from(["openai", "anthropic"]),
-    model=st.sampled_from([None, "gpt-4o", "claude-sonnet-4"]),
+    model=st.sampled_from([None, "gpt-4o", "gpt-4o-2024-08-06", "claude-sonnet-4"]),
+    requested_model=st.sampled_from([None, "gpt-4o", "claude-sonnet-4"]),
     path=st.just("/api/proxy/openai/v1/chat/completions"),
     method=st.just("POST"),
     stream=st.booleans(),
@@ -157,3 +161,19 @@ def test_creating_the_schema_again_does_not_count_rows_twice(tmp_path: Path) -> 
 def test_a_latency_lies_within_its_buckets_bounds(ms: float) -> None:
     low, high = aggregates.bucket_bounds(aggregates.latency_bucket(ms))
     assert low <= ms < high or (ms < 1 and low == 0)
+
+
+def test_aggregates_of_an_older_metrion_without_the_model_asked_for_are_rebuilt(tmp_path: Path) -> None:
+    conn = store.connect(tmp_path / "m.db")
+    store.create_schema(conn)
+    conn.execute("INSERT INTO requests (ts, provider, model, requested_model, path, method, stream, usage_source, "
+                 "status, latency_ms) VALUES ('2026-01-01T00:00:00.000Z', 'openai', 'gpt-4o-2024-08-06', 'gpt-4o', "
+                 "'/v1/x', 'POST', 0, 'provider', 200, 5.0)")
+    for table in aggregates.TABLES:  # the older shape: keyed without requested_model, counting nothing yet
+        conn.execute(f"DROP TABLE {table}")
+        conn.execute(f"CREATE TABLE {table} ({'day' if table.startswith('daily') else 'hour'} TEXT, model TEXT)")
+    store.create_schema(conn)
+    raw, kept = usage_tables(conn)
+    assert kept == raw and [row[2:4] for row in kept] == [("gpt-4o-2024-08-06", "gpt-4o")]
+    raw_latency, kept_latency = latency_tables(conn)
+    assert kept_latency == raw_latency and sum(kept_latency.values()) == 1

@@ -156,6 +156,32 @@ def test_rules_read_the_aggregates_of_their_period_only(tmp_path: Path) -> None:
     assert measure(conn, rule(threshold=9.5), now).level == "warning"
 
 
+@pytest.mark.parametrize("fields", [
+    {},
+    {"type": "request_volume", "unit": "requests", "tokens": ["app"]},
+    {"type": "error_rate", "unit": "percent", "providers": ["openai"]},
+    {"type": "latency_p95", "unit": "ms", "threshold": 500},
+], ids=["budget", "request_volume", "error_rate", "latency_p95"])
+def test_a_month_long_rule_reads_aggregates_and_only_the_partial_hours_of_the_log(
+        tmp_path: Path, fields: dict) -> None:
+    conn = database(tmp_path, [record(f"2026-11-{day:02d}T{hour:02d}:30:00.000Z", cost_usd=1.0, latency_ms=100.0)
+                               for day in range(1, 26) for hour in (8, 14)])
+    # Whole hours and days are read from the aggregates: raw rows of past hours can go and still count
+    # (a rule that scanned the log would lose them).
+    with conn:
+        conn.execute("DELETE FROM requests WHERE ts < '2026-11-25T00:00:00.000Z'")
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    measured = measure(conn, rule(period="month", **fields), at("2026-11-25T15:10:00Z"))
+    conn.set_trace_callback(None)
+    expected = {"budget": 50.0, "request_volume": 50.0, "error_rate": 0.0}.get(fields.get("type", "budget"))
+    if expected is not None:
+        assert measured.value == pytest.approx(expected)
+    plans = [detail for sql in statements if sql.lstrip().upper().startswith(("SELECT", "WITH"))
+             for *_, detail in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
+    assert plans and not [detail for detail in plans if detail.startswith("SCAN") and "CONSTANT" not in detail]
+
+
 def test_notifications_carry_every_field_and_a_sentence() -> None:
     chosen = rule(providers=["openai"], tokens=["app"])
     measured = Measurement("spend", 9.2, "warning", NOV, DEC, NOV)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -219,6 +220,9 @@ def test_the_hit_row_has_no_tokens_no_cost_and_what_the_original_cost() -> None:
         True, "HIT", 0.125, 0.0, "cache")
     assert (row.input_tokens, row.output_tokens, row.total_tokens, row.usage_source, row.model) == (
         0, 0, 0, "none", "gpt-4o-2024-08-06")
+    # a Gemini native stream says so in its path, not its body: the row takes it from the replayed entry
+    streamed = dataclasses.replace(hit, stream=True)
+    assert cache.account(record(stream=False), cache.Outcome.HIT, streamed).stream is True
     miss = cache.account(record(), cache.outcome(PLAN), None)
     assert (miss.cached, miss.cache_status, miss.input_tokens, miss.cost_usd) == (False, "MISS", 10, 0.25)
     refresh = cache.account(record(), cache.outcome(CachePlan(Mode.REFRESH, "k", 60)), None)

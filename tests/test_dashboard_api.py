@@ -15,9 +15,10 @@ from starlette.testclient import TestClient
 
 from metrion_addon import queries, report, store
 from metrion_addon.config import load_config
+from metrion_addon.dashboard import pages
 from metrion_addon.dashboard.access import hash_password, password_matches, refuse_open_bind
 from metrion_addon.dashboard.app import create_app
-from metrion_addon.queries import Filters, grouped, latencies
+from metrion_addon.queries import Filters, grouped
 from metrion_addon.store import RequestRecord
 
 NOW = datetime(2026, 11, 20, 12, 30, tzinfo=UTC)
@@ -93,6 +94,7 @@ def get(client: TestClient, page: str, **params: str) -> dict:
     [
         ({}, 5, 2, 0.00725, 1, 2),  # last 24 h: every row of the 20th; the 19th's row is the previous period
         ({"period": "1h"}, 3, 1, 0.006, 0, 2),
+        ({"period": "month"}, 6, 2, 0.00825, 1, 2),  # November so far; the 19 days before hold Oct 25's row
         ({"provider": "anthropic"}, 1, 0, 0.006, 0, 1),
         ({"status": "5xx"}, 1, 1, None, 0, 1),
         ({"token": "ci"}, 1, 0, None, 0, 0),  # an unpriced model: cost unknown, not $0
@@ -239,7 +241,16 @@ def test_logs_pages_by_50_newest_first_without_gaps_or_repeats(tmp_path: Path) -
     assert client.get("/api/logs/999999").status_code == 404
 
 
-def test_dashboard_totals_equal_metrion_report_for_any_period(tmp_path: Path) -> None:
+NUMBERS = ("requests", "errors", "input_tokens", "output_tokens", "cached_tokens")
+
+
+def same_numbers(shown: dict, want: dict, where: object) -> None:
+    for name in NUMBERS:
+        assert shown[name] == want[name], (where, name)
+    assert shown["cost_usd"] == (pytest.approx(want["cost_usd"], abs=1e-9) if want["cost_usd"] else None), where
+
+
+def test_every_page_shows_what_metrion_report_says_for_the_same_period(tmp_path: Path) -> None:
     import random
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -247,24 +258,79 @@ def test_dashboard_totals_equal_metrion_report_for_any_period(tmp_path: Path) ->
 
     write(tmp_path / "m.db", realistic(3000, 5, NOW, random.Random(3)))
     conn = sqlite3.connect(tmp_path / "m.db")
-    for since, until in [("2026-11-15T00:00:00.000Z", NOW.isoformat()), ("2026-11-17T03:17:42.250Z",
+    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    for since, until in [("2026-11-15T00:00:00.000Z", "2026-11-20T12:30:00.000Z"), ("2026-11-17T03:17:42.250Z",
                          "2026-11-19T22:05:00.000Z"), ("2026-11-18T10:20:00.000Z", "2026-11-18T10:40:00.000Z"),
                          ("2026-11-18T04:10:00.000Z", "2026-11-19T10:00:00.000Z")]:
-        until = until.replace("+00:00", ".000Z") if "+" in until else until
+        params = {"period": "custom", "since": since, "until": until}
+        # the query layer, grouped as `metrion report --by model`
         expected = {r["model"]: r for r in report.report(conn, since, until, ["model"])}
         shown = {r["model"]: r for r in grouped(conn, Filters(since, until), ("model",))}
         assert set(shown) == set(expected)
         for model, want in expected.items():
-            got = shown[model]
-            for name in ("requests", "errors", "input_tokens", "output_tokens", "cached_tokens"):
-                assert got[name] == want[name], (since, model, name)
-            assert got["cost_usd"] == (pytest.approx(want["cost_usd"], abs=1e-9) if want["cost_usd"] else None)
-        f = Filters(since, until)
-        if queries.percentile_source(f, queries.usage(conn, f)) == "exact":  # up to 20,000 rows, as the report
-            shown = latencies(conn, f, ("model",), "exact").percentiles((0,))
-            for model, want in expected.items():
-                assert (shown[(model,)]["p50"], shown[(model,)]["p95"]) == (want["latency_p50_ms"],
-                                                                          want["latency_p95_ms"])
+            same_numbers(shown[model], want, (since, model))
+        # every page, through its JSON endpoint
+        (everything,) = report.report(conn, since, until, [])
+        overview = get(client, "overview", **params)
+        cards = {name: card["value"] for name, card in overview["cards"].items()}
+        same_numbers(cards, everything, (since, "overview"))
+        costs = get(client, "costs", **params)
+        same_numbers({**costs["total"], "errors": everything["errors"]}, everything, (since, "costs total"))
+        for table, by in (("model", "model"), ("provider", "provider"), ("token", "token"), ("requester", "requester")):
+            want = {r[by]: r for r in report.report(conn, since, until, [by])}
+            got = {r["name"]: r for r in costs["tables"][table]}
+            assert set(got) == set(want), (since, table)
+            for name, row in want.items():
+                same_numbers(got[name], row, (since, table, name))
+        errors = get(client, "errors", **params)
+        assert (errors["requests"], errors["errors"]) == (everything["requests"], everything["errors"])
+        assert get(client, "logs", **params)["total"] == everything["requests"]
+        latency = get(client, "latency", **params)
+        by_model = {(r["provider"], r["model"]): r for r in latency["by_model"]}
+        want = {(r["provider"], r["model"]): r for r in report.report(conn, since, until, ["provider", "model"])}
+        assert set(by_model) == set(want)
+        if latency["percentiles"] == "exact":  # up to 20,000 rows: nearest rank over raw rows, as the report
+            assert (latency["overall"]["p50"], latency["overall"]["p95"]) == (everything["latency_p50_ms"],
+                                                                              everything["latency_p95_ms"])
+            assert cards["latency_p95_ms"] == everything["latency_p95_ms"]
+            for key, row in want.items():
+                assert (by_model[key]["p50"], by_model[key]["p95"]) == (row["latency_p50_ms"], row["latency_p95_ms"])
+
+
+def test_a_model_filter_matches_the_model_asked_for_or_answered_like_metrion_logs(tmp_path: Path) -> None:
+    # Successes carry the dated model the provider answered, failures the alias asked for: gpt-4o finds both.
+    rows = [row(f"11-20T{hour}:{minute}:00", "gpt-4o-2024-08-06", requested_model="gpt-4o", input_tokens=10,
+                total_tokens=10, latency_ms=500.0) for hour in ("09", "10", "12") for minute in ("05", "50")]
+    rows += [row("11-20T10:20:00", status=429, requested_model="gpt-4o", error="provider: rate limited"),
+             row("11-20T12:20:00", "gpt-4o-mini-2024-07-18", requested_model="gpt-4o-mini", input_tokens=7)]
+    write(tmp_path / "m.db", rows)
+    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    conn = sqlite3.connect(tmp_path / "m.db")
+    # 09:30 to 12:25: raw rows at both edges, hourly aggregates between them
+    since, until = "2026-11-20T09:30:00.000Z", "2026-11-20T12:25:00.000Z"
+    for model, requests, errors in (("gpt-4o", 5, 1), ("gpt-4o-2024-08-06", 4, 0), ("gpt-4o-mini", 1, 0)):
+        params = {"period": "custom", "since": since, "until": until, "model": model}
+        listed = report.logs(conn, 100, report.LogFilter(model=model, since=since, until=until))
+        assert len(listed) == requests
+        cards = get(client, "overview", **params)["cards"]
+        assert (cards["requests"]["value"], cards["errors"]["value"]) == (requests, errors), model
+        assert get(client, "logs", **params)["total"] == requests
+        assert sum(r["requests"] for r in get(client, "costs", **params)["tables"]["model"]) == requests
+    offered = pages.filter_choices(conn, load_config(config_file(tmp_path, tmp_path / "m.db")), Filters(since, until))
+    assert offered["model"] == ["gpt-4o", "gpt-4o-2024-08-06", "gpt-4o-mini", "gpt-4o-mini-2024-07-18"]
+
+
+def test_a_configured_provider_is_a_provider_filter_like_the_five(tmp_path: Path) -> None:
+    write(tmp_path / "m.db", [row("11-20T11:00:00", "llama-3.3-70b-versatile", "groq", input_tokens=5), ROWS[0]])
+    path = config_file(tmp_path, tmp_path / "m.db")
+    config = yaml.safe_load(path.read_text())
+    groq = {"url": "http://127.0.0.1:9/v1", "format": "openai"}
+    path.write_text(yaml.safe_dump({**config, "providers": {"groq": groq}}))
+    client = TestClient(create_app(load_config(path), clock=NOW.timestamp))
+    assert get(client, "overview", provider="groq")["cards"]["requests"]["value"] == 1
+    assert [r["model"] for r in get(client, "logs", provider="groq")["rows"]] == ["llama-3.3-70b-versatile"]
+    assert client.get("/", params={"provider": "groq"}).status_code == 200
+    assert client.get("/api/overview", params={"provider": "ollama"}).status_code == 400
 
 
 def test_the_password_guards_every_page_and_endpoint(tmp_path: Path) -> None:

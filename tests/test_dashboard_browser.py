@@ -27,7 +27,11 @@ PEOPLE = ["alice", "bob", "carol"]
 
 
 def send_traffic(proxy: Proxy) -> None:
-    """62 OpenAI requests from three requesters, 4 Anthropic ones, and 2 provider errors."""
+    """62 OpenAI requests from three requesters, 4 Mistral ones, 2 provider errors and 1 refused by Metrion."""
+    refused = httpx.post(f"{proxy.url}/api/proxy/openai/v1/chat/completions",
+                         headers={"authorization": "Bearer sk-metrion-" + "5" * 32},
+                         json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+    assert refused.status_code == 401 and refused.headers["x-metrion-error"]
     for provider, model, count in (("openai", "gpt-4o-mini", 62), ("mistral", "mistral-large-latest", 4)):
         client = openai.OpenAI(base_url=f"{proxy.url}/api/proxy/{provider}/v1", api_key=APP_TOKEN, max_retries=0)
         for i in range(count):
@@ -48,7 +52,7 @@ def site(mock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     proxy = Proxy(workdir, base_config(mock.base_url, workdir / "metrion.db")).start()
     try:
         send_traffic(proxy)
-        assert len(proxy.rows(n=68)) == 68
+        assert len(proxy.rows(n=69)) == 69
     finally:
         proxy.stop()
     port = free_port()
@@ -137,6 +141,15 @@ def test_logs_page_through_fifty_at_a_time_and_open_a_row(site, page: Page, tmp_
     rows = page.get_by_role("table", name="Requests").locator("tbody tr")
     expect(rows).to_have_count(50)
     expect(rows.first).to_contain_text(newest_model)
+    header = page.get_by_role("table", name="Requests").locator("thead")
+    for column in ("Status", "Time", "Requester", "Provider", "Model", "Input", "Output", "Total", "Cost", "Latency",
+                   "TTFB", "Usage", "Error"):
+        expect(header).to_contain_text(column)
+    colour = "e => getComputedStyle(e).backgroundColor"
+    failed, answered = rows.nth(0).locator(".status"), rows.nth(2).locator(".status")  # a 500, then a 200
+    expect(failed).to_have_text("500")
+    expect(answered).to_have_text("200")
+    assert failed.evaluate(colour) != answered.evaluate(colour)
     page.screenshot(path=tmp_path / "logs.png", full_page=True)
     page.get_by_role("link", name="Next →").click()
     expect(page.get_by_role("status")).to_have_text(f"Requests 51–{total} of {total}")
@@ -156,17 +169,30 @@ def test_logs_page_through_fifty_at_a_time_and_open_a_row(site, page: Page, tmp_
 
 def test_every_page_renders_its_numbers_without_console_errors(site, page: Page, tmp_path: Path) -> None:
     url, workdir = site
-    [(errors,)] = db(workdir, "SELECT count(*) FROM requests WHERE status >= 400")
+    [(errors, own)] = db(workdir, "SELECT count(*), count(*) FILTER (WHERE ttfb_ms IS NULL) FROM requests "
+                                  "WHERE status >= 400")
+    assert own == 1  # the unknown token: Metrion answered it, no provider was asked
     page.goto(f"{url}/errors")
     expect(card(page, "Errors").locator(".value")).to_have_text(str(errors))
-    expect(card(page, "Provider errors").locator(".value")).to_have_text(str(errors))
+    expect(card(page, "Metrion's own errors").locator(".value")).to_have_text(str(own))
+    expect(card(page, "Provider errors").locator(".value")).to_have_text(str(errors - own))
+    expect(page.get_by_role("table", name="Errors by status")).to_contain_text("401")
     expect(page.get_by_role("table", name="Most recent errors").locator("tbody tr")).to_have_count(errors)
     page.screenshot(path=tmp_path / "errors.png", full_page=True)
+    page.goto(f"{url}/costs")
+    [(cost, requests)] = db(workdir, "SELECT sum(cost_usd), count(*) FROM requests")
+    shown_cost = card(page, "Cost in the period").locator(".value").inner_text()
+    assert float(shown_cost.lstrip("$").replace(",", "")) == pytest.approx(cost, rel=1e-3, abs=1e-6)
+    expect(card(page, "Cost in the period")).to_contain_text(f"{requests} requests")
+    by_model = page.get_by_role("table", name="Cost by model")
+    for (model,) in db(workdir, "SELECT DISTINCT model FROM requests WHERE model IS NOT NULL"):
+        expect(by_model).to_contain_text(model)
+    page.screenshot(path=tmp_path / "costs.png", full_page=True)
     page.goto(f"{url}/latency")
-    [(slowest,)] = db(workdir, "SELECT max(latency_ms) FROM requests")
+    [(slowest, timed)] = db(workdir, "SELECT max(latency_ms), count(latency_ms) FROM requests")
     expect(card(page, "p99 latency").locator(".value")).not_to_have_text("—")
     assert page.get_by_role("img", name="Latency histogram").evaluate("c => Chart.getChart(c).data.datasets[0]"
-                                                                      ".data.reduce((a, b) => a + b, 0)") == 68
+                                                                      ".data.reduce((a, b) => a + b, 0)") == timed
     assert slowest > 0
     page.screenshot(path=tmp_path / "latency.png", full_page=True)
     page.goto(f"{url}/tokens")

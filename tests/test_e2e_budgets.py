@@ -162,7 +162,7 @@ def test_forwarded_responses_carry_the_budget_and_refusals_fail_fast_in_each_sdk
 
 
 def test_streams_settle_at_the_reported_cost_and_cut_streams_keep_their_reservation(start_proxy) -> None:
-    proxy = start_proxy(**budget_config(1.0))
+    proxy = start_proxy(timeout=1, **budget_config(1.0))
     body = anthropic_body()
     reserve = reservation(MESSAGES, body)
     with httpx.stream("POST", f"{proxy.url}{MESSAGES}", content=body, headers=headers(provider="anthropic"),
@@ -190,16 +190,26 @@ def test_streams_settle_at_the_reported_cost_and_cut_streams_keep_their_reservat
         response.read()
     early = proxy.rows("token_name = 'metered'", n=3)[-1]
     assert early["usage_source"] == "estimated"
+    assert budget_row(proxy)["reserved_nanousd"] == reserve
+
+    # A timeout (the provider fell silent before its usage): unknown as well, so that reservation stays too.
+    stalled, stalled_body = {**headers(), "x-mock-scenario": "stall-after:2"}, chat_body(stream=True)
+    with pytest.raises(httpx.HTTPError), httpx.stream("POST", f"{proxy.url}{CHAT}", content=stalled_body,
+                                                      headers=stalled, timeout=30) as response:
+        response.read()
+    timed_out = proxy.rows("token_name = 'metered'", n=4)[-1]
+    assert "silent" in timed_out["error"] and timed_out["usage_source"] == "estimated"
     kept = budget_row(proxy)
-    assert kept["reserved_nanousd"] == reserve
+    held = reserve + reservation(CHAT, stalled_body)
+    assert kept["reserved_nanousd"] == held
     assert kept["spent_nanousd"] == after_stream["spent_nanousd"] + math_ceil_nano(late["cost_usd"])
 
-    # A restart keeps both: what was spent, and the reservation nobody settled.
+    # A restart keeps both: what was spent, and the reservations nobody settled.
     proxy.restart()
     again = httpx.post(f"{proxy.url}{CHAT}", content=chat_body(), headers=headers(), timeout=30)
     remaining = 1.0 - (kept["spent_nanousd"] + kept["reserved_nanousd"] + reservation(CHAT, chat_body())) / NANO
     assert float(again.headers["x-metrion-budget-remaining-usd"]) == pytest.approx(remaining, abs=2e-6)
-    assert settled(proxy, 4)["reserved_nanousd"] == reserve
+    assert settled(proxy, 5)["reserved_nanousd"] == held
 
 
 def math_ceil_nano(usd: float) -> int:

@@ -13,6 +13,8 @@ import anthropic
 import httpx
 import openai
 import pytest
+from google import genai
+from google.genai import types as genai_types
 from harness import APP_TOKEN, PASS_TOKEN, Proxy, token
 from prometheus_client.parser import text_string_to_metric_families
 from test_e2e_metering import MODELS, PROVIDERS, label, received_for, request_for
@@ -83,7 +85,8 @@ def test_repeated_sdk_request_is_a_hit_that_never_reaches_the_provider(
     assert second_headers["content-type"] == first_headers["content-type"]
     for request_id in ("request-id", "x-request-id"):
         assert second_headers.get(request_id) == first_headers.get(request_id)
-    assert len(received_for(mock, who)) == 1
+    (sent,) = received_for(mock, who)
+    assert not [name for name in sent.headers if name.lower().startswith("x-metrion-")]  # the header stays here
     miss, hit = proxy.rows("requester = ?", (who,), n=2)
     assert (miss["cached"], miss["cache_status"], hit["cached"], hit["cache_status"]) == (0, "MISS", 1, "HIT")
     assert miss["input_tokens"] > 0 and miss["cost_usd"] is not None and miss["cost_usd"] > 0
@@ -110,6 +113,46 @@ def test_stream_hit_is_a_real_event_stream_with_the_same_bytes(proxy: Proxy, pro
     assert b"".join(event.raw for event in events) == first
     # What the client saw first is what is replayed: a usage chunk Metrion hid stays hidden.
     assert (b'"choices":[]' in first.replace(b" ", b"")) is False
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_geminis_own_sdk_on_the_native_api_gets_hits_too(proxy: Proxy, mock: MockProvider, stream: bool) -> None:
+    who = label()
+    gemini = genai.Client(api_key=APP_TOKEN, http_options=genai_types.HttpOptions(
+        base_url=f"{proxy.url}/api/proxy/gemini", headers={"x-metrion-user": who, **CACHE}, timeout=10_000))
+
+    def ask() -> tuple[dict[str, str], object]:
+        if stream:
+            chunks = list(gemini.models.generate_content_stream(model=MODELS["gemini"], contents=f"native {who}"))
+            return dict(chunks[0].sdk_http_response.headers), [c.model_dump(exclude={"sdk_http_response"})
+                                                               for c in chunks]
+        reply = gemini.models.generate_content(model=MODELS["gemini"], contents=f"native {who}")
+        return dict(reply.sdk_http_response.headers), reply.model_dump(exclude={"sdk_http_response"})
+
+    before = entry_keys(proxy)
+    first_headers, first = ask()
+    wait_for_new_entry(proxy, before)
+    second_headers, second = ask()
+    assert (first_headers["x-metrion-cache"], second_headers["x-metrion-cache"]) == ("MISS", "HIT")
+    assert second == first and first
+    assert len(received_for(mock, who)) == 1
+    miss, hit = proxy.rows("requester = ?", (who,), n=2)
+    assert (hit["cached"], hit["cost_usd"], hit["input_tokens"], hit["stream"]) == (1, 0, 0, stream)
+    assert miss["cost_usd"] > 0 and hit["saved_usd"] == miss["cost_usd"]
+
+
+def test_geminis_streamed_json_array_is_replayed_as_sent(proxy: Proxy, mock: MockProvider) -> None:
+    who = label()
+    url = f"{proxy.url}/api/proxy/gemini/v1beta/models/{MODELS['gemini']}:streamGenerateContent"
+    body = {"contents": [{"role": "user", "parts": [{"text": f"array {who}"}]}]}
+    headers = {"x-goog-api-key": APP_TOKEN, "x-metrion-user": who, **CACHE}
+    before = entry_keys(proxy)
+    first = httpx.post(url, json=body, headers=headers)
+    wait_for_new_entry(proxy, before)
+    second = httpx.post(url, json=body, headers=headers)
+    assert second.headers["x-metrion-cache"] == "HIT" and second.content == first.content
+    assert second.headers["content-type"] == first.headers["content-type"]
+    assert len(received_for(mock, who)) == 1
 
 
 def test_usage_chunk_the_client_asked_for_is_replayed_to_a_client_that_asks_for_it(proxy: Proxy) -> None:
@@ -226,6 +269,8 @@ def test_refresh_forwards_and_overwrites_the_entry(proxy: Proxy, mock: MockProvi
     assert hit.headers["x-metrion-cache"] == "HIT" and hit.content == refreshed.content
     assert key in entry_keys(proxy)
     assert len(received_for(mock, who)) == 2
+    refresh = proxy.rows("requester = ? AND cache_status = 'REFRESH'", (who,))[0]
+    assert refresh["cached"] == 0 and refresh["cost_usd"] > 0 and refresh["saved_usd"] is None  # an ordinary row
 
 
 @pytest.mark.parametrize("header,value", [

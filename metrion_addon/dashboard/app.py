@@ -74,7 +74,7 @@ def create_app(config: Config, clock: Clock) -> Starlette:
     def load(request: Request, page: Page, choices: bool) -> tuple[View, Any, dict[str, list[str]]]:
         """The page's data, and (for a page, not its JSON) what the filter bar offers."""
         now = datetime.fromtimestamp(clock(), UTC)
-        view = read_view(request.query_params, now)
+        view = read_view(request.query_params, now, config.providers)
         conn = open_database(config.database)
         try:
             offered = pages.filter_choices(conn, config, view.filters) if choices else {}

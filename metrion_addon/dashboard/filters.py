@@ -5,7 +5,7 @@ Pure: the clock's time is passed in; a bad value raises ValueError with a messag
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import urlencode
@@ -46,8 +46,10 @@ def _cursor(text: str, older: bool, now: datetime) -> Cursor:
     return Cursor(ts=parse_since(ts, now), id=int(row_id), older=older)
 
 
-def read_view(query: Mapping[str, str], now: datetime) -> View:
-    """The View a dashboard URL's query string describes; unknown presets or values raise ValueError."""
+def read_view(query: Mapping[str, str], now: datetime, providers: Collection[str] = PROVIDERS) -> View:
+    """The View a dashboard URL's query string describes; unknown presets or values raise ValueError.
+
+    `providers`: the names a provider filter may take (the five and the config's own)."""
     params = {key: query[key].strip() for key in KEPT if query.get(key, "").strip()}
     period = params.get("period", DEFAULT_PERIOD)
     if period not in PERIODS:
@@ -63,8 +65,8 @@ def read_view(query: Mapping[str, str], now: datetime) -> View:
     if since >= until:
         raise ValueError("the period ends before it starts")
     provider = params.get("provider")
-    if provider is not None and provider not in PROVIDERS:
-        raise ValueError(f"unknown provider {provider!r} (known: {', '.join(PROVIDERS)})")
+    if provider is not None and provider not in providers:
+        raise ValueError(f"unknown provider {provider!r} (known: {', '.join(providers)})")
     filters = Filters(
         since=iso_utc(since.timestamp()),
         until=iso_utc(until.timestamp()),

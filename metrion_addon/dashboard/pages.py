@@ -261,10 +261,12 @@ def tokens(conn: sqlite3.Connection, config: Config, f: Filters, now: datetime) 
 
 
 def filter_choices(conn: sqlite3.Connection, config: Config, f: Filters) -> dict[str, list[str]]:
-    """What the filter bar offers: the models, tokens and requesters seen in the period, and the providers."""
-    seen = usage(conn, Filters(f.since, f.until), ("provider", "model", "token_name", "requester"))
+    """What the filter bar offers: the models (as answered and as asked), tokens and requesters seen in the period,
+    and the providers."""
+    seen = usage(conn, Filters(f.since, f.until), ("provider", "model", "token_name", "requester", "requested_model"))
     pick = {name: sorted({key[i] for key in seen if key[i]}) for i, name in
             enumerate(("provider", "model", "token", "requester"))}
+    pick["model"] = sorted(set(pick["model"]) | {key[4] for key in seen if key[4]})
     pick["token"] = sorted(set(pick["token"]) | {token.name for token in config.tokens})
     pick["provider"] = sorted(set(pick["provider"]) | set(config.providers))
     return pick

@@ -14,7 +14,6 @@ from typing import Any
 import psycopg
 
 from . import postgres
-from .cache import SQLiteCacheStore
 from .spool import Spool, SpoolingBackend
 from .sqlite import SQLiteBackend, connect, create_schema
 from .writer import Backend
@@ -41,10 +40,6 @@ class Log:
         if self.backend.outage is not None:
             return f"postgresql unreachable ({self.backend.outage}); rows spooled"
         return "postgresql"
-
-    def cache_store(self, writer: Any, max_bytes: int) -> SQLiteCacheStore | None:
-        """SQLite keeps the response cache in the database; with PostgreSQL it is on Redis (shared.redis)."""
-        return SQLiteCacheStore(Path(self.database), writer, max_bytes) if isinstance(self.database, Path) else None
 
 
 def open_log(database: Path | str, spool_directory: Path, spool_bytes: int) -> Log:

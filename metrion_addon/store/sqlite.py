@@ -75,7 +75,9 @@ def create_schema(conn: sqlite3.Connection) -> None:
     for name, kind in sql_types.items():  # a database made by an older Metrion gains the new columns in place
         if name not in existing:
             db["requests"].add_column(name, kind)
-    for columns in (["ts"], ["token_name", "ts"], ["provider", "ts"], ["model", "ts"], ["requester", "ts"]):
+    indexes = (["ts"], ["token_name", "ts"], ["provider", "ts"], ["model", "ts"], ["requested_model", "ts"],
+               ["requester", "ts"])
+    for columns in indexes:
         db["requests"].create_index(columns, if_not_exists=True)
     db["requests"].create_index(["uid"], unique=True, if_not_exists=True)
     db["rate_buckets"].create(
