@@ -17,11 +17,10 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
 from metrion_addon import cache, contentview, store  # importing contentview registers the LLM stream view for mitmweb
-from metrion_addon.auth import Upstream, authenticate, lift_query_key, requester
+from metrion_addon.auth import Upstream, authenticate, forbid_stray_metrion_token, lift_query_key, requester
 from metrion_addon.budgets import Hold
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import ConfigError
-from metrion_addon.display import REJECTED_MARK as _REJECTED_MARK
 from metrion_addon.display import FlowDisplay
 from metrion_addon.errors import MetrionError
 from metrion_addon.forward_proxy import ForwardProxy, one_request_per_connection
@@ -49,12 +48,9 @@ from metrion_addon.routes import (
 from metrion_addon.runtime import Runtime
 from metrion_addon.shared_budgets import admit_on_redis
 from metrion_addon.shared_limits import SharedLimits
+from metrion_addon.timeouts import Timeouts
 from metrion_addon.upstream import (
-    IdleTimer,
-    answer_upstream_failures,
-    cancel_upstream,
     connect_lazily_unless_chosen,
-    watch_response_bodies,
 )
 
 log = logging.getLogger(__name__)
@@ -71,7 +67,7 @@ class Metrion:
         self.runtime = Runtime(self.clock, self.metrics, lambda records: self.recorder.written(records))
         self.recorder = Recorder(self.runtime)
         self._version = metrion_version()
-        self._timers: dict[str, IdleTimer] = {}
+        self.timeouts = Timeouts(self.recorder, self.contain)
         self.forward_proxy = ForwardProxy(self.runtime)
         self._running = False
 
@@ -94,8 +90,7 @@ class Metrion:
             self.runtime.open(ctx.options.metrion_config, self._reload)
         except ConfigError as e:
             self._bad_config(f"metrion: {e}", e)
-        answer_upstream_failures(self._answer_upstream_failure)
-        watch_response_bodies(self._body_data)
+        self.timeouts.watch()
 
     def _bad_config(self, line: str, cause: Exception) -> NoReturn:
         if self.runtime.config is None and not self._running:  # start-up: one line, no proxy behind a broken meter
@@ -119,11 +114,7 @@ class Metrion:
     def done(self) -> None:
         for flow_id in list(self.recorder.exchanges):
             self._abandon(flow_id)
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
-        answer_upstream_failures(None)
-        watch_response_bodies(None)
+        self.timeouts.close()
         self.runtime.close()
 
     @guarded
@@ -299,6 +290,8 @@ class Metrion:
         else:
             identity, credentials = authenticate(route.provider, headers, self.runtime.tokens, route.format)
         exchange.identity = identity
+        replaced = (*credentials.drop_headers, *(credentials.set_headers or {})) if credentials else ()
+        forbid_stray_metrion_token(flow.request.headers.fields, flow.request.path, replaced)
         exchange.request = inspect_body(
             route, flow.request.method, headers.get("content-type", ""), flow.request.raw_content or b""
         )
@@ -327,7 +320,7 @@ class Metrion:
             exchange.hide_usage_chunk = True
         request.scheme, request.host, request.port, request.path = upstream_target(route.upstream_url)  # in this order
         exchange.forwarded = True
-        self._timers[flow.id] = IdleTimer(self.runtime.config.timeout, lambda: self._time_out(flow))
+        self.timeouts.start(flow, self.runtime.config.timeout)
         token = exchange.identity.token_name if exchange.identity else None
         flow.metadata["metrion"] = {"provider": route.provider, "token": token}
 
@@ -342,7 +335,7 @@ class Metrion:
         if exchange.failure is None:  # Metrion's own answers carry these already
             limits = tuple((name.encode(), value.encode()) for name, value in exchange.limit_headers.items())
             flow.response.headers.fields += limits
-        timer = self._timers.get(flow.id)
+        timer = self.timeouts.get(flow.id)
         if timer is None:
             return
         timer.touch()
@@ -362,7 +355,7 @@ class Metrion:
         exchange = self.recorder.exchanges.get(flow.id)
         if exchange is None or flow.response is None:
             return
-        self._stop_timer(flow.id)
+        self.timeouts.stop(flow.id)
         redact_request(flow.request)
         self.recorder.answered(flow, exchange, flow.response)
 
@@ -371,46 +364,9 @@ class Metrion:
         exchange = self.recorder.exchanges.get(flow.id)
         if exchange is None:
             return
-        self._stop_timer(flow.id)
+        self.timeouts.stop(flow.id)
         redact_request(flow.request)
         self.recorder.failed(flow, exchange)
-
-    # timeouts and upstream failures
-
-    @guarded
-    def _time_out(self, flow: http.HTTPFlow) -> None:
-        exchange = self.recorder.exchanges.get(flow.id)
-        if exchange is None:
-            return
-        exchange.timed_out = True
-        if not cancel_upstream(flow):
-            log.warning("metrion: flow %s timed out but had no upstream connection to close", flow.id)
-
-    @guarded
-    def _body_data(self, flow: http.HTTPFlow) -> None:
-        """Any byte from the provider means it is not silent, body bytes of a buffered reply included."""
-        if timer := self._timers.get(flow.id):
-            timer.touch()
-
-    @guarded
-    def _answer_upstream_failure(self, flow: http.HTTPFlow, message: str) -> http.Response | None:
-        exchange = self.recorder.exchanges.get(flow.id)
-        if exchange is None or self.runtime.config is None:
-            return None
-        if exchange.timed_out:
-            error = MetrionError(504, "upstream_timeout",
-                                 f"The provider did not respond within {self.runtime.config.timeout:g} s.")
-        else:
-            error = MetrionError(502, "upstream_unreachable", f"Metrion could not reach the provider: {message}")
-        exchange.failure = error
-        flow.marked = _REJECTED_MARK
-        return error_response(exchange.route.format, error, exchange)
-
-    def _stop_timer(self, flow_id: str) -> None:
-        if timer := self._timers.pop(flow_id, None):
-            timer.cancel()
-
-    # rows and annotations
 
     # failures of Metrion's own code (guard.py)
 
@@ -424,7 +380,7 @@ class Metrion:
         if hook in _REQUEST_HOOKS:
             self._refuse_after_internal_error(flow, description)
         elif hook in _FINAL_HOOKS:
-            self._stop_timer(flow.id)
+            self.timeouts.stop(flow.id)
             redact_request(flow.request)
             if exchange := self.recorder.exchanges.get(flow.id):
                 status = flow.response.status_code if flow.response else None
@@ -433,7 +389,7 @@ class Metrion:
             self._note_internal_error(flow.id, description)
 
     def _refuse_after_internal_error(self, flow: http.HTTPFlow, description: str) -> None:
-        self._stop_timer(flow.id)
+        self.timeouts.stop(flow.id)
         flow.metadata.pop("metrion", None)
         error = MetrionError(500, "metrion_internal_error",
                              f"Metrion failed while handling this request ({description}); it was not forwarded.")

@@ -312,8 +312,22 @@ def logs(
 def quota(config_path: str | None, fmt: str, name: str | None) -> None:
     """Each token's plan, requests and dollars this month: cap, budget, spent, reserved, left; the reset date (UTC)."""
     config = _load(config_path)
+    now = datetime.now(UTC)
+    conn = _open(config, "monthly_usage")
+    shared = None
+    if config.shared is not None:  # every instance's counts are in Redis; this instance's database has its own
+        # Imported here: the Redis client would slow every other subcommand's start.
+        import redis
+
+        from metrion_addon.shared_budgets import read_quota
+
+        try:
+            shared = read_quota(config.shared.redis, [token.name for token in config.tokens], now.strftime("%Y-%m"))
+        except redis.RedisError as e:
+            click.echo(f"metrion: Redis unreachable ({type(e).__name__}): showing what {config.database} last "
+                       "saw, not every instance's counts", err=True)
     try:
-        rows = queries.quota(_open(config, "monthly_usage"), config, datetime.now(UTC), name)
+        rows = queries.quota(conn, config, now, name, shared)
     except ValueError as e:
         raise Problem(str(e)) from e
     columns = [

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -232,10 +232,13 @@ def next_month(day: date) -> date:
     return date(day.year + day.month // 12, day.month % 12 + 1, 1)
 
 
-def quota(conn: Any, config: Config, now: datetime, name: str | None = None) -> list[dict[str, Any]]:
+def quota(conn: Any, config: Config, now: datetime, name: str | None = None,
+          shared: Mapping[str, tuple[int, int, int]] | None = None) -> list[dict[str, Any]]:
     """Each configured token's plan, requests and dollars this UTC month against its cap and budget, and the reset date.
 
     Dollars: `spent_usd` settled, `reserved_usd` held by requests in flight (or never settled), `remaining_usd` left.
+    `shared`: {token: (requests, spent, reserved nano-USD)} from Redis, the counts of every instance, used instead
+    of this instance's database.
     """
     tokens = [token for token in config.tokens if name is None or token.name == name]
     if name is not None and not tokens:
@@ -247,6 +250,9 @@ def quota(conn: Any, config: Config, now: datetime, name: str | None = None) -> 
     if has_table(conn, "budget_usage"):
         query = "SELECT token_name, spent_nanousd, reserved_nanousd FROM budget_usage WHERE month = ?"
         budgets = {name: (spent, reserved) for name, spent, reserved in conn.execute(query, (month,))}
+    if shared is not None:
+        used = {name: requests for name, (requests, _, _) in shared.items()}
+        budgets = {name: (spent, reserved) for name, (_, spent, reserved) in shared.items()}
     rows = []
     for token in tokens:
         cap = config.plans[token.plan].monthly_requests

@@ -320,6 +320,38 @@ def test_a_model_filter_matches_the_model_asked_for_or_answered_like_metrion_log
     assert offered["model"] == ["gpt-4o", "gpt-4o-2024-08-06", "gpt-4o-mini", "gpt-4o-mini-2024-07-18"]
 
 
+def test_logs_filtered_by_a_model_page_through_the_rows_asked_for_or_answered(tmp_path: Path) -> None:
+    rows = []
+    for i in range(130):  # successes answered by the dated model, failures with the alias, other models between
+        ts = f"11-20T{10 + i // 60:02d}:{i % 60:02d}:00"
+        if i % 5 == 0:
+            rows.append(row(ts, "gpt-4o-mini-2024-07-18", requested_model="gpt-4o-mini"))
+        elif i % 7 == 0:
+            rows.append(row(ts, status=500, requested_model="gpt-4o", error="provider: boom"))
+        else:
+            rows.append(row(ts, "gpt-4o-2024-08-06", requested_model="gpt-4o"))
+    rows.append(row("11-20T11:59:00", "gpt-4o", requested_model=None))  # an older row: no requested_model
+    write(tmp_path / "m.db", rows)
+    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    conn = sqlite3.connect(tmp_path / "m.db")
+    expected = [id_ for (id_,) in conn.execute(
+        "SELECT id FROM requests WHERE model = 'gpt-4o' OR requested_model = 'gpt-4o' ORDER BY ts DESC, id DESC")]
+    seen, pages, params = [], [], {"model": "gpt-4o"}
+    while True:
+        page = get(client, "logs", **params)
+        pages.append(page)
+        seen += [r["id"] for r in page["rows"]]
+        if not page["older"]:
+            break
+        params = {"model": "gpt-4o", "older": page["older"], "from": str(page["last"])}
+    assert seen == expected and len(expected) == 105 and pages[0]["total"] == 105
+    back = get(client, "logs", model="gpt-4o", newer=pages[2]["newer"], **{"from": "50"})
+    assert [r["id"] for r in back["rows"]] == [r["id"] for r in pages[1]["rows"]]
+    recent = get(client, "errors", model="gpt-4o")["recent"]
+    assert [r["id"] for r in recent] == [id_ for id_ in expected if id_ in {
+        i for (i,) in conn.execute("SELECT id FROM requests WHERE status = 500")}]
+
+
 def test_a_configured_provider_is_a_provider_filter_like_the_five(tmp_path: Path) -> None:
     write(tmp_path / "m.db", [row("11-20T11:00:00", "llama-3.3-70b-versatile", "groq", input_tokens=5), ROWS[0]])
     path = config_file(tmp_path, tmp_path / "m.db")

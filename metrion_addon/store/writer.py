@@ -76,7 +76,6 @@ class Writer:
     ) -> None:
         self._backend = backend
         self._price = price
-        self._settle = settle  # a priced row's budget settlement, written with the row
         self._settle = settle  # a priced row's budget settlement, written in the same transaction as the row
         self._on_written = on_written
         self._retry_seconds = retry_seconds
@@ -283,7 +282,7 @@ class Writer:
         if counters:
             self._counters.clear()
         del self._dead[: len(dead)]
-        self._recovered()
+        self._recovered(len(records))
 
     def _dead_letter(self, record: RequestRecord, error: Exception) -> None:
         log.error("metrion: the database refused a row (%s: %s); kept in dead_letters", type(error).__name__, error)
@@ -305,12 +304,13 @@ class Writer:
         self.error = str(error) or type(error).__name__
         return False
 
-    def _recovered(self) -> None:
+    def _recovered(self, written: int) -> None:
         if self.error is None:
             return
         self.error = None
-        log.warning("metrion: database writes work again (%d rows waiting); %d requests were answered 503 "
-                    "meanwhile and left no row", len(self._backlog), self.rejected_while_failing)
+        log.warning("metrion: database writes work again (%d rows waiting, %d written in this first transaction); "
+                    "%d requests were answered 503 meanwhile and left no row", len(self._backlog), written,
+                    self.rejected_while_failing)
 
     def _unwritten(self) -> str:
         forwarded = sum(1 for record in self._backlog if record.forwarded)
