@@ -84,7 +84,7 @@ class Runtime:
         self.budgets = Budgets(budgets, counters, budget_pricer, window)
         self.log = opened
         self.writer = store.Writer(opened.backend, price=pricer, on_written=self._on_written,
-                                   settle=self.budgets.settle)
+                                   settle=self.budgets.settle, settles_now=self.budgets.waits_for)
         self.writer.start()
         self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
         self.metrics.watch_spool(lambda: opened.spool.rows if opened.spool else 0,

@@ -70,6 +70,7 @@ class Writer:
         retry_seconds: float = 1.0,
         batch_seconds: float = 0.05,
         settle: Settler | None = None,
+        settles_now: Callable[[RequestRecord], bool] | None = None,
         stall_seconds: float = 10.0,
         backlog_rows: int = BACKLOG_ROWS,
         chunk_rows: int = CHUNK_ROWS,
@@ -77,6 +78,10 @@ class Writer:
         self._backend = backend
         self._price = price
         self._settle = settle  # a priced row's budget settlement, written in the same transaction as the row
+        # Rows whose budget reservation waits for them: taken (priced, settled) at once, not at the end of the batch
+        # window, so a finished request's reservation does not hold back budget for up to `batch_seconds`.
+        self._settles_now = settles_now
+        self._arrived = threading.Event()
         self._on_written = on_written
         self._retry_seconds = retry_seconds
         self._batch_seconds = batch_seconds  # gather rows this long: fewer wake-ups and commits under load
@@ -129,6 +134,8 @@ class Writer:
             self.rejected_while_failing += 1
             return
         self._queue.put(item)
+        if self._settles_now is not None and isinstance(item, RequestRecord) and self._settles_now(item):
+            self._arrived.set()
 
     def close(self, timeout: float = 10.0) -> None:
         """Write everything queued so far, then stop the thread and close the connection."""
@@ -159,13 +166,8 @@ class Writer:
                 if self._closing:
                     return
                 self._take(self._next())
-                if not self._closing:
-                    time.sleep(self._batch_seconds)
-            while not self._closing:  # drain whatever else is waiting: that is the batch
-                try:
-                    self._take(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+                self._window(self._batch_seconds)
+            self._drain()  # whatever else is waiting: that is the batch
             if self._flush():
                 continue
             if self._closing:
@@ -186,6 +188,22 @@ class Writer:
                     self._busy_since = time.monotonic()
             finally:
                 self._busy_since = None
+
+    def _window(self, seconds: float) -> None:
+        """Let a batch gather for `seconds`, taking what arrives early only when a row's budget waits for it."""
+        deadline = time.monotonic() + seconds
+        while not self._closing and (left := deadline - time.monotonic()) > 0:
+            if not self._arrived.wait(left):
+                return
+            self._arrived.clear()
+            self._drain()
+
+    def _drain(self) -> None:
+        while not self._closing:
+            try:
+                self._take(self._queue.get_nowait())
+            except queue.Empty:
+                return
 
     def _pending(self) -> bool:
         return bool(self._backlog or self._counters or self._dead)
