@@ -395,6 +395,19 @@ def test_a_missing_database_is_a_503_that_says_what_to_do(tmp_path: Path) -> Non
     assert "start the proxy" in client.get("/").text
 
 
+def test_aggregates_of_an_older_metrion_are_a_503_until_the_proxy_rebuilds_them(tmp_path: Path) -> None:
+    write(tmp_path / "m.db", ROWS[:2])
+    with sqlite3.connect(tmp_path / "m.db") as conn:  # keyed without requested_model, as before it existed
+        conn.execute("DROP TABLE hourly_usage")
+        conn.execute("CREATE TABLE hourly_usage (hour TEXT, provider TEXT, model TEXT)")
+    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    response = client.get("/api/overview")
+    assert response.status_code == 503 and "start the proxy once (it rebuilds them)" in response.json()["error"]
+    assert client.get("/logs").status_code == 503
+    store.create_schema(store.connect(tmp_path / "m.db"))  # what the proxy does when it starts
+    assert get(client, "overview")["cards"]["requests"]["value"] == 2
+
+
 def test_logs_read_a_database_from_an_older_metrion_that_lacks_a_column(tmp_path: Path) -> None:
     write(tmp_path / "m.db", ROWS[:2])
     with sqlite3.connect(tmp_path / "m.db") as conn:

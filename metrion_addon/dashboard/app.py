@@ -22,7 +22,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from metrion_addon import alerts, queries
+from metrion_addon import aggregates, alerts, queries
 from metrion_addon.clock import Clock
 from metrion_addon.config import Config
 from metrion_addon.dashboard import pages
@@ -71,6 +71,9 @@ def open_database(path: Path) -> sqlite3.Connection:
     if missing:
         conn.close()
         raise Unavailable(f"{path} has no {', '.join(missing)} table yet: start the proxy once (it builds them)")
+    if not aggregates.tables_current(conn):
+        conn.close()
+        raise Unavailable(f"{path} holds an older Metrion's aggregate tables: start the proxy once (it rebuilds them)")
     return conn
 
 
