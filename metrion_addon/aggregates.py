@@ -234,7 +234,7 @@ def add_to_hourly(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
         conn.executemany(latency_sql, [(*key, count) for key, count in latency.items()])
 
 
-def _tables_current(conn: sqlite3.Connection) -> bool:
+def tables_current(conn: sqlite3.Connection) -> bool:
     """Every aggregate table is there, in the current shape (an older Metrion's lack `requested_model`)."""
     for table in TABLES:
         columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
@@ -245,11 +245,11 @@ def _tables_current(conn: sqlite3.Connection) -> bool:
 
 def create_hourly(conn: sqlite3.Connection) -> None:
     """Create the aggregate tables if missing or outdated and, when they were, fill them from the rows logged."""
-    if _tables_current(conn):
+    if tables_current(conn):
         return
     conn.execute("BEGIN IMMEDIATE")  # another process may be building them too: the second one finds them made
     try:
-        if _tables_current(conn):
+        if tables_current(conn):
             conn.execute("COMMIT")
             return
         for table in TABLES:  # some but not all of them (an interrupted build), or an older Metrion's shape

@@ -459,6 +459,18 @@ def tokens_new(config_path: str | None, fmt: str, name: str, plan: str) -> None:
         _emit([row], list(row), fmt, [])
 
 
+def _on_redis(read: Callable[[str], Any], url: str) -> Any:
+    """`read(url)` against the shared Redis; a Problem saying where if it cannot be reached."""
+    import redis  # here: the Redis client would slow every other subcommand's start
+
+    from metrion_addon.shared_limits import redis_address
+
+    try:
+        return read(url)
+    except redis.RedisError as e:
+        raise Problem(f"cannot reach Redis at {redis_address(url)} (shared.redis): {type(e).__name__}") from e
+
+
 @main.group()
 def cache() -> None:
     """The response cache (requests sent with x-metrion-cache): what it holds and saves, and clearing it."""
@@ -474,6 +486,10 @@ def cache_stats(config_path: str | None, fmt: str, since: str | None, until: str
     now = datetime.now(UTC)
     start, end = _time(since, now), _time(until, now)
     row = cache_store.cache_stats(_open(config, "cache_entries"), now.timestamp(), start, end)
+    if config.shared is not None:  # entries live in Redis; lookups and hits are this instance's rows
+        from metrion_addon.store import redis_cache
+
+        row.update(_on_redis(lambda url: redis_cache.held_on_redis(url, now.timestamp()), config.shared.redis))
     columns = [
         Column("entries", "entries"),
         Column("expired", "expired"),
@@ -495,8 +511,13 @@ def cache_clear(config_path: str | None, fmt: str, token: str | None, model: str
     """Delete cache entries (all of them, or those of a token and/or a model); works while the proxy runs."""
     config = _load(config_path)
     _open(config, "cache_entries").close()
-    with closing(sqlite3.connect(config.database, timeout=10)) as conn:
-        removed = cache_store.clear_cache(conn, token, model, base_model)
+    if config.shared is not None:
+        from metrion_addon.store import redis_cache
+
+        removed = _on_redis(lambda url: redis_cache.clear_on_redis(url, token, model, base_model), config.shared.redis)
+    else:
+        with closing(sqlite3.connect(config.database, timeout=10)) as conn:
+            removed = cache_store.clear_cache(conn, token, model, base_model)
     if fmt == "table":
         click.echo(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}")
     else:

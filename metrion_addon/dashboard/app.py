@@ -22,7 +22,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from metrion_addon import alerts, queries
+from metrion_addon import aggregates, alerts, queries
 from metrion_addon.clock import Clock
 from metrion_addon.config import Config
 from metrion_addon.dashboard import pages
@@ -64,6 +64,10 @@ def open_database(database: Path | str) -> Any:
     conn = read_only(database, NEEDED_TABLES)
     if isinstance(conn, sqlite3.Connection):  # aggregates are read in ranges: map them instead of copying pages
         conn.execute("PRAGMA mmap_size = 268435456")
+        if not aggregates.tables_current(conn):  # (PostgreSQL logs are younger than the aggregates' last change)
+            conn.close()
+            raise Unavailable(f"{database} holds an older Metrion's aggregate tables: start the proxy once "
+                              "(it rebuilds them)")
     return conn
 
 
