@@ -177,7 +177,8 @@ def test_without_redis_budgets_follow_on_failure_and_resume_where_they_were(
         time.sleep(0.2)
     assert redis_budget(server.url)["spent"] >= before["spent"]  # brought back, not a fresh budget
     statuses = burst([closed, local], 40, body)
-    assert statuses.count(200) <= (limit - before["spent"]) // reserve < 30
-    assert statuses.count(200) + statuses.count(429) == 40
+    # Requests of the burst that finish are settled at once and give back what they did not use, so how many pass
+    # depends on timing; what they all spend, with what was brought back, cannot pass the budget.
+    assert statuses.count(200) > 0 and statuses.count(200) + statuses.count(429) == 40
     time.sleep(0.5)
     assert spent_of(rows([closed, local], "1")) <= limit / NANO
