@@ -11,6 +11,7 @@ from pathlib import Path
 
 import genai_prices
 import httpx
+import openai
 import pytest
 from harness import APP_TOKEN, Proxy, base_config
 
@@ -86,6 +87,31 @@ def test_recorded_exchange_is_relayed_unchanged_and_metered_exactly(
     assert row["total_tokens"] == row["input_tokens"] + row["output_tokens"]
     cost = expected_cost(row, recording["provider"])
     assert row["cost_usd"] == (None if cost is None else pytest.approx(cost, rel=1e-9, abs=1e-12))
+
+
+SDK_STREAMS = [name for name in NAMES if name.endswith("-stream") and name.split("-")[0] in ("openai", "grok",
+                                                                                               "mistral", "groq")]
+
+
+@pytest.mark.parametrize("name", SDK_STREAMS)
+def test_recorded_stream_read_by_the_openai_sdk_that_closes_on_done_is_complete(
+    recorded_proxy: Proxy, mock: MockProvider, name: str
+) -> None:
+    # The body stays open 5 s after the recorded [DONE]; the SDK stops reading at [DONE] and closes.
+    recording = json.loads((RECORDINGS / f"{name}.json").read_text(encoding="utf-8"))
+    key = f"sdk-{name}-{uuid.uuid4().hex[:8]}"
+    mock.replay(key, recording["status"], {"content-type": recording["content_type"]},
+                chunks_of(recording["body"].encode(), recording["content_type"]))
+    request = dict(recording["request"])
+    client = openai.OpenAI(base_url=recorded_proxy.url + recording["path"].removesuffix("/chat/completions"),
+                           api_key=APP_TOKEN, max_retries=0, timeout=10)
+    chunks = list(client.chat.completions.create(
+        model=request.pop("model"), messages=request.pop("messages"), stream=request.pop("stream"), extra_body=request,
+        extra_headers={"x-mock-replay": key, "x-mock-scenario": "hold-end:5", "x-metrion-user": key}))
+    assert chunks and chunks[0].model
+    (row,) = recorded_proxy.rows("requester = ?", (key,))
+    assert {field: row[field] for field in ROW_FIELDS} == recording["expected_row"]
+    assert (row["status"], row["error"]) == (200, None)
 
 
 def test_corpus_covers_every_provider_json_and_streamed() -> None:
