@@ -16,7 +16,7 @@ from typing import NoReturn
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
-from metrion_addon import cache, contentview  # importing contentview registers the LLM stream view for mitmweb
+from metrion_addon import cache, contentview, store  # importing contentview registers the LLM stream view for mitmweb
 from metrion_addon.auth import lift_query_key, requester
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import ConfigError
@@ -103,7 +103,7 @@ class Metrion:
         self.recorder.loop = asyncio.get_running_loop() if ctx.master.addons.get("view") is not None else None
         self.runtime.start()
         if (config := self.runtime.config) is not None:
-            log.info("metrion: metering %d token(s) into %s", len(config.tokens), config.database)
+            log.info("metrion: metering %d token(s) into %s", len(config.tokens), store.shown(config.database))
 
     @guarded
     def done(self) -> None:

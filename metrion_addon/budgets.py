@@ -502,6 +502,10 @@ class Budgets:
             if flow_id is not None and (entry := self._pending.get(flow_id)) is not None:
                 self._pending[flow_id] = (entry[0], complete)
 
+    def waits_for(self, record: RequestRecord) -> bool:
+        """Whether a reservation waits for this row to settle (the writer then takes the row at once)."""
+        return record.flow_id is not None and record.flow_id in self._pending
+
     def settle(self, record: RequestRecord) -> BudgetState | None:
         """On the writer thread, once the row is priced: replace its reservation by its cost (or keep it).
 

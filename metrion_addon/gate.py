@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine
 from mitmproxy import http
 
 from metrion_addon import cache
-from metrion_addon.auth import Upstream, authenticate, lift_query_key, requester
+from metrion_addon.auth import Upstream, authenticate, forbid_stray_metrion_token, lift_query_key, requester
 from metrion_addon.budgets import Hold
 from metrion_addon.errors import MetrionError
 from metrion_addon.forward_proxy import ForwardProxy
@@ -97,6 +97,8 @@ class Gate:
         else:
             identity, credentials = authenticate(route.provider, headers, self.runtime.tokens, route.format)
         exchange.identity = identity
+        replaced = (*credentials.drop_headers, *(credentials.set_headers or {})) if credentials else ()
+        forbid_stray_metrion_token(flow.request.headers.fields, flow.request.path, replaced)
         exchange.request = inspect_body(
             route, flow.request.method, headers.get("content-type", ""), flow.request.raw_content or b""
         )

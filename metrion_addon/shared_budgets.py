@@ -20,7 +20,7 @@ from .budgets import Budgets, Hold, Reservation
 from .limits import Admission, next_month_start
 from .request_body import RequestBody
 from .routes import Route
-from .shared_limits import PREFIX, SharedLimits
+from .shared_limits import PREFIX, SharedLimits, month_key
 from .store import BudgetState
 
 log = logging.getLogger(__name__)
@@ -94,22 +94,25 @@ def _expiry(month: str) -> int:
     return int(next_month_start(start)) + _MONTH_KEPT
 
 
-def read_budgets(url: str, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, int]]:
-    """(spent, reserved) nano-USD in Redis for each (token, month) it holds; raise redis.RedisError if unreachable.
+def read_quota(url: str, names: Iterable[str], month: str) -> dict[str, tuple[int, int, int]]:
+    """{token: (requests, spent, reserved nano-USD)} this month as every instance sees them in Redis.
 
-    Blocking: for the command line.
+    Blocking (for the command line); raise redis.RedisError if Redis cannot be reached.
     """
-    wanted = list(keys)
+    wanted = list(names)
     client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0))
     try:
         pipe = client.pipeline(transaction=False)
-        for name, month in wanted:
+        for name in wanted:
+            pipe.get(month_key(name, month))
             pipe.hmget(budget_key(name, month), "spent", "reserved")
         found = pipe.execute()
     finally:
         client.close()
-    return {key: (int(spent), int(reserved)) for key, (spent, reserved) in zip(wanted, found, strict=True)
-            if spent is not None}
+    quota = {}
+    for name, requests, (spent, reserved) in zip(wanted, found[::2], found[1::2], strict=True):
+        quota[name] = (int(requests or 0), int(spent or 0), int(reserved or 0))
+    return quota
 
 
 class SharedBudgetCounters:
@@ -173,6 +176,9 @@ class SharedBudgetCounters:
         """On the writer thread: replace the reservation by `actual` (None keeps it). Never raises."""
         if actual is None:
             return None
+        if not self.up:  # no round trip to a Redis known to be away: the writer thread has rows to write
+            self._keep(reservation, actual, None)
+            return None
         self._retry_unsettled()
         try:
             return self._settled(reservation, self._settle(keys=[budget_key(reservation.token_name, reservation.month)],
@@ -198,12 +204,15 @@ class SharedBudgetCounters:
         state = BudgetState(reservation.token_name, reservation.month, int(spent), int(reserved), int(version))
         return self._see(state, life.decode())
 
-    def _keep(self, reservation: Reservation, actual: int, error: BaseException) -> None:
+    def _keep(self, reservation: Reservation, actual: int, error: BaseException | None) -> None:
         with self._lock:
+            first = not self._unsettled
             if len(self._unsettled) < _UNSETTLED_KEPT:
                 self._unsettled.append((reservation, actual))
-        log.warning("metrion: could not settle a budget reservation on Redis %s (%s); retrying later, it counts "
-                    "in full meanwhile", self._shared.address, type(error).__name__)
+        if first:
+            why = f" ({type(error).__name__})" if error is not None else ""
+            log.warning("metrion: cannot settle budget reservations on Redis %s%s; retrying once it is back, they "
+                        "count in full meanwhile", self._shared.address, why)
 
     def _retry_unsettled(self) -> None:
         if not self._unsettled or not self.up:

@@ -192,6 +192,27 @@ def test_tokens_page_shows_plan_cap_and_rate_state_by_name_only(client) -> None:
     assert tokens["ci"]["cap"] is None and not tokens["ci"]["rate_limited"]
 
 
+def test_tokens_page_reads_the_rate_state_from_redis_when_limits_are_shared(tmp_path: Path, start_redis) -> None:
+    import redis
+
+    from metrion_addon.shared_limits import bucket_key
+
+    server = start_redis()
+    write(tmp_path / "m.db", ROWS[:1])  # its rate_buckets say app's bucket is empty; with shared limits, Redis rules
+    path = config_file(tmp_path, tmp_path / "m.db")
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "shared": {"redis": server.url}}))
+    redis.Redis.from_url(server.url).hset(bucket_key("ci"), mapping={"tokens": "0.4", "updated": NOW.timestamp()})
+    client = TestClient(create_app(load_config(path), clock=NOW.timestamp))
+    tokens = {r["token"]: r for r in get(client, "tokens")}
+    assert (tokens["ci"]["rate_limited"], tokens["ci"]["rate_available"]) == (True, 0)
+    assert (tokens["app"]["rate_limited"], tokens["app"]["rate_available"]) == (False, 100)  # no bucket: idle, full
+    server.kill()
+    tokens = {r["token"]: r for r in get(client, "tokens")}
+    assert tokens["ci"]["rate_limited"] is None and tokens["ci"]["rate_available"] is None
+    assert tokens["ci"]["cap"] is None and tokens["app"]["requests"] == 9500  # the rest still comes from the log
+    assert "Redis did not answer" in client.get("/tokens").text
+
+
 def test_no_page_or_endpoint_shows_a_token_or_key(client) -> None:
     for page in ("overview", "logs", "latency", "errors", "costs", "tokens"):
         for url in (f"/api/{page}", "/" if page == "overview" else f"/{page}"):
@@ -320,6 +341,38 @@ def test_a_model_filter_matches_the_model_asked_for_or_answered_like_metrion_log
     assert offered["model"] == ["gpt-4o", "gpt-4o-2024-08-06", "gpt-4o-mini", "gpt-4o-mini-2024-07-18"]
 
 
+def test_logs_filtered_by_a_model_page_through_the_rows_asked_for_or_answered(tmp_path: Path) -> None:
+    rows = []
+    for i in range(130):  # successes answered by the dated model, failures with the alias, other models between
+        ts = f"11-20T{10 + i // 60:02d}:{i % 60:02d}:00"
+        if i % 5 == 0:
+            rows.append(row(ts, "gpt-4o-mini-2024-07-18", requested_model="gpt-4o-mini"))
+        elif i % 7 == 0:
+            rows.append(row(ts, status=500, requested_model="gpt-4o", error="provider: boom"))
+        else:
+            rows.append(row(ts, "gpt-4o-2024-08-06", requested_model="gpt-4o"))
+    rows.append(row("11-20T11:59:00", "gpt-4o", requested_model=None))  # an older row: no requested_model
+    write(tmp_path / "m.db", rows)
+    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    conn = sqlite3.connect(tmp_path / "m.db")
+    expected = [id_ for (id_,) in conn.execute(
+        "SELECT id FROM requests WHERE model = 'gpt-4o' OR requested_model = 'gpt-4o' ORDER BY ts DESC, id DESC")]
+    seen, pages, params = [], [], {"model": "gpt-4o"}
+    while True:
+        page = get(client, "logs", **params)
+        pages.append(page)
+        seen += [r["id"] for r in page["rows"]]
+        if not page["older"]:
+            break
+        params = {"model": "gpt-4o", "older": page["older"], "from": str(page["last"])}
+    assert seen == expected and len(expected) == 105 and pages[0]["total"] == 105
+    back = get(client, "logs", model="gpt-4o", newer=pages[2]["newer"], **{"from": "50"})
+    assert [r["id"] for r in back["rows"]] == [r["id"] for r in pages[1]["rows"]]
+    recent = get(client, "errors", model="gpt-4o")["recent"]
+    assert [r["id"] for r in recent] == [id_ for id_ in expected if id_ in {
+        i for (i,) in conn.execute("SELECT id FROM requests WHERE status = 500")}]
+
+
 def test_a_configured_provider_is_a_provider_filter_like_the_five(tmp_path: Path) -> None:
     write(tmp_path / "m.db", [row("11-20T11:00:00", "llama-3.3-70b-versatile", "groq", input_tokens=5), ROWS[0]])
     path = config_file(tmp_path, tmp_path / "m.db")
@@ -361,6 +414,19 @@ def test_a_missing_database_is_a_503_that_says_what_to_do(tmp_path: Path) -> Non
     response = client.get("/api/overview")
     assert response.status_code == 503 and "start the proxy" in response.json()["error"]
     assert "start the proxy" in client.get("/").text
+
+
+def test_aggregates_of_an_older_metrion_are_a_503_until_the_proxy_rebuilds_them(tmp_path: Path) -> None:
+    write(tmp_path / "m.db", ROWS[:2])
+    with sqlite3.connect(tmp_path / "m.db") as conn:  # keyed without requested_model, as before it existed
+        conn.execute("DROP TABLE hourly_usage")
+        conn.execute("CREATE TABLE hourly_usage (hour TEXT, provider TEXT, model TEXT)")
+    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    response = client.get("/api/overview")
+    assert response.status_code == 503 and "start the proxy once (it rebuilds them)" in response.json()["error"]
+    assert client.get("/logs").status_code == 503
+    store.create_schema(store.connect(tmp_path / "m.db"))  # what the proxy does when it starts
+    assert get(client, "overview")["cards"]["requests"]["value"] == 2
 
 
 def test_logs_read_a_database_from_an_older_metrion_that_lacks_a_column(tmp_path: Path) -> None:

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import sqlite3
 import threading
 import time
 import uuid
 
 import httpx
+import pytest
 import redis
+from click.testing import CliRunner
 from harness import Proxy
 from test_e2e_budgets import BUDGETED, CHAT, OPEN, budget_config, chat_body, headers, reservation
 
 from metrion_addon.budgets import NANO
+from metrion_addon.cli import main
 from metrion_addon.mock_provider import MockProvider
 
 MONTH = time.strftime("%Y-%m", time.gmtime())
@@ -102,6 +106,17 @@ def test_budget_is_exact_across_three_instances_under_a_concurrent_burst(
     assert stored["reserved"] == 0
     assert abs(stored["spent"] - spent * NANO) < 1000  # the shared counter is the sum of every instance's rows
 
+    # `metrion quota` on any instance's config shows every instance's numbers, not that instance's database.
+    result = CliRunner().invoke(main, ["quota", "--config", str(proxies[0].workdir / "config.yaml"), "metered",
+                                       "--format", "json"], catch_exceptions=False)
+    [row] = json.loads(result.stdout)
+    assert row["requests"] == forwarded  # the monthly count of all three (a refused request is not counted)
+    assert row["spent_usd"] == pytest.approx(stored["spent"] / NANO) and row["reserved_usd"] == 0
+    assert row["remaining_usd"] == pytest.approx((limit - stored["spent"]) / NANO)
+    server.kill()
+    result = CliRunner().invoke(main, ["quota", "--config", str(proxies[0].workdir / "config.yaml"), "metered"])
+    assert result.exit_code == 0 and "Redis unreachable" in result.stderr
+
 
 def test_restarting_an_instance_mid_load_counts_nothing_twice(start_proxy, start_redis, mock: MockProvider) -> None:
     marker = f"restart {uuid.uuid4()}"
@@ -162,7 +177,8 @@ def test_without_redis_budgets_follow_on_failure_and_resume_where_they_were(
         time.sleep(0.2)
     assert redis_budget(server.url)["spent"] >= before["spent"]  # brought back, not a fresh budget
     statuses = burst([closed, local], 40, body)
-    assert statuses.count(200) <= (limit - before["spent"]) // reserve < 30
-    assert statuses.count(200) + statuses.count(429) == 40
+    # Requests of the burst that finish are settled at once and give back what they did not use, so how many pass
+    # depends on timing; what they all spend, with what was brought back, cannot pass the budget.
+    assert statuses.count(200) > 0 and statuses.count(200) + statuses.count(429) == 40
     time.sleep(0.5)
     assert spent_of(rows([closed, local], "1")) <= limit / NANO

@@ -5,16 +5,19 @@ Entries expire by Redis TTL and by their own lifetime on Metrion's clock; the si
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
+from click.testing import CliRunner
 from harness import APP_TOKEN
 from test_e2e_cache import CACHE, chat, set_clock
 from test_e2e_metering import label, received_for, request_for
 
+from metrion_addon.cli import main
 from metrion_addon.mock_provider import MockProvider
 
 
@@ -104,6 +107,19 @@ def test_lifetimes_and_the_size_bound_hold_across_instances(start_proxy, start_r
     assert chat(a, f"{who}-1").headers["x-metrion-cache"] == "MISS"  # evicted
     assert len(received_for(mock, f"{who}-0")) == 1
     assert client.pttl(f"metrion:cache:e:{sorted(entries(server.url))[0].decode()}") > 0  # Redis expires them too
+
+    def cli(*args: str) -> str:
+        result = CliRunner().invoke(main, [*args, "--config", str(a.workdir / "config.yaml")], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    (stats,) = json.loads(cli("cache", "stats", "--format", "json"))
+    # What Redis holds for every instance (the command reads the real clock: to it these entries are old).
+    assert (stats["entries"] + stats["expired"], stats["bytes"]) == (9, 9 * size)
+    assert cli("cache", "clear", "--model", "gpt-4o", "--token", "someone-else") == "removed 0 cache entries\n"
+    assert cli("cache", "clear", "--model", "gpt-4o") == "removed 9 cache entries\n"
+    assert entries(server.url) == set() and int(client.get("metrion:cache:bytes")) == 0
+    assert chat(b, f"{who}-0").headers["x-metrion-cache"] == "MISS"
 
 
 def test_a_cache_lookup_without_redis_is_not_a_way_around_closed(start_proxy, start_redis, mock: MockProvider) -> None:

@@ -11,6 +11,7 @@ import logging
 import math
 from collections.abc import Callable
 
+import redis
 import redis.asyncio
 
 from .records import CacheEntry, RequestRecord
@@ -57,6 +58,24 @@ while total > tonumber(ARGV[10]) do
   evicted = evicted + 1
 end
 return evicted
+"""
+
+FORGET = """
+-- Delete entries and their accounting. KEYS: LRU set, expiry set, sizes, total bytes; ARGV: entry prefix, keys.
+-- Returns how many entries were held.
+local held = 0
+for i = 2, #ARGV do
+  local size = redis.call('HGET', KEYS[3], ARGV[i])
+  if size then
+    held = held + 1
+    redis.call('DECRBY', KEYS[4], size)
+  end
+  redis.call('ZREM', KEYS[1], ARGV[i])
+  redis.call('ZREM', KEYS[2], ARGV[i])
+  redis.call('HDEL', KEYS[3], ARGV[i])
+  redis.call('DEL', ARGV[1] .. ARGV[i])
+end
+return held
 """
 
 GET = """
@@ -134,3 +153,52 @@ class RedisCacheStore:
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
+
+
+# the command line (blocking)
+
+
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+
+
+def held_on_redis(url: str, now: float) -> dict[str, int]:
+    """What the shared cache holds: entries (fresh), expired ones not yet forgotten, and bytes counted."""
+    client = _client(url)
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.zcard(EXPIRES)
+        pipe.zcount(EXPIRES, "-inf", now)
+        pipe.get(BYTES)
+        total, expired, size = pipe.execute()
+    finally:
+        client.close()
+    return {"entries": total - expired, "expired": expired, "bytes": int(size or 0)}
+
+
+def clear_on_redis(url: str, token: str | None = None, model: str | None = None,
+                   base_model: Callable[[str], str] = str) -> int:
+    """Delete the shared cache's entries of `token` and of `model` (as returned, or as `base_model` of it)."""
+    client = _client(url)
+    try:
+        keys = [key.decode() for key in client.hkeys(SIZES)]  # an expired entry has no meta: it goes when all go
+        if token is not None or model is not None:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hget(ENTRY + key, "meta")
+            metas = pipe.execute()
+            keys = [key for key, meta in zip(keys, metas, strict=True) if meta is not None
+                    and _matches(json.loads(meta), token, model, base_model)]
+        removed = 0
+        forget = client.register_script(FORGET)
+        for start in range(0, len(keys), 500):
+            removed += forget(keys=[LRU, EXPIRES, SIZES, BYTES], args=[ENTRY, *keys[start:start + 500]])
+        return removed
+    finally:
+        client.close()
+
+
+def _matches(meta: dict, token: str | None, model: str | None, base_model: Callable[[str], str]) -> bool:
+    stored = meta.get("model")
+    return ((token is None or meta.get("token_name") == token)
+            and (model is None or stored == model or (stored is not None and base_model(stored) == model)))
