@@ -172,21 +172,24 @@ def _load(config_path: str | None) -> Config:
         raise Problem(str(e)) from e
 
 
-def _open(config: Config, table: str = "requests") -> sqlite3.Connection:
-    """The database read-only, so that the CLI never creates or changes it."""
+def _open(config: Config, table: str = "requests") -> Any:
+    """The database read-only (SQLite or PostgreSQL), so that the CLI never creates or changes it."""
     path = config.database
-    if not path.is_file():
+    if isinstance(path, Path) and not path.is_file():
         raise Problem(f"no database at {path} (start the proxy first, or set database: in {config.path})")
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    shown = store.shown(path)
     try:
-        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+        conn = store.read_only(path, ())
+        found = store.has_table(conn, table)
         empty = table == "requests" and found and not conn.execute("SELECT 1 FROM requests LIMIT 1").fetchone()
-    except sqlite3.DatabaseError as e:
-        raise Problem(f"{path}: cannot read the database: {e}") from e
+    except store.Unavailable as e:
+        raise Problem(str(e)) from e
+    except store.Error as e:
+        raise Problem(f"{shown}: cannot read the database: {str(e).strip()}") from e
     if not found:
-        raise Problem(f"{path}: no {table} table: not a Metrion database, or the proxy has not started yet")
+        raise Problem(f"{shown}: no {table} table: not a Metrion database, or the proxy has not started yet")
     if empty:
-        raise Problem(f"{path}: no requests recorded yet")
+        raise Problem(f"{shown}: no requests recorded yet")
     return conn
 
 
@@ -410,7 +413,7 @@ def alerts_test(config_path: str | None, fmt: str, rule: str) -> None:
     body = alert_rules.payload(chosen, alert_rules.measure(reader, chosen, now), "test", test=True)
     reader.close()
     rows = []
-    writer = store.connect(config.database)  # the one write the CLI makes: its own test notifications
+    writer = store.writable(config.database)  # the one write the CLI makes: its own test notifications
     for name in chosen.notify:
         channel = config.alerts.channels[name]
         event = notify.event_of(name, channel, body, notify.deliver(channel, config.alerts, body), now)

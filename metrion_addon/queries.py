@@ -17,6 +17,7 @@ from metrion_addon import aggregates
 from metrion_addon.aggregates import NANO, STORED_ROW_SELECT, USAGE_KEY, USAGE_SUMS, StoredRow
 from metrion_addon.clock import iso_utc
 from metrion_addon.report import IS_ERROR, LOG_COLUMNS, nearest_rank
+from metrion_addon.store.database import columns
 
 HOURLY_UP_TO = timedelta(hours=48)  # longer periods are charted by day
 PAGE_SIZE = 50
@@ -438,7 +439,7 @@ def _log_rows(conn: sqlite3.Connection, f: Filters, cursor: Cursor | None, error
 
 def _log_select(conn: sqlite3.Connection) -> str:
     """LOG_COLUMNS, with NULL for any a database from an older Metrion does not have yet (it is read-only here)."""
-    present = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+    present = columns(conn, "requests")
     return ", ".join(name if name in present else "NULL" for name in LOG_COLUMNS)
 
 

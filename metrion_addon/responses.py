@@ -45,7 +45,11 @@ def own_endpoint(path: str, runtime: Runtime, version: str) -> http.Response:
         return http.Response.make(200, runtime.metrics.render(), {"content-type": CONTENT_TYPE})
     assert runtime.config is not None and runtime.writer is not None
     writer, shared = runtime.writer, runtime.shared
-    state = health(writer_error=writer.trouble, backlog=writer.backlog, database="sqlite",
+    opened = runtime.log
+    spool = opened.spool if opened else None
+    state = health(writer_error=writer.trouble, backlog=writer.backlog,
+                   database=opened.describe() if opened else "sqlite",
+                   spool_rows=spool.rows if spool else 0, spool_bytes=spool.bytes if spool else 0,
                    redis_error=False if shared is None else shared.error,
                    redis_closed=shared is not None and shared.on_failure == "closed", version=version)
     return http.Response.make(state.status, json.dumps(state.body).encode(),

@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import sqlite3
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from metrion_addon import cache, store
@@ -40,6 +40,7 @@ class Runtime:
         self._on_written = on_written
         self.config: Config | None = None
         self.writer: store.Writer | None = None
+        self.log: store.Log | None = None  # the request log the writer writes: SQLite or PostgreSQL
         self.cache: cache.CacheStore | None = None
         self.monitor: AlertMonitor | None = None
         self.limits = Limits(1, {})
@@ -61,7 +62,8 @@ class Runtime:
         self._close_writer()
         if config.shared is None:  # limits in Redis (`shared:`): several processes may share the database
             self._ownership = claim_database(config)
-        conn = open_database(config)
+        opened = open_database(config)
+        conn = opened.conn
         self._close_shared()
         self._stop_watching()
         buckets, months = store.load_counters(conn)
@@ -80,14 +82,17 @@ class Runtime:
                 shared.start()
             counters = SharedBudgetCounters(shared, config.shared.redis, store.load_budgets(conn))
         self.budgets = Budgets(budgets, counters, budget_pricer, window)
-        self.writer = store.Writer(store.SQLiteBackend(conn), price=pricer, on_written=self._on_written,
+        self.log = opened
+        self.writer = store.Writer(opened.backend, price=pricer, on_written=self._on_written,
                                    settle=self.budgets.settle, settles_now=self.budgets.waits_for)
         self.writer.start()
         self.metrics.watch_backlog(lambda writer=self.writer: writer.backlog)
+        self.metrics.watch_spool(lambda: opened.spool.rows if opened.spool else 0,
+                                 lambda: opened.spool.bytes if opened.spool else 0)
         if self.shared is not None:
             self.cache = RedisCacheStore(self.shared.client, config.cache.max_bytes, pricer)
-        else:
-            self.cache = SQLiteCacheStore(config.database, self.writer, config.cache.max_bytes)
+        else:  # SQLite: a PostgreSQL log always comes with shared limits
+            self.cache = SQLiteCacheStore(Path(config.database), self.writer, config.cache.max_bytes)
         if config.alerts.rules:
             self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put,
                                         store.load_alert_history(conn))
@@ -151,7 +156,7 @@ class Runtime:
         if old is not None:
             threading.Thread(target=old.close, name="metrion-alerts-stop", daemon=True).start()
         if config.alerts.rules:
-            with contextlib.closing(store.connect(config.database)) as conn:
+            with contextlib.closing(store.read_only(config.database, ())) as conn:
                 history = store.load_alert_history(conn)
             self.monitor = AlertMonitor(config.alerts, config.database, self.clock, self.writer.put, history)
             self.monitor.start()
@@ -172,6 +177,7 @@ class Runtime:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+            self.log = None
         if self._ownership is not None:
             self._ownership.release()
             self._ownership = None
@@ -198,13 +204,12 @@ def monthly_caps(config: Config) -> dict[str, int | None]:
     return {name: plan.monthly_requests for name, plan in config.plans.items()}
 
 
-def open_database(config: Config) -> sqlite3.Connection:
+def open_database(config: Config) -> store.Log:
     try:
-        conn = store.connect(config.database)
-        store.create_schema(conn)
-    except (sqlite3.Error, OSError) as e:
-        raise ConfigError(f"{config.path}: database: cannot use {config.database}: {e}") from e
-    return conn
+        return store.open_log(config.database, config.spool.directory, config.spool.max_bytes)
+    except (*store.Error, OSError) as e:
+        error = str(e).strip().replace("\n", " ")
+        raise ConfigError(f"{config.path}: database: cannot use {store.shown(config.database)}: {error}") from e
 
 
 def claim_database(config: Config) -> store.Ownership:

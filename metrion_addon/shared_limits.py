@@ -121,6 +121,22 @@ def month_key(name: str, month: str) -> str:
     return f"{PREFIX}month:{name}:{month}"
 
 
+def bucket_levels(url: str, names: list[str]) -> dict[str, tuple[float, float]]:
+    """Each token's bucket as Redis holds it now, (tokens, updated), in one round trip; a token whose bucket
+    expired (idle two minutes: full again) is left out. Synchronous, for readers beside the proxy (the
+    dashboard); raises redis.RedisError when Redis cannot answer within half a second."""
+    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    try:
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.hmget(bucket_key(name), "tokens", "updated")
+        found = pipe.execute()
+    finally:
+        client.close()
+    return {name: (float(tokens), float(updated)) for name, (tokens, updated) in zip(names, found, strict=True)
+            if tokens is not None and updated is not None}
+
+
 def redis_address(url: str) -> str:
     """host:port of a Redis URL, for messages (the URL may carry a password)."""
     parts = urlsplit(url)

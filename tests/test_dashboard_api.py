@@ -192,6 +192,27 @@ def test_tokens_page_shows_plan_cap_and_rate_state_by_name_only(client) -> None:
     assert tokens["ci"]["cap"] is None and not tokens["ci"]["rate_limited"]
 
 
+def test_tokens_page_reads_the_rate_state_from_redis_when_limits_are_shared(tmp_path: Path, start_redis) -> None:
+    import redis
+
+    from metrion_addon.shared_limits import bucket_key
+
+    server = start_redis()
+    write(tmp_path / "m.db", ROWS[:1])  # its rate_buckets say app's bucket is empty; with shared limits, Redis rules
+    path = config_file(tmp_path, tmp_path / "m.db")
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "shared": {"redis": server.url}}))
+    redis.Redis.from_url(server.url).hset(bucket_key("ci"), mapping={"tokens": "0.4", "updated": NOW.timestamp()})
+    client = TestClient(create_app(load_config(path), clock=NOW.timestamp))
+    tokens = {r["token"]: r for r in get(client, "tokens")}
+    assert (tokens["ci"]["rate_limited"], tokens["ci"]["rate_available"]) == (True, 0)
+    assert (tokens["app"]["rate_limited"], tokens["app"]["rate_available"]) == (False, 100)  # no bucket: idle, full
+    server.kill()
+    tokens = {r["token"]: r for r in get(client, "tokens")}
+    assert tokens["ci"]["rate_limited"] is None and tokens["ci"]["rate_available"] is None
+    assert tokens["ci"]["cap"] is None and tokens["app"]["requests"] == 9500  # the rest still comes from the log
+    assert "Redis did not answer" in client.get("/tokens").text
+
+
 def test_no_page_or_endpoint_shows_a_token_or_key(client) -> None:
     for page in ("overview", "logs", "latency", "errors", "costs", "tokens"):
         for url in (f"/api/{page}", "/" if page == "overview" else f"/{page}"):

@@ -24,6 +24,7 @@ from .records import (
     MonthlyCount,
     RequestRecord,
     storable,
+    uuid7,
 )
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class Backend(Protocol):
 
     def is_outage(self, error: Exception) -> bool:
         """True when `error` says the database as a whole fails (full, locked, gone), not one of the rows."""
+
+    def idle(self) -> bool:
+        """Nothing to write for a while: catch up on the backend's own work (replay a spool); True if more is left."""
 
     def close(self) -> None:
         """Release the connection; called once, after the writer's thread stopped."""
@@ -161,7 +165,7 @@ class Writer:
             if not self._pending():
                 if self._closing:
                     return
-                self._take(self._queue.get())
+                self._take(self._next())
                 self._window(self._batch_seconds)
             self._drain()  # whatever else is waiting: that is the batch
             if self._flush():
@@ -170,6 +174,20 @@ class Writer:
                 log.error("metrion: stopping while the database fails (%s): %s", self.error, self._unwritten())
                 return
             self._wait(self._retry_seconds)
+
+    def _next(self) -> object:
+        """The next item; while none comes, the backend catches up on its own work."""
+        while True:
+            try:
+                return self._queue.get(timeout=self._retry_seconds)
+            except queue.Empty:
+                pass
+            self._busy_since = time.monotonic()
+            try:
+                while self._backend.idle() and self._queue.empty():
+                    self._busy_since = time.monotonic()
+            finally:
+                self._busy_since = None
 
     def _window(self, seconds: float) -> None:
         """Let a batch gather for `seconds`, taking what arrives early only when a row's budget waits for it."""
@@ -211,6 +229,8 @@ class Writer:
             except Exception as e:  # keep the row as it came rather than lose it
                 self._dead_letter(item, e)
                 return
+            if record.uid is None:
+                record.uid = uuid7()
             if self._price and record.price_source is None:
                 try:
                     record.cost_usd, record.price_source = self._price(record)
