@@ -170,6 +170,10 @@ def test_the_query_layer_answers_the_same_on_postgres_as_on_sqlite(postgres, tmp
     same(pages.overview(lite, f), pages.overview(heavy, f))
     same(pages.latency(lite, f), pages.latency(heavy, f))
     same(pages.errors(lite, f), pages.errors(heavy, f))
+    same(pages.costs(lite, f, now), pages.costs(heavy, f, now))
+    same(pages.tokens(lite, config, f, now), pages.tokens(heavy, config, f, now))
+    same(pages.filter_choices(lite, config, f), pages.filter_choices(heavy, config, f))
+    same(pages.logs(lite, f, None, 0), pages.logs(heavy, f, None, 0))
     assert log_page(lite, f, Cursor("2026-11-03T00:00:00.000Z", 10**9, True)) == \
         log_page(heavy, f, Cursor("2026-11-03T00:00:00.000Z", 10**9, True))
     same(alerts.status(lite, config, now.timestamp()), alerts.status(heavy, config, now.timestamp()))

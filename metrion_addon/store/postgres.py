@@ -21,7 +21,6 @@ from metrion_addon import aggregates
 from .records import COLUMNS, REQUIRED, AlertEvent, Counter, DeadLetter, RequestRecord
 from .sqlite import write_counters
 
-_ROWS_PER_INSERT = 500  # 500 × the columns stays far under PostgreSQL's 65,535 parameters per statement
 _SCHEMA_LOCK = 0x6D6574726F6E  # "metron": instances starting together create the schema one after the other
 _TYPES = {"int": "BIGINT", "float": "DOUBLE PRECISION", "str": "TEXT", "bool": "BIGINT"}
 # A connection that hangs (a cut network) fails within seconds instead of holding the writer.
@@ -159,8 +158,15 @@ def create_schema(conn: Connection) -> None:
             conn.raw.execute(statement)
 
 
-_INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES "
-_ROW = f"({', '.join(['%s'] * len(COLUMNS))})"
+_NAMES = ", ".join(COLUMNS)
+# Rows arrive by COPY (a fifth of a multi-row INSERT's time) into a temporary table emptied at each commit, and go on
+# from there in one statement that skips uids already stored and says which rows it inserted; `arrival` keeps their
+# order, so ids follow it as in SQLite.
+_INCOMING = (f"CREATE TEMP TABLE IF NOT EXISTS incoming ON COMMIT DELETE ROWS AS SELECT 0 AS arrival, {_NAMES}"
+             " FROM requests WITH NO DATA")
+_COPY = f"COPY incoming (arrival, {_NAMES}) FROM STDIN"
+_MOVE = (f"INSERT INTO requests ({_NAMES}) SELECT {_NAMES} FROM incoming ORDER BY arrival"
+         " ON CONFLICT (uid) DO NOTHING RETURNING uid")
 
 
 class PostgresBackend:
@@ -173,6 +179,7 @@ class PostgresBackend:
     def __init__(self, url: str, conn: Connection | None = None) -> None:
         self._url = url
         self._conn = conn
+        self._prepared: Connection | None = None  # the connection whose session has the `incoming` table
 
     def write(self, records: Sequence[RequestRecord], counters: Sequence[Counter],
               dead_letters: Sequence[DeadLetter] = ()) -> None:
@@ -180,6 +187,9 @@ class PostgresBackend:
             self._reconnect()
         conn = self._conn
         assert conn is not None
+        if self._prepared is not conn:  # outside the transaction: a temporary table made in one dies with its rollback
+            conn.raw.execute(_INCOMING)
+            self._prepared = conn
         try:
             with conn.transaction():
                 inserted = self._insert(conn, records)
@@ -193,14 +203,14 @@ class PostgresBackend:
 
     @staticmethod
     def _insert(conn: Connection, records: Sequence[RequestRecord]) -> list[RequestRecord]:
-        inserted: list[RequestRecord] = []
-        for start in range(0, len(records), _ROWS_PER_INSERT):
-            chunk = records[start : start + _ROWS_PER_INSERT]
-            params = [_value(getattr(record, name)) for record in chunk for name in COLUMNS]
-            sql = _INSERT + ", ".join([_ROW] * len(chunk)) + " ON CONFLICT (uid) DO NOTHING RETURNING uid"
-            new = {str(uid) for (uid,) in conn.raw.execute(sql, params)}
-            inserted.extend(record for record in chunk if record.uid is None or record.uid in new)
-        return inserted
+        if not records:
+            return []
+        with conn.raw.cursor() as cursor:
+            with cursor.copy(_COPY) as copy:
+                for arrival, record in enumerate(records):
+                    copy.write_row([arrival, *(_value(getattr(record, name)) for name in COLUMNS)])
+            new = {str(uid) for (uid,) in cursor.execute(_MOVE)}
+        return [record for record in records if record.uid is None or record.uid in new]
 
     def is_outage(self, error: Exception) -> bool:
         # OperationalError: the server is gone, shutting down, out of disk, or a statement timed out;
