@@ -83,7 +83,8 @@ def rows(count: int, days: int, now: datetime, rng: random.Random) -> list[store
         latency = rng.uniform(0.3, 3) if own else median * rng.lognormvariate(0, 0.45)
         records.append(store.RequestRecord(
             ts=_ts(moment), token_name=token if status != 401 else None, requester=requester, provider=provider,
-            model=model, path="/v1/chat/completions", method="POST", stream=rng.random() < 0.6, status=status,
+            model=model, requested_model=model, path="/v1/chat/completions", method="POST",
+            stream=rng.random() < 0.6, status=status,
             input_tokens=input_tokens, output_tokens=output_tokens, cache_read_tokens=cache_read,
             reasoning_tokens=reasoning, total_tokens=input_tokens + output_tokens, latency_ms=latency,
             ttfb_ms=None if own else latency * rng.uniform(0.05, 0.4),

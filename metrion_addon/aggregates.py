@@ -234,7 +234,7 @@ def add_to_hourly(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
         conn.executemany(latency_sql, [(*key, count) for key, count in latency.items()])
 
 
-def _tables_current(conn: sqlite3.Connection) -> bool:
+def tables_current(conn: sqlite3.Connection) -> bool:
     """Every aggregate table is there, in the current shape (an older Metrion's lack `requested_model`)."""
     for table in TABLES:
         columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
@@ -245,17 +245,17 @@ def _tables_current(conn: sqlite3.Connection) -> bool:
 
 def create_hourly(conn: sqlite3.Connection) -> None:
     """Create the aggregate tables if missing or outdated and, when they were, fill them from the rows logged."""
-    if _tables_current(conn):
+    if tables_current(conn):
         return
     conn.execute("BEGIN IMMEDIATE")  # another process may be building them too: the second one finds them made
     try:
-        if _tables_current(conn):
+        if tables_current(conn):
             conn.execute("COMMIT")
             return
         for table in TABLES:  # some but not all of them (an interrupted build), or an older Metrion's shape
             conn.execute(f"DROP TABLE IF EXISTS {table}")
-        for level, (time_column, _) in LEVELS.items():
-            _create_tables(conn, level, time_column)
+        for statement in table_definitions():
+            conn.execute(statement)
         backfilled = _backfill(conn)
         conn.execute("COMMIT")
     except BaseException:
@@ -275,21 +275,27 @@ STORED_ROW_SELECT = ", ".join(
 CLUSTERED = " WITHOUT ROWID"
 
 
-def _create_tables(conn: sqlite3.Connection, level: str, time_column: str) -> None:
-    usage_key = (time_column, *USAGE_KEY[1:])
-    columns = ", ".join(
-        [f"{name} {'INTEGER' if name in ('status', 'failed', 'own') else 'TEXT'} NOT NULL" for name in usage_key]
-        + [f"{name} INTEGER NOT NULL DEFAULT 0" for name in USAGE_SUMS]
-    )
-    conn.execute(f"CREATE TABLE {level}_usage ({columns}, PRIMARY KEY ({', '.join(usage_key)})){CLUSTERED}")
-    latency_key = (time_column, *LATENCY_KEY[1:])
-    columns = ", ".join(
-        f"{name} {'INTEGER' if name in ('status', 'bucket') else 'TEXT'} NOT NULL" for name in latency_key
-    )
-    conn.execute(
-        f"CREATE TABLE {level}_latency ({columns}, requests INTEGER NOT NULL DEFAULT 0,"
-        f" PRIMARY KEY ({', '.join(latency_key)})){CLUSTERED}"
-    )
+def table_definitions(integer: str = "INTEGER", clustered: str = CLUSTERED) -> list[str]:
+    """CREATE TABLE IF NOT EXISTS statements of the aggregates, in a dialect's integer type (sums of nano-dollars
+    need 64 bits: PostgreSQL's INTEGER has 32) and with its way of storing rows in key order."""
+    statements = []
+    for level, (time_column, _) in LEVELS.items():
+        usage_key = (time_column, *USAGE_KEY[1:])
+        columns = ", ".join(
+            [f"{name} {integer if name in ('status', 'failed', 'own') else 'TEXT'} NOT NULL" for name in usage_key]
+            + [f"{name} {integer} NOT NULL DEFAULT 0" for name in USAGE_SUMS]
+        )
+        statements.append(f"CREATE TABLE IF NOT EXISTS {level}_usage ({columns},"
+                          f" PRIMARY KEY ({', '.join(usage_key)})){clustered}")
+        latency_key = (time_column, *LATENCY_KEY[1:])
+        columns = ", ".join(
+            f"{name} {integer if name in ('status', 'bucket') else 'TEXT'} NOT NULL" for name in latency_key
+        )
+        statements.append(
+            f"CREATE TABLE IF NOT EXISTS {level}_latency ({columns}, requests {integer} NOT NULL DEFAULT 0,"
+            f" PRIMARY KEY ({', '.join(latency_key)})){clustered}"
+        )
+    return statements
 
 
 def _backfill(conn: sqlite3.Connection) -> int:

@@ -14,7 +14,7 @@ from metrion_addon import aggregates, queries
 from metrion_addon.aggregates import NANO, USAGE_SUMS
 from metrion_addon.clock import iso_utc
 from metrion_addon.report import nearest_rank
-from metrion_addon.store import latest_alerts
+from metrion_addon.store import has_table, latest_alerts
 
 if TYPE_CHECKING:
     from metrion_addon.config import AlertRule, Config
@@ -174,8 +174,7 @@ STATUS_COLUMNS = ["rule", "type", "value", "threshold", "unit", "level", "period
 def status(conn: sqlite3.Connection, config: Config, now: float) -> list[dict]:
     """Each rule's value now, threshold, level (ok, warning, alert) and its latest notification: what
     `metrion alerts status` prints and the dashboard's Alerts page shows."""
-    has_events = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alert_events'").fetchone()
-    latest = latest_alerts(conn) if has_events else {}
+    latest = latest_alerts(conn) if has_table(conn, "alert_events") else {}
     rows = []
     for rule in config.alerts.rules:
         measured = measure(conn, rule, now)

@@ -6,9 +6,8 @@ Tokens are looked up by their SHA-256; no secret ever appears in an error messag
 from __future__ import annotations
 
 import base64
-import binascii
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -114,9 +113,9 @@ def proxy_authorization_token(value: str | None) -> str | None:
     scheme, _, encoded = value.strip().partition(" ")
     if scheme.lower() != "basic":
         return None
-    try:
+    try:  # ValueError: a non-ASCII character in the header (binascii.Error and UnicodeDecodeError are ValueErrors)
         decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:
         return None
     _, sep, password = decoded.partition(":")
     return password if sep else None
@@ -147,6 +146,29 @@ def other_host_identity(proxy_authorization: str | None, tokens: Mapping[str, To
     if open_to_all:
         return None
     return identify_forward(proxy_authorization, tokens)
+
+
+def forbid_stray_metrion_token(fields: Iterable[tuple[bytes, bytes]], path: str, replaced: Collection[str]) -> None:
+    """Refuse (400) a request that would carry a Metrion token on to the provider, in a header or in the URL.
+
+    Metrion removes x-metrion-*, Proxy-Authorization and the credential headers it `replaced`; a Metrion token
+    anywhere else (the key header twice, the other provider's key header, a query parameter) would reach the provider.
+    """
+    prefix = METRION_PREFIX.encode()
+    where = None
+    for raw_name, value in fields:
+        name = raw_name.decode("latin-1").lower()
+        if prefix in value.lower() and not name.startswith("x-metrion-") and name != "proxy-authorization" \
+                and name not in replaced:
+            where = f"the {name} header"
+            break
+    else:
+        if METRION_PREFIX in unquote(path).lower():
+            where = "the URL"
+    if where is not None:
+        raise MetrionError(400, "metrion_token_in_request",
+                           f"The request carries a Metrion token in {where}, where it would reach the provider: send "
+                           "it only as the API key (stored mode), in x-metrion-token, or as the proxy password.")
 
 
 def requester(headers: Mapping[str, str]) -> str | None:

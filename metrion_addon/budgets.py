@@ -246,6 +246,7 @@ class Reservation:
     token_name: str
     month: str
     amount: int  # nano-USD
+    id: str = ""  # names the reservation where settling it must count once (Redis)
 
 
 class BudgetCounters(Protocol):
@@ -259,6 +260,25 @@ class BudgetCounters(Protocol):
 
     def state(self, token_name: str, month: str) -> BudgetState:
         """The current state (zeros if nothing was ever reserved)."""
+
+
+class SharedCounters(Protocol):
+    """Counters shared by several instances: reserve on the event loop (async), settle on the writer thread."""
+
+    @property
+    def up(self) -> bool: ...
+
+    def went_down(self, error: BaseException) -> None: ...
+
+    def new_reservation(self, token_name: str, month: str, amount: int) -> Reservation: ...
+
+    async def reserve(self, reservation: Reservation, limit: int) -> tuple[bool, BudgetState]: ...
+
+    async def release(self, reservation: Reservation) -> BudgetState | None: ...
+
+    def settle(self, reservation: Reservation, actual: int | None) -> BudgetState | None: ...
+
+    def state(self, token_name: str, month: str) -> BudgetState: ...
 
 
 class MemoryBudgetCounters:
@@ -329,29 +349,45 @@ def budget_headers(limit: int, state: BudgetState) -> dict[str, str]:
     }
 
 
-def admit(counters: BudgetCounters, name: str, month: str, budget: TokenBudget,
-          bound: TokenBound | Unbounded, rates: TokenRates | None, model: str | None) -> Hold:
-    """Reserve the request's bound against the token's budget, or raise MetrionError saying why not."""
+def amount_to_reserve(name: str, budget: TokenBudget, bound: TokenBound | Unbounded, rates: TokenRates | None,
+                      model: str | None) -> int | None:
+    """Nano-USD to reserve for a request; None when its cost cannot be bounded and the token allows that;
+    raise MetrionError(403) when it cannot be bounded and the token refuses that."""
     if isinstance(bound, Unbounded) or (rates is None and bound != TokenBound(0, 0)):
         why = bound.reason if isinstance(bound, Unbounded) else f"Metrion knows no price for model {model!r}"
         if budget.unpriced == "allow":
-            return Hold(None, budget_headers(budget.limit, counters.state(name, month)), None)
+            return None
         raise MetrionError(403, "budget_unbounded", (
             f"Metrion token '{name}' has a monthly budget of ${usd(budget.limit)}, and this request's cost cannot be "
             f"bounded: {why}. The config says unpriced: refuse for this token."
         ), {"x-should-retry": "false"})
-    amount = rates.nano_usd(bound) if rates is not None else 0
-    reserved, state = counters.reserve(name, month, amount, budget.limit)
+    return rates.nano_usd(bound) if rates is not None else 0
+
+
+def held(reservation: Reservation, budget: TokenBudget, bound: TokenBound, reserved: bool, state: BudgetState
+         ) -> Hold:
+    """The hold of a reservation the counters granted, or raise 429 budget_exceeded if they did not."""
     headers = budget_headers(budget.limit, state)
     if not reserved:
         left = headers["x-metrion-budget-remaining-usd"]
         raise MetrionError(429, "budget_exceeded", (
-            f"Monthly budget reached for Metrion token '{name}': this request could cost up to ${usd(amount)} "
-            f"({bound.input_tokens} input and {bound.output_tokens} output tokens at most), and ${left} of "
-            f"${usd(budget.limit)} is left (spent ${usd(state.spent_nanousd)}, reserved for requests in flight "
-            f"${usd(state.reserved_nanousd)}). The budget resets at the start of next month (UTC)."
+            f"Monthly budget reached for Metrion token '{reservation.token_name}': this request could cost up to "
+            f"${usd(reservation.amount)} ({bound.input_tokens} input and {bound.output_tokens} output tokens at "
+            f"most), and ${left} of ${usd(budget.limit)} is left (spent ${usd(state.spent_nanousd)}, reserved for "
+            f"requests in flight ${usd(state.reserved_nanousd)}). The budget resets at the start of next month (UTC)."
         ), {"x-should-retry": "false", **headers})
-    return Hold(Reservation(name, month, amount), headers, state)
+    return Hold(reservation, headers, state)
+
+
+def admit(counters: BudgetCounters, name: str, month: str, budget: TokenBudget,
+          bound: TokenBound | Unbounded, rates: TokenRates | None, model: str | None) -> Hold:
+    """Reserve the request's bound against the token's budget, or raise MetrionError saying why not."""
+    amount = amount_to_reserve(name, budget, bound, rates, model)
+    if amount is None:
+        return Hold(None, budget_headers(budget.limit, counters.state(name, month)), None)
+    assert isinstance(bound, TokenBound)
+    reserved, state = counters.reserve(name, month, amount, budget.limit)
+    return held(Reservation(name, month, amount), budget, bound, reserved, state)
 
 
 def actual_cost(record: RequestRecord, complete: bool) -> int | None:
@@ -378,7 +414,7 @@ class Budgets:
     Rates and context windows are looked up once per model and UTC day, so a bound costs microseconds.
     """
 
-    def __init__(self, budgets: Mapping[str, TokenBudget], counters: BudgetCounters, price: PriceFn,
+    def __init__(self, budgets: Mapping[str, TokenBudget], counters: BudgetCounters | SharedCounters, price: PriceFn,
                  context_window: Callable[[str, str], int | None]) -> None:
         self.budgets = dict(budgets)
         self.counters = counters
@@ -408,16 +444,48 @@ class Budgets:
                                          self._context_window(provider, model))
         return known
 
-    def admit(self, name: str, now: float, route: Route, method: str, body: bytes,
-              request: RequestBody | None) -> Hold | None:
-        """Reserve what the request can cost (None: the token has no budget); raise MetrionError to refuse it."""
+    def _ask(self, name: str, now: float, route: Route, method: str, body: bytes, request: RequestBody | None
+             ) -> tuple[TokenBudget, str, TokenBound | Unbounded, TokenRates | None, str | None] | None:
         budget = self.budgets.get(name)
         if budget is None:
             return None
         model = request.model if request else None
         rates, window = self._model(route.provider, model, iso_utc(now)) if model else (None, None)
-        bound = token_bound(route, method, body, request, window)
-        return admit(self.counters, name, self._month(now)[0], budget, bound, rates, model)
+        return budget, self._month(now)[0], token_bound(route, method, body, request, window), rates, model
+
+    def admit(self, name: str, now: float, route: Route, method: str, body: bytes,
+              request: RequestBody | None) -> Hold | None:
+        """Reserve what the request can cost (None: the token has no budget); raise MetrionError to refuse it."""
+        if (ask := self._ask(name, now, route, method, body, request)) is None:
+            return None
+        budget, month, bound, rates, model = ask
+        return admit(self.counters, name, month, budget, bound, rates, model)
+
+    async def admit_shared(self, counters: SharedCounters, name: str, now: float, route: Route, method: str,
+                           body: bytes, request: RequestBody | None) -> Hold | None:
+        """`admit` against counters shared by every instance (one awaited round trip when something is reserved).
+
+        While they are unreachable a budgeted request is refused (503): a share of the budget could overshoot it.
+        """
+        if (ask := self._ask(name, now, route, method, body, request)) is None:
+            return None
+        budget, month, bound, rates, model = ask
+        amount = amount_to_reserve(name, budget, bound, rates, model)
+        if amount is None:
+            return Hold(None, budget_headers(budget.limit, counters.state(name, month)), None)
+        assert isinstance(bound, TokenBound)
+        if counters.up:
+            reservation = counters.new_reservation(name, month, amount)
+            try:
+                reserved, state = await counters.reserve(reservation, budget.limit)
+            except Exception as e:  # whatever went wrong, nothing is forwarded unreserved
+                counters.went_down(e)
+            else:
+                return held(reservation, budget, bound, reserved, state)
+        raise MetrionError(503, "budget_unavailable", (
+            f"Metrion token '{name}' has a monthly budget, and Metrion cannot reach the shared budget store (Redis) "
+            "to reserve this request's cost; request not forwarded."
+        ))
 
     def track(self, flow_id: str, hold: Hold) -> None:
         if hold.reservation is not None:
@@ -433,6 +501,10 @@ class Budgets:
         with self._lock:
             if flow_id is not None and (entry := self._pending.get(flow_id)) is not None:
                 self._pending[flow_id] = (entry[0], complete)
+
+    def waits_for(self, record: RequestRecord) -> bool:
+        """Whether a reservation waits for this row to settle (the writer then takes the row at once)."""
+        return record.flow_id is not None and record.flow_id in self._pending
 
     def settle(self, record: RequestRecord) -> BudgetState | None:
         """On the writer thread, once the row is priced: replace its reservation by its cost (or keep it).

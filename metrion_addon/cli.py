@@ -172,21 +172,24 @@ def _load(config_path: str | None) -> Config:
         raise Problem(str(e)) from e
 
 
-def _open(config: Config, table: str = "requests") -> sqlite3.Connection:
-    """The database read-only, so that the CLI never creates or changes it."""
+def _open(config: Config, table: str = "requests") -> Any:
+    """The database read-only (SQLite or PostgreSQL), so that the CLI never creates or changes it."""
     path = config.database
-    if not path.is_file():
+    if isinstance(path, Path) and not path.is_file():
         raise Problem(f"no database at {path} (start the proxy first, or set database: in {config.path})")
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    shown = store.shown(path)
     try:
-        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+        conn = store.read_only(path, ())
+        found = store.has_table(conn, table)
         empty = table == "requests" and found and not conn.execute("SELECT 1 FROM requests LIMIT 1").fetchone()
-    except sqlite3.DatabaseError as e:
-        raise Problem(f"{path}: cannot read the database: {e}") from e
+    except store.Unavailable as e:
+        raise Problem(str(e)) from e
+    except store.Error as e:
+        raise Problem(f"{shown}: cannot read the database: {str(e).strip()}") from e
     if not found:
-        raise Problem(f"{path}: no {table} table: not a Metrion database, or the proxy has not started yet")
+        raise Problem(f"{shown}: no {table} table: not a Metrion database, or the proxy has not started yet")
     if empty:
-        raise Problem(f"{path}: no requests recorded yet")
+        raise Problem(f"{shown}: no requests recorded yet")
     return conn
 
 
@@ -309,8 +312,22 @@ def logs(
 def quota(config_path: str | None, fmt: str, name: str | None) -> None:
     """Each token's plan, requests and dollars this month: cap, budget, spent, reserved, left; the reset date (UTC)."""
     config = _load(config_path)
+    now = datetime.now(UTC)
+    conn = _open(config, "monthly_usage")
+    shared = None
+    if config.shared is not None:  # every instance's counts are in Redis; this instance's database has its own
+        # Imported here: the Redis client would slow every other subcommand's start.
+        import redis
+
+        from metrion_addon.shared_budgets import read_quota
+
+        try:
+            shared = read_quota(config.shared.redis, [token.name for token in config.tokens], now.strftime("%Y-%m"))
+        except redis.RedisError as e:
+            click.echo(f"metrion: Redis unreachable ({type(e).__name__}): showing what {config.database} last "
+                       "saw, not every instance's counts", err=True)
     try:
-        rows = queries.quota(_open(config, "monthly_usage"), config, datetime.now(UTC), name)
+        rows = queries.quota(conn, config, now, name, shared)
     except ValueError as e:
         raise Problem(str(e)) from e
     columns = [
@@ -396,7 +413,7 @@ def alerts_test(config_path: str | None, fmt: str, rule: str) -> None:
     body = alert_rules.payload(chosen, alert_rules.measure(reader, chosen, now), "test", test=True)
     reader.close()
     rows = []
-    writer = store.connect(config.database)  # the one write the CLI makes: its own test notifications
+    writer = store.writable(config.database)  # the one write the CLI makes: its own test notifications
     for name in chosen.notify:
         channel = config.alerts.channels[name]
         event = notify.event_of(name, channel, body, notify.deliver(channel, config.alerts, body), now)
@@ -442,6 +459,18 @@ def tokens_new(config_path: str | None, fmt: str, name: str, plan: str) -> None:
         _emit([row], list(row), fmt, [])
 
 
+def _on_redis(read: Callable[[str], Any], url: str) -> Any:
+    """`read(url)` against the shared Redis; a Problem saying where if it cannot be reached."""
+    import redis  # here: the Redis client would slow every other subcommand's start
+
+    from metrion_addon.shared_limits import redis_address
+
+    try:
+        return read(url)
+    except redis.RedisError as e:
+        raise Problem(f"cannot reach Redis at {redis_address(url)} (shared.redis): {type(e).__name__}") from e
+
+
 @main.group()
 def cache() -> None:
     """The response cache (requests sent with x-metrion-cache): what it holds and saves, and clearing it."""
@@ -457,6 +486,10 @@ def cache_stats(config_path: str | None, fmt: str, since: str | None, until: str
     now = datetime.now(UTC)
     start, end = _time(since, now), _time(until, now)
     row = cache_store.cache_stats(_open(config, "cache_entries"), now.timestamp(), start, end)
+    if config.shared is not None:  # entries live in Redis; lookups and hits are this instance's rows
+        from metrion_addon.store import redis_cache
+
+        row.update(_on_redis(lambda url: redis_cache.held_on_redis(url, now.timestamp()), config.shared.redis))
     columns = [
         Column("entries", "entries"),
         Column("expired", "expired"),
@@ -478,8 +511,13 @@ def cache_clear(config_path: str | None, fmt: str, token: str | None, model: str
     """Delete cache entries (all of them, or those of a token and/or a model); works while the proxy runs."""
     config = _load(config_path)
     _open(config, "cache_entries").close()
-    with closing(sqlite3.connect(config.database, timeout=10)) as conn:
-        removed = cache_store.clear_cache(conn, token, model, base_model)
+    if config.shared is not None:
+        from metrion_addon.store import redis_cache
+
+        removed = _on_redis(lambda url: redis_cache.clear_on_redis(url, token, model, base_model), config.shared.redis)
+    else:
+        with closing(sqlite3.connect(config.database, timeout=10)) as conn:
+            removed = cache_store.clear_cache(conn, token, model, base_model)
     if fmt == "table":
         click.echo(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}")
     else:

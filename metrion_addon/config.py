@@ -381,9 +381,29 @@ class AlertSettings(_Strict):
         return self.cooldown if rule.cooldown is None else rule.cooldown
 
 
+POSTGRES_URL = re.compile(r"^postgres(ql)?://")
+
+
+class SpoolSettings(_Strict):
+    """`spool:`: where rows wait while the PostgreSQL log is unreachable (one file per instance), and its bound."""
+
+    directory: Path = Path("metrion-spool")
+    max_mb: Annotated[float, Field(gt=0)] = 1024.0
+
+    @field_validator("max_mb", mode="before")
+    @classmethod
+    def _int_is_a_size(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * 1024 * 1024)
+
+
 class Config(_Strict):
     path: Path
-    database: Path
+    database: Path | Annotated[str, Field(pattern=POSTGRES_URL.pattern)]  # a SQLite file, or a PostgreSQL URL
+    spool: SpoolSettings = SpoolSettings()
     timeout: Annotated[float, Field(gt=0)] = 30.0
     rate_limit: Annotated[int, Field(gt=0)] = 100
     block_other_hosts: bool = False
@@ -396,6 +416,20 @@ class Config(_Strict):
     shared: Shared | None = None
     dashboard: DashboardSettings = DashboardSettings()
     alerts: AlertSettings = AlertSettings()
+
+    @field_validator("database", mode="before")
+    @classmethod
+    def _path_unless_url(cls, value: Any) -> Any:
+        return Path(value) if isinstance(value, str) and not POSTGRES_URL.match(value) else value
+
+    @model_validator(mode="after")
+    def _postgres_needs_shared_limits(self) -> Config:
+        # Several processes may write one PostgreSQL log, and each counting limits on its own would allow the
+        # whole limit: with PostgreSQL the limits (and the cache) live on Redis, or Metrion does not start.
+        if isinstance(self.database, str) and self.shared is None:
+            raise ValueError("database: a PostgreSQL log needs `shared: {redis: ...}` for the limits, which every "
+                             "instance writing to it must share (else each would allow the whole limit)")
+        return self
 
     @field_validator("timeout", mode="before")
     @classmethod
@@ -489,8 +523,12 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, n
     if "path" in raw:
         raise ConfigError(f"{path}: path: Extra inputs are not permitted")
     database = raw.get("database", "metrion.db")
-    if isinstance(database, str):
+    if isinstance(database, str) and not POSTGRES_URL.match(database):
         raw = {**raw, "database": path.parent / database}
+    spool = raw.get("spool")
+    directory = spool.get("directory", "metrion-spool") if isinstance(spool, dict) else "metrion-spool"
+    if isinstance(directory, str):
+        raw = {**raw, "spool": {**(spool if isinstance(spool, dict) else {}), "directory": path.parent / directory}}
     try:
         return Config.model_validate({**raw, "path": path}, context={"environ": environ, "need_keys": need_keys})
     except ValidationError as e:

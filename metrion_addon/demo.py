@@ -27,6 +27,9 @@ import anthropic
 import httpx
 import openai
 import yaml
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types as genai_types
 
 from metrion_addon import workload
 from metrion_addon.clock import iso_utc
@@ -203,17 +206,22 @@ class MovingClock:
 # --------------------------------------------------------------------------- traffic
 
 
+SDKClient = openai.AsyncOpenAI | anthropic.AsyncAnthropic | genai.Client
+
+
 class Driver:
-    """Sends workload calls through the proxy with the official SDKs, one client per token and provider."""
+    """Sends workload calls through the proxy with the official SDKs (openai, anthropic, and google-genai for
+    Gemini's native API), one client per token, provider and SDK."""
 
     def __init__(self, proxy_url: str, teams: Iterable[Team]) -> None:
         self.proxy_url = proxy_url
         self.teams = {team.token: team for team in teams}
         self.outcomes: Counter[str] = Counter()
-        self._clients: dict[tuple[str, str, bool], openai.AsyncOpenAI | anthropic.AsyncAnthropic] = {}
+        self._clients: dict[tuple[str, str, bool, bool], SDKClient] = {}
 
-    def _client(self, call: Call) -> openai.AsyncOpenAI | anthropic.AsyncAnthropic:
-        key = (call.token, call.provider, call.bad_token)
+    def _client(self, call: Call) -> SDKClient:
+        native = call.api == "native"
+        key = (call.token, call.provider, call.bad_token, native)
         if key not in self._clients:
             token = workload.BAD_TOKEN if call.bad_token else token_value(call.token)
             if self.teams[call.token].stored or call.bad_token:
@@ -221,16 +229,20 @@ class Driver:
             else:  # pass-through: the caller's own provider key, the Metrion token in a header
                 api_key, headers = f"sk-demo-own-{call.provider}-key", {"x-metrion-token": token}
             options: dict[str, Any] = {"api_key": api_key, "default_headers": headers, "max_retries": 0, "timeout": 60}
-            self._clients[key] = (
-                anthropic.AsyncAnthropic(base_url=f"{self.proxy_url}/api/proxy", **options)
-                if call.provider == "anthropic"
-                else openai.AsyncOpenAI(base_url=f"{self.proxy_url}/api/proxy/{call.provider}/v1", **options)
-            )
+            client: SDKClient
+            if native:  # the SDK appends /v1beta/models/<model>:generateContent; its timeout is in milliseconds
+                client = genai.Client(api_key=api_key, http_options=genai_types.HttpOptions(
+                    base_url=f"{self.proxy_url}/api/proxy/gemini", headers=headers, timeout=60_000))
+            elif call.provider == "anthropic":
+                client = anthropic.AsyncAnthropic(base_url=f"{self.proxy_url}/api/proxy", **options)
+            else:
+                client = openai.AsyncOpenAI(base_url=f"{self.proxy_url}/api/proxy/{call.provider}/v1", **options)
+            self._clients[key] = client
         return self._clients[key]
 
     async def close(self) -> None:
         for client in self._clients.values():
-            await client.close()
+            await (client.aio.aclose() if isinstance(client, genai.Client) else client.close())
         self._clients.clear()
 
     async def send(self, call: Call) -> None:
@@ -241,6 +253,9 @@ class Driver:
         except (openai.APIStatusError, anthropic.APIStatusError) as e:
             code = e.response.headers.get("x-metrion-error")
             outcome = f"refused by Metrion ({code})" if code else f"provider error {e.status_code}"
+        except genai_errors.APIError as e:
+            code = e.response.headers.get("x-metrion-error") if isinstance(e.response, httpx.Response) else None
+            outcome = f"refused by Metrion ({code})" if code else f"provider error {e.code}"
         except Exception as e:  # a cut stream surfaces as whatever the SDK's HTTP stack raises
             outcome = f"cut short ({type(e).__name__})"
         self.outcomes[outcome] += 1
@@ -251,7 +266,14 @@ class Driver:
         user = workload.prompt_text(call.user_words, 2 * call.seq + 1)
         headers = {"x-metrion-user": call.requester, "x-mock-scenario": call.scenario, "x-demo-seq": str(call.seq)}
         result: Any
-        if isinstance(client, anthropic.AsyncAnthropic):
+        if isinstance(client, genai.Client):
+            config = genai_types.GenerateContentConfig(
+                system_instruction=system, http_options=genai_types.HttpOptions(headers=headers))
+            if call.stream:
+                result = await client.aio.models.generate_content_stream(model=call.model, contents=user, config=config)
+            else:
+                result = await client.aio.models.generate_content(model=call.model, contents=user, config=config)
+        elif isinstance(client, anthropic.AsyncAnthropic):
             cached = [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]
             result = await client.messages.create(
                 model=call.model, max_tokens=1024, system=cached if call.cache else system,
@@ -471,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--dir", type=Path, default=Path("demo"), help="demo directory, wiped first (default: demo)")
     parser.add_argument("--port", type=int, default=8081, help="dashboard port; 0 picks a free one (default: 8081)")
-    parser.add_argument("--quick", action="store_true", help="two days of history, fast providers: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="one day of history, fast providers: a smoke run")
     parser.add_argument("--seed", type=int, default=7, help="traffic seed (default: 7)")
     args = parser.parse_args(argv)
     for stopping in (signal.SIGINT, signal.SIGTERM):  # also when started in the background, where SIGINT is ignored

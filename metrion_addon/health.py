@@ -24,7 +24,7 @@ def metrion_version() -> str:
 
 
 def health(*, writer_error: str | None, backlog: int, database: str, redis_error: str | bool | None,
-           redis_closed: bool, version: str) -> Health:
+           redis_closed: bool, version: str, spool_rows: int = 0, spool_bytes: int = 0) -> Health:
     """`redis_error`: False when no Redis is configured, None while it answers, else why not.
 
     `redis_closed`: whether losing Redis refuses requests (`on_failure: closed`) rather than serving a share.
@@ -38,5 +38,6 @@ def health(*, writer_error: str | None, backlog: int, database: str, redis_error
         "redis": redis,
         "version": version,
         "backlog": backlog,
+        "spool": {"rows": spool_rows, "bytes": spool_bytes},  # rows waiting for an unreachable PostgreSQL
     }
     return Health(200 if can_meter else 503, body)

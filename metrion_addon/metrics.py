@@ -46,8 +46,17 @@ class Metrics:
         self.backlog = Gauge("metrion_writer_backlog_rows", "Rows and counters waiting for the database writer.",
                              registry=registry)
 
+        self.spool_rows = Gauge("metrion_spool_rows", "Rows spooled to the local journal while PostgreSQL is "
+                                "unreachable, not replayed yet.", registry=registry)
+        self.spool_bytes = Gauge("metrion_spool_bytes", "Size of the local journal file (PostgreSQL log only).",
+                                 registry=registry)
+
     def watch_backlog(self, backlog: Callable[[], float]) -> None:
         self.backlog.set_function(backlog)
+
+    def watch_spool(self, rows: Callable[[], float], size: Callable[[], float]) -> None:
+        self.spool_rows.set_function(rows)
+        self.spool_bytes.set_function(size)
 
     def rejected(self, kind: str) -> None:
         self.rejections.labels(kind).inc()

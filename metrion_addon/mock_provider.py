@@ -1,9 +1,9 @@
 """A faithful local mock of the Anthropic, OpenAI, Gemini, Mistral and xAI APIs, for tests and the offline demo.
 
 Deterministic replies, usage and SSE streams, plus failure scenarios chosen by `x-mock-scenario` (comma-separated,
-`name:arg`): error-<status>, echo-key, reset, slow-headers:s, stall-after:n, cut-after:n, delay-events:ms, lockstep:key,
-no-usage, gzip, and hostile replies: deep-reply:depth, invalid-utf8, surrogate-model, huge-usage, sse-garbage:seed,
-trickle:ms.
+`name:arg`): error-<status>, echo-key, reset, slow-headers:s, gate:key, stall-after:n, cut-after:n, delay-events:ms,
+lockstep:key, no-usage, gzip, and hostile replies: deep-reply:depth, invalid-utf8, surrogate-model, surrogate-text,
+huge-usage, sse-garbage:seed, trickle:ms.
 Gemini's native API under `/gemini/v1beta/models/...`; recorded replies served byte for byte (`replay()` +
 `x-mock-replay`).
 Run it alone with `python -m metrion_addon.mock_provider [--port 9000]`.
@@ -740,6 +740,7 @@ class MockProvider:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._locks: dict[str, asyncio.Semaphore] = {}
+        self._gates: dict[str, asyncio.Event] = {}
         self._replays: dict[str, tuple[int, dict[str, str], list[bytes]]] = {}
 
     # -- lifecycle
@@ -799,6 +800,14 @@ class MockProvider:
         assert self._loop is not None, "mock not started"
         self._loop.call_soon_threadsafe(lambda: self._lock(key).release())
 
+    def open_gate(self, key: str) -> None:
+        """Let every request held with `gate:<key>` (and any later one) be answered."""
+        assert self._loop is not None, "mock not started"
+        self._loop.call_soon_threadsafe(lambda: self._gate(key).set())
+
+    def _gate(self, key: str) -> asyncio.Event:
+        return self._gates.setdefault(key, asyncio.Event())
+
     def _lock(self, key: str) -> asyncio.Semaphore:
         return self._locks.setdefault(key, asyncio.Semaphore(0))
 
@@ -824,6 +833,8 @@ class MockProvider:
         delay = scenario.number("slow-headers")
         if delay:
             await asyncio.sleep(delay)
+        if "gate" in scenario:  # held, headers and all, until the test calls open_gate(key)
+            await self._gate(scenario.args["gate"]).wait()
         if "reset" in scenario:
             self.sent[rid] = b""
             assert request.transport is not None
@@ -901,6 +912,8 @@ class MockProvider:
             await resp.write(chunk)
             assert resp._payload_writer is not None
             await resp._payload_writer.drain()
+        if hold := Scenario.parse(request.headers.get("x-mock-scenario")).number("hold-end"):
+            await asyncio.sleep(hold)  # the body stays open after the recorded end, as a slow provider's may
         await resp.write_eof()
         return resp
 
@@ -1044,22 +1057,26 @@ def _deep(depth: int) -> bytes:
 
 
 def _hostile(payload: bytes, scenario: Scenario) -> bytes:
-    """A JSON reply made hostile: nested too deep for a recursive parser, invalid UTF-8, a lone surrogate."""
+    """A JSON reply made hostile: nested too deep for a recursive parser, invalid UTF-8, lone surrogates."""
     if (depth := scenario.number("deep-reply")) and payload.endswith(b"}"):
         payload = payload[:-1] + b',"deep":' + _deep(int(depth)) + b"}"
     if "invalid-utf8" in scenario:
         payload = payload.replace(b'"Echo', b'"\xff\xfeEcho', 1)
     if "surrogate-model" in scenario:
         payload = payload.replace(b'"model":"', b'"model":"\\udcff', 1)
+    if "surrogate-text" in scenario:  # valid JSON, but no UTF-8 can encode the string it decodes to
+        payload = payload.replace(b'"Echo', b'"\\ud800Echo')
     return payload
 
 
 def _hostile_events(events: list[Event], scenario: Scenario) -> list[Event]:
-    """An SSE reply made hostile: a deeply nested event, invalid UTF-8, or random bytes instead of events."""
+    """An SSE reply made hostile: a deeply nested event, invalid UTF-8, lone surrogates, or random bytes."""
     if depth := scenario.number("deep-reply"):
         events = [*events[:1], _sse(b'{"deep":' + _deep(int(depth)) + b"}"), *events[1:]]
     if "invalid-utf8" in scenario:
         events = [event.replace(b"Echo", b"\xff\xfeEcho") for event in events]
+    if "surrogate-text" in scenario:
+        events = [event.replace(b'"Echo', b'"\\ud800Echo') for event in events]
     if "sse-garbage" in scenario:
         seed = int(scenario.args["sse-garbage"] or 0)
         garbage = hashlib.sha256(str(seed).encode()).digest() * 8

@@ -23,7 +23,7 @@ from pathlib import Path
 from metrion_addon.alerts import Measurement, Notified, due, format_value, measure, payload
 from metrion_addon.clock import Clock, iso_utc
 from metrion_addon.config import AlertChannel, AlertRule, AlertSettings, SMTPSettings
-from metrion_addon.store import AlertEvent
+from metrion_addon.store import AlertEvent, read_only
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,8 @@ def last_notified(rules: Iterable[AlertRule], history: Mapping[tuple[str, str], 
 class AlertMonitor:
     """Evaluates every rule off the event loop, when rows have been written and at most every `check_every` s."""
 
-    def __init__(self, settings: AlertSettings, database: Path, clock: Clock, record: Callable[[AlertEvent], None],
-                 history: Mapping[tuple[str, str], str]) -> None:
+    def __init__(self, settings: AlertSettings, database: Path | str, clock: Clock,
+                 record: Callable[[AlertEvent], None], history: Mapping[tuple[str, str], str]) -> None:
         self._settings = settings
         self._database = database
         self._clock = clock
@@ -208,8 +208,7 @@ class AlertMonitor:
             courier.close(timeout)
 
     def _run(self) -> None:
-        conn = sqlite3.connect(f"{self._database.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 5000")
+        conn = None
         try:
             while not self._stop.is_set():
                 self._wake.wait(_IDLE_CHECK)
@@ -218,12 +217,17 @@ class AlertMonitor:
                     return
                 started = time.monotonic()
                 try:
+                    conn = conn or read_only(self._database, ())
                     self.check(conn, self._clock())
                 except Exception:  # a bad evaluation must not end alerting: log it and try again next time
                     log.exception("metrion: alert rules could not be evaluated")
+                    if conn is not None:  # a database that went away (and came back) needs a new connection
+                        conn.close()
+                        conn = None
                 self._stop.wait(max(0.0, self._settings.check_every - (time.monotonic() - started)))
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
     def check(self, conn: sqlite3.Connection, now: float) -> list[tuple[str, str]]:
         """Evaluate each rule once; send the levels that are due. Returns (rule, level) for each one sent."""

@@ -17,6 +17,7 @@ from metrion_addon import aggregates
 from metrion_addon.aggregates import NANO, STORED_ROW_SELECT, USAGE_KEY, USAGE_SUMS, StoredRow
 from metrion_addon.clock import iso_utc
 from metrion_addon.report import IS_ERROR, LOG_COLUMNS, nearest_rank
+from metrion_addon.store.database import columns
 
 HOURLY_UP_TO = timedelta(hours=48)  # longer periods are charted by day
 PAGE_SIZE = 50
@@ -392,10 +393,35 @@ class Cursor:
 
 def log_page(conn: sqlite3.Connection, f: Filters, cursor: Cursor | None, errors_only: bool = False,
              size: int = PAGE_SIZE) -> list[dict[str, Any]]:
-    """One page of rows, newest first; the cursor pages by (ts, id), so deep pages cost what the first does."""
+    """One page of rows, newest first; the cursor pages by (ts, id), so deep pages cost what the first does.
+
+    A model filter (the model answered or the one asked for) is read as two queries, each walking its own
+    (model, ts) or (requested_model, ts) index in order, merged here without the rows both found: one query
+    with `model = ? OR requested_model = ?` would collect and sort every matching row of the period first.
+    """
+    if f.model is None:
+        rows = _log_rows(conn, f, cursor, errors_only, size, "")
+    else:
+        unnamed = replace(f, model=None)
+        answered = _log_rows(conn, unnamed, cursor, errors_only, size, "model", f.model)
+        seen = {row["id"] for row in answered}
+        rows = answered + [row for row in _log_rows(conn, unnamed, cursor, errors_only, size, "requested_model",
+                                                    f.model) if row["id"] not in seen]
+    older = cursor is None or cursor.older
+    rows.sort(key=lambda row: (row["ts"], row["id"]), reverse=older)
+    rows = rows[:size]
+    if not older:
+        rows.reverse()
+    return rows
+
+
+def _log_rows(conn: sqlite3.Connection, f: Filters, cursor: Cursor | None, errors_only: bool, size: int,
+              column: str, name: str | None = None) -> list[dict[str, Any]]:
+    """Up to `size` rows from the cursor on (newest first, or oldest first when paging to newer rows), with
+    `column` (model or requested_model) equal to `name` if a column is given."""
     clauses, params = _narrowing(f)
-    clauses = ["ts >= ? AND ts < ?", *clauses]
-    params = [f.since, f.until, *params]
+    clauses = ["ts >= ? AND ts < ?", *clauses, *([f"{column} = ?"] if column else [])]
+    params = [f.since, f.until, *params, *([name] if column else [])]
     if errors_only:
         clauses.append(IS_ERROR)
     order = "DESC"
@@ -408,15 +434,12 @@ def log_page(conn: sqlite3.Connection, f: Filters, cursor: Cursor | None, errors
         f"SELECT {_log_select(conn)} FROM requests WHERE {' AND '.join(clauses)}"
         f" ORDER BY ts {order}, id {order} LIMIT ?"
     )
-    rows = [_log_dict(row) for row in conn.execute(sql, [*params, size])]
-    if order == "ASC":
-        rows.reverse()
-    return rows
+    return [_log_dict(row) for row in conn.execute(sql, [*params, size])]
 
 
 def _log_select(conn: sqlite3.Connection) -> str:
     """LOG_COLUMNS, with NULL for any a database from an older Metrion does not have yet (it is read-only here)."""
-    present = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+    present = columns(conn, "requests")
     return ", ".join(name if name in present else "NULL" for name in LOG_COLUMNS)
 
 

@@ -1,6 +1,6 @@
 """Read-side queries over the request log: grouped reports, the latest rows, and each token's monthly quota.
 
-Plain functions over a sqlite3 connection returning rows as dicts; cli.py formats them, nothing here prints.
+Plain functions over a connection to either database (store.read_only) returning rows as dicts; cli.py formats them.
 """
 
 from __future__ import annotations
@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from metrion_addon.clock import iso_utc
 from metrion_addon.config import Config
+from metrion_addon.store import has_table
 
 GROUPS = {
     "token": "token_name",
@@ -62,6 +64,7 @@ LOG_COLUMNS = [
     "cached",
     "saved_usd",
     "cache_status",
+    "uid",
 ]
 QUOTA_COLUMNS = ["token", "plan", "month", "requests", "cap", "remaining", "budget_usd", "spent_usd", "reserved_usd",
                  "remaining_usd", "resets"]
@@ -115,6 +118,21 @@ class _LatencyPercentiles:
         return json.dumps([nearest_rank(ordered, 50), nearest_rank(ordered, 95)]) if ordered else None
 
 
+def _latency_percentiles(conn: Any) -> tuple[str, Callable[[Any], tuple[float | None, float | None]]]:
+    """The SQL that gathers a group's latencies and how to read p50/p95 from it: the one place the dialects differ.
+
+    SQLite runs a Python aggregate; PostgreSQL sends the group's latencies in order. Both are nearest rank.
+    """
+    if isinstance(conn, sqlite3.Connection):
+        conn.create_aggregate("latency_percentiles", 1, _LatencyPercentiles)
+        return "latency_percentiles(latency_ms)", lambda found: tuple(json.loads(found)) if found else (None, None)
+
+    def ranks(ordered: list[float] | None) -> tuple[float | None, float | None]:
+        return (nearest_rank(ordered, 50), nearest_rank(ordered, 95)) if ordered else (None, None)
+
+    return "array_agg(latency_ms ORDER BY latency_ms) FILTER (WHERE latency_ms IS NOT NULL)", ranks
+
+
 def _time_range(since: str | None, until: str | None) -> tuple[str, list[str]]:
     clauses, params = [], []
     if since is not None:
@@ -123,10 +141,10 @@ def _time_range(since: str | None, until: str | None) -> tuple[str, list[str]]:
     if until is not None:
         clauses.append("ts < ?")
         params.append(until)
-    return " AND ".join(clauses) or "1", params
+    return " AND ".join(clauses) or "1 = 1", params
 
 
-def report(conn: sqlite3.Connection, since: str | None, until: str | None, by: list[str]) -> list[dict[str, Any]]:
+def report(conn: Any, since: str | None, until: str | None, by: list[str]) -> list[dict[str, Any]]:
     """One row per group of `by` (all requests in one row if empty) over since <= ts < until.
 
     Latency percentiles are nearest-rank over the group's rows that have a latency. Rows come busiest first,
@@ -138,20 +156,21 @@ def report(conn: sqlite3.Connection, since: str | None, until: str | None, by: l
         raise ValueError(f"cannot group by {unknown[0]!r} (choose from {', '.join(GROUPS)})")
     keys = [GROUPS[name] for name in names]
     where, params = _time_range(since, until)
-    order = [*keys] if "day" in names else ["count(*) DESC", *keys]
+    ordered = [f"{key} NULLS FIRST" for key in keys]  # where both databases put NULL keys: first
+    order = ordered if "day" in names else ["count(*) DESC", *ordered]
+    percentiles, read_percentiles = _latency_percentiles(conn)
     sql = (
-        f"SELECT {''.join(f'{key}, ' for key in keys)}count(*), sum({IS_ERROR}), total(input_tokens),"
-        " total(output_tokens), total(cache_read_tokens), sum(cost_usd), latency_percentiles(latency_ms)"
-        f" FROM requests WHERE {where}"
+        f"SELECT {''.join(f'{key}, ' for key in keys)}count(*), count(*) FILTER (WHERE {IS_ERROR}),"
+        " coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0), coalesce(sum(cache_read_tokens), 0),"
+        f" sum(cost_usd), {percentiles} FROM requests WHERE {where}"
         + (f" GROUP BY {', '.join(keys)} ORDER BY {', '.join(order)}" if keys else "")
     )
-    conn.create_aggregate("latency_percentiles", 1, _LatencyPercentiles)
     rows = []
     for row in conn.execute(sql, params):
         requests, errors, input_tokens, output_tokens, cached, cost, latency = row[len(keys) :]
         if not requests:
             continue  # without --by, an empty range still yields one all-NULL aggregate row
-        p50, p95 = json.loads(latency) if latency else (None, None)
+        p50, p95 = read_percentiles(latency)
         rows.append(
             {
                 **dict(zip(names, row[: len(keys)], strict=True)),
@@ -182,7 +201,7 @@ class LogFilter:
     until: str | None = None
 
 
-def logs(conn: sqlite3.Connection, limit: int, filters: LogFilter) -> list[dict[str, Any]]:
+def logs(conn: Any, limit: int, filters: LogFilter) -> list[dict[str, Any]]:
     """The latest `limit` rows matching `filters` (since <= ts < until), newest first, with every stored column."""
     where, params = _time_range(filters.since, filters.until)
     clauses = [where]
@@ -213,10 +232,13 @@ def next_month(day: date) -> date:
     return date(day.year + day.month // 12, day.month % 12 + 1, 1)
 
 
-def quota(conn: sqlite3.Connection, config: Config, now: datetime, name: str | None = None) -> list[dict[str, Any]]:
+def quota(conn: Any, config: Config, now: datetime, name: str | None = None,
+          shared: Mapping[str, tuple[int, int, int]] | None = None) -> list[dict[str, Any]]:
     """Each configured token's plan, requests and dollars this UTC month against its cap and budget, and the reset date.
 
     Dollars: `spent_usd` settled, `reserved_usd` held by requests in flight (or never settled), `remaining_usd` left.
+    `shared`: {token: (requests, spent, reserved nano-USD)} from Redis, the counts of every instance, used instead
+    of this instance's database.
     """
     tokens = [token for token in config.tokens if name is None or token.name == name]
     if name is not None and not tokens:
@@ -225,9 +247,12 @@ def quota(conn: sqlite3.Connection, config: Config, now: datetime, name: str | N
     month = today.strftime("%Y-%m")
     used = dict(conn.execute("SELECT token_name, requests FROM monthly_usage WHERE month = ?", (month,)))
     budgets: dict[str, tuple[int, int]] = {}
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'budget_usage'").fetchone():
+    if has_table(conn, "budget_usage"):
         query = "SELECT token_name, spent_nanousd, reserved_nanousd FROM budget_usage WHERE month = ?"
         budgets = {name: (spent, reserved) for name, spent, reserved in conn.execute(query, (month,))}
+    if shared is not None:
+        used = {name: requests for name, (requests, _, _) in shared.items()}
+        budgets = {name: (spent, reserved) for name, (_, spent, reserved) in shared.items()}
     rows = []
     for token in tokens:
         cap = config.plans[token.plan].monthly_requests

@@ -115,6 +115,22 @@ def month_key(name: str, month: str) -> str:
     return f"{PREFIX}month:{name}:{month}"
 
 
+def bucket_levels(url: str, names: list[str]) -> dict[str, tuple[float, float]]:
+    """Each token's bucket as Redis holds it now, (tokens, updated), in one round trip; a token whose bucket
+    expired (idle two minutes: full again) is left out. Synchronous, for readers beside the proxy (the
+    dashboard); raises redis.RedisError when Redis cannot answer within half a second."""
+    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    try:
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.hmget(bucket_key(name), "tokens", "updated")
+        found = pipe.execute()
+    finally:
+        client.close()
+    return {name: (float(tokens), float(updated)) for name, (tokens, updated) in zip(names, found, strict=True)
+            if tokens is not None and updated is not None}
+
+
 def redis_address(url: str) -> str:
     """host:port of a Redis URL, for messages (the URL may carry a password)."""
     parts = urlsplit(url)
@@ -174,6 +190,11 @@ class SharedLimits:
     def up(self) -> bool:
         return self.error is None
 
+    @property
+    def client(self) -> redis.asyncio.Redis:
+        """The async client (its bounded pool) that the budgets and the cache share with the limits."""
+        return self._client
+
     def reconfigure(self, per_minute: int, caps: Mapping[str, int | None], fingerprint: str) -> None:
         """New limits from a reloaded config (the next heartbeat tells the others); the counts stay in Redis."""
         self.per_minute, self._caps, self.fingerprint = per_minute, caps, fingerprint
@@ -201,7 +222,7 @@ class SharedLimits:
             if keys:
                 client.register_script(RECONCILE)(keys=keys, args=args)
         except redis.RedisError as e:
-            self._went_down(e)
+            self.went_down(e)
             return
         finally:
             client.close()
@@ -244,7 +265,7 @@ class SharedLimits:
                       _BUCKET_TTL, int(counts)],
             )
         except Exception as e:  # whatever went wrong, the request is decided without Redis, never let through
-            self._went_down(e)
+            self.went_down(e)
             return self._admit_without_redis(name, plan, now, counts)
         key = (name, month)
         self._known[key] = max(used, self._known.get(key, 0))
@@ -287,7 +308,7 @@ class SharedLimits:
                 if recovering:
                     await self._hand_back_local_counts()
             except Exception as e:  # the loop must outlive any failure: it is what reconnects
-                self._went_down(e)
+                self.went_down(e)
                 continue
             self._agree(others)
             # A Redis that restarted has not heard from the others yet: keep the count until they beat again.
@@ -337,7 +358,7 @@ class SharedLimits:
             args += [known.get((name, month), 0), added.get((name, month), 0), expiry]
         return keys, args
 
-    def _went_down(self, error: BaseException) -> None:
+    def went_down(self, error: BaseException) -> None:
         loop_time = time.monotonic()
         if self.error is None:
             self._share = share_of(self.per_minute, self.instances)
@@ -345,7 +366,8 @@ class SharedLimits:
                 what = "answering 503 to every request until it is back (shared.on_failure: closed)"
             else:
                 what = (f"enforcing this instance's share locally: {self._share.per_minute} requests/min per token "
-                        f"and 1/{self._share.instances} of what is left of each monthly cap (shared.on_failure: local)")
+                        f"and 1/{self._share.instances} of what is left of each monthly cap; tokens with a dollar "
+                        "budget are refused until it is back (shared.on_failure: local)")
             log.error("metrion: Redis %s unreachable (%s): %s", self.address, _describe(error), what)
             self._reminded = loop_time
         elif loop_time - self._reminded >= _REMINDER_SECONDS:

@@ -50,7 +50,7 @@ class Call:
     token: str  # the team's token name
     requester: str
     provider: str
-    api: str  # chat, messages, responses or embeddings
+    api: str  # chat, messages, responses, embeddings, or native (Gemini's own API, through google-genai)
     model: str
     stream: bool
     system_words: int
@@ -63,7 +63,7 @@ class Call:
 TEAMS = (
     Team("web-app", "pro", True, ("alice", "bob", "carol", "dave"), 1.6, (7, 22), 0.35,
          (("openai", "chat", "gpt-4o", 3), ("openai", "chat", "gpt-4o-mini", 4),
-          ("anthropic", "messages", "claude-sonnet-4-20250514", 3), ("gemini", "chat", "gemini-2.5-flash", 2),
+          ("anthropic", "messages", "claude-sonnet-4-20250514", 3), ("gemini", "native", "gemini-2.5-flash", 2),
           ("mistral", "chat", "mistral-small-latest", 1), ("grok", "chat", "grok-3", 1)), 0.7),
     Team("support-bot", "pro", False, ("support-bot",), 1.0, (0, 24), 0.8,
          (("anthropic", "messages", "claude-3-5-haiku-20241022", 4),
@@ -74,7 +74,7 @@ TEAMS = (
           ("gemini", "chat", "gemini-2.0-flash", 2), ("mistral", "chat", "mistral-large-latest", 1)), 0.0),
     Team("research", "pro", False, ("erin", "frank"), 0.6, (9, 19), 0.1,
          (("openai", "chat", "o3-mini", 2), ("grok", "chat", "grok-3-mini", 2),
-          ("gemini", "chat", "gemini-2.5-pro", 1), ("anthropic", "messages", "claude-opus-4-1-20250805", 1),
+          ("gemini", "native", "gemini-2.5-pro", 1), ("anthropic", "messages", "claude-opus-4-1-20250805", 1),
           ("openai", "chat", "ft:gpt-4o-mini-2024-07-18:acme:tickets:x1", 1),
           ("mistral", "chat", UNPRICED, 1)), 0.5),
     Team("hackathon", "free", True, ("hack-team",), 3.0, (10, 23), 1.0,
@@ -93,7 +93,8 @@ TOUR: tuple[tuple[str, str, str, str, bool, bool, str], ...] = (
     ("data-pipeline", "openai", "embeddings", "text-embedding-3-small", False, False, ""),
     ("support-bot", "anthropic", "messages", "claude-sonnet-4-20250514", True, True, ""),
     ("web-app", "anthropic", "messages", "claude-3-5-haiku-20241022", False, False, ""),
-    ("web-app", "gemini", "chat", "gemini-2.5-flash", True, False, ""),
+    ("web-app", "gemini", "native", "gemini-2.5-flash", True, False, ""),
+    ("research", "gemini", "native", "gemini-2.5-pro", False, False, ""),
     ("data-pipeline", "gemini", "chat", "gemini-2.0-flash", False, False, ""),
     ("web-app", "mistral", "chat", "mistral-large-latest", True, False, ""),
     ("data-pipeline", "mistral", "embeddings", "mistral-embed", False, False, ""),

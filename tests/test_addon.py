@@ -95,7 +95,7 @@ def test_a_failing_database_refuses_new_requests_with_503_and_counts_them_withou
         addon = Metrion()
         with taddons.context(addon) as tctx:
             tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
-            writer = addon.writer
+            writer = addon.runtime.writer
             writer.error = "database or disk is full"
             flow = chat_flow()
             addon.request(flow)
@@ -119,16 +119,16 @@ def test_sqlite_and_pricing_never_run_on_the_event_loop_thread(tmp_path: Path) -
         with taddons.context(addon) as tctx:
             tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
             addon.running()
-            addon.writer._backend._conn.set_trace_callback(lambda sql: threads.add(threading.get_ident()))
-            price = addon.writer._price
-            addon.writer._price = lambda record: (threads.add(threading.get_ident()), price(record))[1]
+            addon.runtime.writer._backend._conn.set_trace_callback(lambda sql: threads.add(threading.get_ident()))
+            price = addon.runtime.writer._price
+            addon.runtime.writer._price = lambda record: (threads.add(threading.get_ident()), price(record))[1]
             for _ in range(20):
                 flow = chat_flow()
                 addon.request(flow)
                 flow.response = tutils.tresp(content=json.dumps(ANSWER).encode())
                 addon.responseheaders(flow)
                 addon.response(flow)
-            writer_thread = addon.writer._thread
+            writer_thread = addon.runtime.writer._thread
             addon.done()
             assert threads == {writer_thread.ident}
 

@@ -107,7 +107,8 @@ def basic(user: str, password: str) -> str:
 
 def test_forward_proxy_token_is_the_proxy_password() -> None:
     assert identify_forward(basic("metrion", STORED), TOKENS) == Identity("app", "free", "forward")
-    for value in (None, "", basic("metrion", "wrong"), "Bearer x", "Basic !!!", basic("u", PASS[:-1])):
+    hostile = ("Basic caf\xe9", "Basic \udce9\udcff", "Basic " + base64.b64encode(b"m:\xff").decode())  # fuzz finds
+    for value in (None, "", basic("metrion", "wrong"), "Bearer x", "Basic !!!", basic("u", PASS[:-1]), *hostile):
         with pytest.raises(MetrionError) as caught:
             identify_forward(value, TOKENS)
         assert caught.value.status == 407

@@ -98,6 +98,7 @@ def test_stored_keys_may_name_configured_providers_only(tmp_path: Path) -> None:
         ("plans: {free: {monthly_requests: lots}}\n", "plans.free.monthly_requests: Input should be a valid integer"),
         ("- just a list\n", "expected a mapping of settings at the top level"),
         ("timeout: [\n", "not valid YAML"),
+        ("database: postgresql://m:secret@db/m\n", "database: a PostgreSQL log needs `shared: {redis: ...}`"),
     ],
 )
 def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
@@ -167,3 +168,12 @@ def test_bad_budgets_are_one_clear_line(tmp_path: Path, text: str, message: str)
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text), {})
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_postgres_url_is_kept_and_the_spool_sits_beside_the_config(tmp_path: Path) -> None:
+    path = write(tmp_path, "database: postgresql://metrion:secret@db/metrion\nshared: {redis: redis://r:6379/0}\n"
+                 "spool: {max_mb: 8}\n")
+    config = load_config(path, {})
+    assert config.database == "postgresql://metrion:secret@db/metrion"
+    assert config.spool.directory == tmp_path / "metrion-spool" and config.spool.max_bytes == 8 * 1024 * 1024
+    assert load_config(write(tmp_path, "database: sub/m.db\n"), {}).database == tmp_path / "sub" / "m.db"

@@ -18,7 +18,7 @@ from metrion_addon.config import load_config
 from metrion_addon.dashboard import pages
 from metrion_addon.dashboard.access import hash_password, password_matches, refuse_open_bind
 from metrion_addon.dashboard.app import create_app
-from metrion_addon.queries import Filters, grouped, latencies
+from metrion_addon.queries import Filters, grouped
 from metrion_addon.store import RequestRecord
 
 NOW = datetime(2026, 11, 20, 12, 30, tzinfo=UTC)
@@ -94,6 +94,7 @@ def get(client: TestClient, page: str, **params: str) -> dict:
     [
         ({}, 5, 2, 0.00725, 1, 2),  # last 24 h: every row of the 20th; the 19th's row is the previous period
         ({"period": "1h"}, 3, 1, 0.006, 0, 2),
+        ({"period": "month"}, 6, 2, 0.00825, 1, 2),  # November so far; the 19 days before hold Oct 25's row
         ({"provider": "anthropic"}, 1, 0, 0.006, 0, 1),
         ({"status": "5xx"}, 1, 1, None, 0, 1),
         ({"token": "ci"}, 1, 0, None, 0, 0),  # an unpriced model: cost unknown, not $0
@@ -191,6 +192,27 @@ def test_tokens_page_shows_plan_cap_and_rate_state_by_name_only(client) -> None:
     assert tokens["ci"]["cap"] is None and not tokens["ci"]["rate_limited"]
 
 
+def test_tokens_page_reads_the_rate_state_from_redis_when_limits_are_shared(tmp_path: Path, start_redis) -> None:
+    import redis
+
+    from metrion_addon.shared_limits import bucket_key
+
+    server = start_redis()
+    write(tmp_path / "m.db", ROWS[:1])  # its rate_buckets say app's bucket is empty; with shared limits, Redis rules
+    path = config_file(tmp_path, tmp_path / "m.db")
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "shared": {"redis": server.url}}))
+    redis.Redis.from_url(server.url).hset(bucket_key("ci"), mapping={"tokens": "0.4", "updated": NOW.timestamp()})
+    client = TestClient(create_app(load_config(path), clock=NOW.timestamp))
+    tokens = {r["token"]: r for r in get(client, "tokens")}
+    assert (tokens["ci"]["rate_limited"], tokens["ci"]["rate_available"]) == (True, 0)
+    assert (tokens["app"]["rate_limited"], tokens["app"]["rate_available"]) == (False, 100)  # no bucket: idle, full
+    server.kill()
+    tokens = {r["token"]: r for r in get(client, "tokens")}
+    assert tokens["ci"]["rate_limited"] is None and tokens["ci"]["rate_available"] is None
+    assert tokens["ci"]["cap"] is None and tokens["app"]["requests"] == 9500  # the rest still comes from the log
+    assert "Redis did not answer" in client.get("/tokens").text
+
+
 def test_no_page_or_endpoint_shows_a_token_or_key(client) -> None:
     for page in ("overview", "logs", "latency", "errors", "costs", "tokens"):
         for url in (f"/api/{page}", "/" if page == "overview" else f"/{page}"):
@@ -240,7 +262,16 @@ def test_logs_pages_by_50_newest_first_without_gaps_or_repeats(tmp_path: Path) -
     assert client.get("/api/logs/999999").status_code == 404
 
 
-def test_dashboard_totals_equal_metrion_report_for_any_period(tmp_path: Path) -> None:
+NUMBERS = ("requests", "errors", "input_tokens", "output_tokens", "cached_tokens")
+
+
+def same_numbers(shown: dict, want: dict, where: object) -> None:
+    for name in NUMBERS:
+        assert shown[name] == want[name], (where, name)
+    assert shown["cost_usd"] == (pytest.approx(want["cost_usd"], abs=1e-9) if want["cost_usd"] else None), where
+
+
+def test_every_page_shows_what_metrion_report_says_for_the_same_period(tmp_path: Path) -> None:
     import random
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -248,24 +279,43 @@ def test_dashboard_totals_equal_metrion_report_for_any_period(tmp_path: Path) ->
 
     write(tmp_path / "m.db", realistic(3000, 5, NOW, random.Random(3)))
     conn = sqlite3.connect(tmp_path / "m.db")
-    for since, until in [("2026-11-15T00:00:00.000Z", NOW.isoformat()), ("2026-11-17T03:17:42.250Z",
+    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    for since, until in [("2026-11-15T00:00:00.000Z", "2026-11-20T12:30:00.000Z"), ("2026-11-17T03:17:42.250Z",
                          "2026-11-19T22:05:00.000Z"), ("2026-11-18T10:20:00.000Z", "2026-11-18T10:40:00.000Z"),
                          ("2026-11-18T04:10:00.000Z", "2026-11-19T10:00:00.000Z")]:
-        until = until.replace("+00:00", ".000Z") if "+" in until else until
+        params = {"period": "custom", "since": since, "until": until}
+        # the query layer, grouped as `metrion report --by model`
         expected = {r["model"]: r for r in report.report(conn, since, until, ["model"])}
         shown = {r["model"]: r for r in grouped(conn, Filters(since, until), ("model",))}
         assert set(shown) == set(expected)
         for model, want in expected.items():
-            got = shown[model]
-            for name in ("requests", "errors", "input_tokens", "output_tokens", "cached_tokens"):
-                assert got[name] == want[name], (since, model, name)
-            assert got["cost_usd"] == (pytest.approx(want["cost_usd"], abs=1e-9) if want["cost_usd"] else None)
-        f = Filters(since, until)
-        if queries.percentile_source(f, queries.usage(conn, f)) == "exact":  # up to 20,000 rows, as the report
-            shown = latencies(conn, f, ("model",), "exact").percentiles((0,))
-            for model, want in expected.items():
-                assert (shown[(model,)]["p50"], shown[(model,)]["p95"]) == (want["latency_p50_ms"],
-                                                                          want["latency_p95_ms"])
+            same_numbers(shown[model], want, (since, model))
+        # every page, through its JSON endpoint
+        (everything,) = report.report(conn, since, until, [])
+        overview = get(client, "overview", **params)
+        cards = {name: card["value"] for name, card in overview["cards"].items()}
+        same_numbers(cards, everything, (since, "overview"))
+        costs = get(client, "costs", **params)
+        same_numbers({**costs["total"], "errors": everything["errors"]}, everything, (since, "costs total"))
+        for table, by in (("model", "model"), ("provider", "provider"), ("token", "token"), ("requester", "requester")):
+            want = {r[by]: r for r in report.report(conn, since, until, [by])}
+            got = {r["name"]: r for r in costs["tables"][table]}
+            assert set(got) == set(want), (since, table)
+            for name, row in want.items():
+                same_numbers(got[name], row, (since, table, name))
+        errors = get(client, "errors", **params)
+        assert (errors["requests"], errors["errors"]) == (everything["requests"], everything["errors"])
+        assert get(client, "logs", **params)["total"] == everything["requests"]
+        latency = get(client, "latency", **params)
+        by_model = {(r["provider"], r["model"]): r for r in latency["by_model"]}
+        want = {(r["provider"], r["model"]): r for r in report.report(conn, since, until, ["provider", "model"])}
+        assert set(by_model) == set(want)
+        if latency["percentiles"] == "exact":  # up to 20,000 rows: nearest rank over raw rows, as the report
+            assert (latency["overall"]["p50"], latency["overall"]["p95"]) == (everything["latency_p50_ms"],
+                                                                              everything["latency_p95_ms"])
+            assert cards["latency_p95_ms"] == everything["latency_p95_ms"]
+            for key, row in want.items():
+                assert (by_model[key]["p50"], by_model[key]["p95"]) == (row["latency_p50_ms"], row["latency_p95_ms"])
 
 
 def test_a_model_filter_matches_the_model_asked_for_or_answered_like_metrion_logs(tmp_path: Path) -> None:
@@ -289,6 +339,38 @@ def test_a_model_filter_matches_the_model_asked_for_or_answered_like_metrion_log
         assert sum(r["requests"] for r in get(client, "costs", **params)["tables"]["model"]) == requests
     offered = pages.filter_choices(conn, load_config(config_file(tmp_path, tmp_path / "m.db")), Filters(since, until))
     assert offered["model"] == ["gpt-4o", "gpt-4o-2024-08-06", "gpt-4o-mini", "gpt-4o-mini-2024-07-18"]
+
+
+def test_logs_filtered_by_a_model_page_through_the_rows_asked_for_or_answered(tmp_path: Path) -> None:
+    rows = []
+    for i in range(130):  # successes answered by the dated model, failures with the alias, other models between
+        ts = f"11-20T{10 + i // 60:02d}:{i % 60:02d}:00"
+        if i % 5 == 0:
+            rows.append(row(ts, "gpt-4o-mini-2024-07-18", requested_model="gpt-4o-mini"))
+        elif i % 7 == 0:
+            rows.append(row(ts, status=500, requested_model="gpt-4o", error="provider: boom"))
+        else:
+            rows.append(row(ts, "gpt-4o-2024-08-06", requested_model="gpt-4o"))
+    rows.append(row("11-20T11:59:00", "gpt-4o", requested_model=None))  # an older row: no requested_model
+    write(tmp_path / "m.db", rows)
+    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    conn = sqlite3.connect(tmp_path / "m.db")
+    expected = [id_ for (id_,) in conn.execute(
+        "SELECT id FROM requests WHERE model = 'gpt-4o' OR requested_model = 'gpt-4o' ORDER BY ts DESC, id DESC")]
+    seen, pages, params = [], [], {"model": "gpt-4o"}
+    while True:
+        page = get(client, "logs", **params)
+        pages.append(page)
+        seen += [r["id"] for r in page["rows"]]
+        if not page["older"]:
+            break
+        params = {"model": "gpt-4o", "older": page["older"], "from": str(page["last"])}
+    assert seen == expected and len(expected) == 105 and pages[0]["total"] == 105
+    back = get(client, "logs", model="gpt-4o", newer=pages[2]["newer"], **{"from": "50"})
+    assert [r["id"] for r in back["rows"]] == [r["id"] for r in pages[1]["rows"]]
+    recent = get(client, "errors", model="gpt-4o")["recent"]
+    assert [r["id"] for r in recent] == [id_ for id_ in expected if id_ in {
+        i for (i,) in conn.execute("SELECT id FROM requests WHERE status = 500")}]
 
 
 def test_a_configured_provider_is_a_provider_filter_like_the_five(tmp_path: Path) -> None:
@@ -332,6 +414,19 @@ def test_a_missing_database_is_a_503_that_says_what_to_do(tmp_path: Path) -> Non
     response = client.get("/api/overview")
     assert response.status_code == 503 and "start the proxy" in response.json()["error"]
     assert "start the proxy" in client.get("/").text
+
+
+def test_aggregates_of_an_older_metrion_are_a_503_until_the_proxy_rebuilds_them(tmp_path: Path) -> None:
+    write(tmp_path / "m.db", ROWS[:2])
+    with sqlite3.connect(tmp_path / "m.db") as conn:  # keyed without requested_model, as before it existed
+        conn.execute("DROP TABLE hourly_usage")
+        conn.execute("CREATE TABLE hourly_usage (hour TEXT, provider TEXT, model TEXT)")
+    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    response = client.get("/api/overview")
+    assert response.status_code == 503 and "start the proxy once (it rebuilds them)" in response.json()["error"]
+    assert client.get("/logs").status_code == 503
+    store.create_schema(store.connect(tmp_path / "m.db"))  # what the proxy does when it starts
+    assert get(client, "overview")["cards"]["requests"]["value"] == 2
 
 
 def test_logs_read_a_database_from_an_older_metrion_that_lacks_a_column(tmp_path: Path) -> None:

@@ -144,6 +144,43 @@ def test_proxy_authorization_is_redacted_in_saved_flows(start_proxy, mock: MockP
     assert kinds == [("GET", None), ("GET", None)]  # gone from what was forwarded (mitmproxy saves no CONNECTs)
 
 
+# Found by the fuzz suite (test_e2e_fuzz.py): a Metrion token in a credential header Metrion did not consume (a
+# duplicate of the key slot, the other provider's slot) or in the query string was forwarded to the provider.
+STRAY_TOKENS = {
+    "token then own key in authorization": (
+        [("authorization", f"Bearer {APP_TOKEN}"), ("authorization", f"Bearer {CLIENT_KEY}"),
+         ("x-metrion-token", PASS_TOKEN)], "",
+        "the authorization header"),
+    "token in x-api-key beside pass-through": (
+        [("authorization", f"Bearer {CLIENT_KEY}"), ("x-api-key", APP_TOKEN), ("x-metrion-token", PASS_TOKEN)], "",
+        "the x-api-key header"),
+    "second token in x-api-key beside stored mode": (
+        [("authorization", f"Bearer {APP_TOKEN}"), ("x-api-key", PASS_TOKEN)], "", "the x-api-key header"),
+    "token in the query string": (
+        [("authorization", f"Bearer {APP_TOKEN}")], f"?api_key={PASS_TOKEN}", "the URL"),
+    "token as the key through the forward proxy": (
+        [("authorization", f"Bearer {APP_TOKEN}"),
+         ("proxy-authorization", "Basic " + base64.b64encode(f"m:{APP_TOKEN}".encode()).decode())], "",
+        "the authorization header"),
+}
+
+
+@pytest.mark.parametrize("case", STRAY_TOKENS)
+def test_a_metrion_token_metrion_does_not_consume_is_refused_not_forwarded(proxy: Proxy, mock: MockProvider,
+                                                                          case: str) -> None:
+    credentials, query, where = STRAY_TOKENS[case]
+    marker = label()
+    forward = credentials[-1][0] == "proxy-authorization"
+    url = "http://api.openai.com/v1" if forward else f"{proxy.url}/api/proxy/openai/v1"
+    body = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+    headers = httpx.Headers([("content-type", "application/json"), ("x-case", marker), *credentials])  # duplicates kept
+    with httpx.Client(proxy=proxy.url if forward else None) as client:
+        response = client.post(f"{url}/chat/completions{query}", content=body, headers=headers)
+    assert received_with(mock, marker) == [] and leaked(mock, marker) == []
+    assert response.status_code == 400 and response.headers["x-metrion-error"] == "metrion_token_in_request"
+    assert where in response.json()["error"]["message"]
+
+
 def test_readme_commands_bind_loopback() -> None:
     readme = (ROOT / "README.md").read_text()
     commands = [line for line in readme.splitlines() if "mitmdump -s" in line or "mitmweb -s" in line]
@@ -182,9 +219,10 @@ def test_credential_query_parameters_are_redacted_in_the_row_and_flows(start_pro
         "x-case": case})
     assert response.status_code == 200
     (received,) = received_with(mock, case)
-    assert received.query.startswith(f"api_key={GEMINI_KEY}x&")  # the provider still gets what it was sent
-    (row,) = proxy.rows("requester = ?", (case,))  # (Metrion moves Google's ?key= into x-goog-api-key)
-    assert row["path"] == "/api/proxy/openai/v1/models?api_key=[redacted]&access_token=[redacted]&alt=json"
+    assert received.query == query  # the provider still gets what it was sent (only Gemini's ?key= is lifted)
+    (row,) = proxy.rows("requester = ?", (case,))
+    assert row["path"] == ("/api/proxy/openai/v1/models"
+                           "?key=[redacted]&api_key=[redacted]&access_token=[redacted]&alt=json")
     proxy.stop()
     assert GEMINI_KEY.encode() not in flows.read_bytes()
     assert GEMINI_KEY.encode() not in proxy.db_path.read_bytes() + proxy.log_path.read_bytes()

@@ -68,9 +68,14 @@ def test_count_tokens_and_embeddings_pass_with_the_model_from_the_path(proxy: Pr
     gemini = client(proxy, who)
     assert gemini.models.count_tokens(model=MODEL, contents="count these words").total_tokens == 6
     assert len(gemini.models.embed_content(model="gemini-embedding-001", contents=["a b", "c"]).embeddings) == 2
-    rows = proxy.rows("requester = ?", (who,), n=2)
+    single = httpx.post(f"{proxy.url}/api/proxy/gemini/v1beta/models/text-embedding-004:embedContent",
+                        json={"content": {"parts": [{"text": "one text"}]}},
+                        headers={"x-goog-api-key": APP_TOKEN, "x-metrion-user": who})
+    assert single.status_code == 200 and single.json()["embedding"]["values"]
+    rows = proxy.rows("requester = ?", (who,), n=3)
     assert [(r["path"].rsplit(":", 1)[1], r["model"], r["usage_source"], r["status"]) for r in rows] == [
-        ("countTokens", MODEL, "none", 200), ("batchEmbedContents", "gemini-embedding-001", "none", 200)]
+        ("countTokens", MODEL, "none", 200), ("batchEmbedContents", "gemini-embedding-001", "none", 200),
+        ("embedContent", "text-embedding-004", "none", 200)]
 
 
 def test_query_key_is_swapped_like_the_header_and_never_stored(proxy: Proxy, mock: MockProvider) -> None:

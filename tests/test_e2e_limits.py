@@ -55,6 +55,9 @@ def test_burst_over_the_rate_limit_gets_429_and_the_sdk_retry_succeeds(start_pro
     assert response.json()["error"]["type"] == "rate_limit_exceeded"
     assert response.headers["x-metrion-ratelimit-remaining"] == "0"
 
+    # drain again right before the SDK's call: on a loaded machine a token may have refilled (one per 0.6 s)
+    while httpx.post(f"{proxy.url}{path}", json=body, headers={"authorization": f"Bearer {TINY}"}).status_code != 429:
+        pass
     who = label()
     client = openai.OpenAI(base_url=f"{proxy.url}/api/proxy/openai/v1", api_key=TINY, max_retries=2,
                            default_headers={"x-metrion-user": who})

@@ -277,3 +277,24 @@ def test_openai_prompt_cache_reads_three_quarters_of_a_long_prompt_named_by_prom
     assert chat.usage.prompt_tokens == words + 3
     assert chat.usage.prompt_tokens_details.cached_tokens == cached
     assert response.usage.input_tokens_details.cached_tokens == (0 if cached == 32 else cached)
+
+
+def test_runs_alone_as_the_readme_says() -> None:
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "metrion_addon.mock_provider", "--port", str(port)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        urls = dict(process.stdout.readline().split() for _ in range(5))
+        assert set(urls) >= {"anthropic", "openai", "gemini", "mistral", "grok"}
+        client = openai.OpenAI(base_url=urls["openai"], api_key="sk-any", max_retries=0)
+        reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content == reply_text({"messages": [{"role": "user", "content": "hi"}]})
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 0

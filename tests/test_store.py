@@ -64,6 +64,25 @@ def test_a_database_from_an_older_metrion_gains_new_columns_and_keeps_its_rows(t
     assert count(path) == 2
 
 
+def test_a_row_whose_budget_waits_for_it_settles_at_once_and_is_still_written_with_its_batch(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    settled: list[tuple[int, float]] = []
+    writer = Writer(store.SQLiteBackend(open_db(path)), batch_seconds=1.5, settles_now=lambda r: r.flow_id == "b",
+                    settle=lambda r: settled.append((r.input_tokens, time.monotonic())) and None)
+    writer.start()
+    writer.put(record(1, flow_id="a"))  # opens a 1.5 s batch window
+    time.sleep(0.1)
+    put = time.monotonic()
+    writer.put(record(2, flow_id="b"))
+    deadline = time.monotonic() + 1
+    while len(settled) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [n for n, _ in settled] == [1, 2] and settled[1][1] - put < 0.7  # not at the end of the window
+    assert count(path) == 0  # the rows are still written together, when the window closes
+    writer.close()
+    assert count(path) == 2
+
+
 def test_rows_and_counters_are_written_and_flushed_on_close(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     priced: list[RequestRecord] = []

@@ -46,7 +46,7 @@ def test_history_grows_over_the_weeks_and_follows_the_working_day(four_weeks: li
 
 def test_history_uses_every_provider_token_and_api(four_weeks: list[workload.Call]) -> None:
     assert {c.provider for c in four_weeks} == {"anthropic", "openai", "gemini", "mistral", "grok"}
-    assert {c.api for c in four_weeks} == {"chat", "messages", "responses", "embeddings"}
+    assert {c.api for c in four_weeks} == {"chat", "messages", "responses", "embeddings", "native"}
     assert {c.token for c in four_weeks} == {team.token for team in TEAMS if team.per_hour}
     assert len({c.requester for c in four_weeks}) >= 8
     assert {True, False} <= {c.stream for c in four_weeks}

@@ -22,13 +22,16 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from metrion_addon import alerts, queries
+from metrion_addon import aggregates, alerts, queries
 from metrion_addon.clock import Clock
 from metrion_addon.config import Config
 from metrion_addon.dashboard import pages
 from metrion_addon.dashboard.access import PasswordRequired
 from metrion_addon.dashboard.filters import PERIODS, View, read_view
 from metrion_addon.dashboard.formats import FILTERS
+from metrion_addon.store import Error as DatabaseError
+from metrion_addon.store import Unavailable, read_only
+from metrion_addon.store import shown as shown_database
 
 HERE = Path(__file__).parent
 NEEDED_TABLES = ("requests", "hourly_usage", "hourly_latency", "monthly_usage", "rate_buckets")
@@ -56,21 +59,15 @@ PAGES = (
 )
 
 
-class Unavailable(Exception):
-    """The database cannot be read yet (no file, or the proxy has not created its tables)."""
-
-
-def open_database(path: Path) -> sqlite3.Connection:
+def open_database(database: Path | str) -> Any:
     """The request log, read-only; Unavailable until the proxy has created it with its aggregates."""
-    if not path.is_file():
-        raise Unavailable(f"no database at {path} yet: start the proxy (it creates it)")
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    conn.execute("PRAGMA mmap_size = 268435456")  # aggregates are read in ranges: map them instead of copying pages
-    found = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    missing = [name for name in NEEDED_TABLES if name not in found]
-    if missing:
-        conn.close()
-        raise Unavailable(f"{path} has no {', '.join(missing)} table yet: start the proxy once (it builds them)")
+    conn = read_only(database, NEEDED_TABLES)
+    if isinstance(conn, sqlite3.Connection):  # aggregates are read in ranges: map them instead of copying pages
+        conn.execute("PRAGMA mmap_size = 268435456")
+        if not aggregates.tables_current(conn):  # (PostgreSQL logs are younger than the aggregates' last change)
+            conn.close()
+            raise Unavailable(f"{database} holds an older Metrion's aggregate tables: start the proxy once "
+                              "(it rebuilds them)")
     return conn
 
 
@@ -95,7 +92,7 @@ def create_app(config: Config, clock: Clock) -> Starlette:
                 view, data, _ = load(request, page, choices=False)
             except ValueError as e:
                 return JSONResponse({"error": str(e)}, status_code=400)
-            except (Unavailable, sqlite3.Error) as e:
+            except (Unavailable, *DatabaseError) as e:
                 return JSONResponse({"error": str(e)}, status_code=503)
             return JSONResponse({"filters": view.filters.__dict__ | {"period": view.period}, "data": data})
 
@@ -108,7 +105,7 @@ def create_app(config: Config, clock: Clock) -> Starlette:
                 view, data, choices = load(request, page, choices=True)
             except ValueError as e:
                 return templates.TemplateResponse(request, "problem.html", {**context, "problem": str(e)}, 400)
-            except (Unavailable, sqlite3.Error) as e:
+            except (Unavailable, *DatabaseError) as e:
                 return templates.TemplateResponse(request, "problem.html", {**context, "problem": str(e)}, 503)
             context.update(view=view, data=data, choices=choices, params=view.params, api=f"/api/{page.name}")
             return templates.TemplateResponse(request, f"{page.name}.html", context)
@@ -144,6 +141,7 @@ def serve(config: Config, clock: Clock, host: str, port: int, announce: Callable
     sock.bind((host, port))
     sock.listen(128)
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    announce(f"metrion: dashboard at http://{shown}:{sock.getsockname()[1]}/ (database {config.database})")
+    database = shown_database(config.database)
+    announce(f"metrion: dashboard at http://{shown}:{sock.getsockname()[1]}/ (database {database})")
     server = uvicorn.Server(uvicorn.Config(create_app(config, clock), log_level="warning", access_log=False))
     server.run(sockets=[sock])

@@ -10,6 +10,9 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
+import redis
+
+from metrion_addon import shared_limits
 from metrion_addon.aggregates import NANO
 from metrion_addon.config import Config
 from metrion_addon.queries import (
@@ -232,27 +235,37 @@ def costs(conn: sqlite3.Connection, f: Filters, now: datetime) -> dict[str, Any]
     }
 
 
+def rate_buckets(conn: sqlite3.Connection, config: Config) -> dict[str, tuple[float, float]] | None:
+    """Each token's rate bucket (level, updated): from Redis when the limits are shared there (each instance's
+    database holds none), else as the proxy last saved it; None when Redis does not answer."""
+    if config.shared is not None:
+        try:
+            return shared_limits.bucket_levels(config.shared.redis, [token.name for token in config.tokens])
+        except redis.RedisError:
+            return None
+    query = "SELECT token_name, tokens, updated_at FROM rate_buckets"
+    return {name: (level, updated) for name, level, updated in conn.execute(query)}
+
+
 def tokens(conn: sqlite3.Connection, config: Config, f: Filters, now: datetime) -> list[dict[str, Any]]:
     """Each configured token (by name only) with its plan, month's use against its cap, reset date, rate-limit
     state now, and its requests and cost in the period."""
-    saved = dict(
-        (name, (level, updated)) for name, level, updated in conn.execute(
-            "SELECT token_name, tokens, updated_at FROM rate_buckets"
-        )
-    )
+    saved = rate_buckets(conn, config)
     period = {row["token_name"]: row for row in grouped(conn, replace(f, token=None), ("token_name",))}
     limit = config.rate_limit
     rows = []
     for row in quota(conn, config, now):
-        level, updated = saved.get(row["token"], (limit, now.timestamp()))
-        available = min(limit, level + max(0.0, now.timestamp() - updated) * limit / 60)
+        available = None
+        if saved is not None:
+            level, updated = saved.get(row["token"], (limit, now.timestamp()))
+            available = min(limit, level + max(0.0, now.timestamp() - updated) * limit / 60)
         used = period.get(row["token"], {})
         rows.append({
             **row,
             "used_share": row["requests"] / row["cap"] if row["cap"] else None,
             "rate_limit": limit,
-            "rate_available": int(available),
-            "rate_limited": available < 1,
+            "rate_available": None if available is None else int(available),
+            "rate_limited": None if available is None else available < 1,
             "period_requests": used.get("requests", 0),
             "period_errors": used.get("errors", 0),
             "period_cost_usd": used.get("cost_usd"),

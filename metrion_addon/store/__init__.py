@@ -1,8 +1,9 @@
 """The request log and limit counters: what is stored (records), where (a backend) and who writes it (Writer).
 
-Callers import from here; a backend module (sqlite.py today) is chosen once, in the addon's configure.
+Callers import from here; the backend (sqlite.py or postgres.py) is chosen once, by database.py's open_log.
 """
 
+from .database import Error, Log, Unavailable, has_table, open_log, read_only, shown, writable
 from .owner import DatabaseInUse, Ownership, claim
 from .records import (
     COLUMNS,
@@ -42,20 +43,28 @@ __all__ = [
     "Counter",
     "DatabaseInUse",
     "DeadLetter",
+    "Error",
+    "Log",
     "MonthlyCount",
     "Ownership",
     "Pricer",
     "RequestRecord",
     "SQLiteBackend",
     "Settler",
+    "Unavailable",
     "Writer",
     "claim",
     "connect",
     "create_schema",
+    "has_table",
     "insert_alert_event",
     "latest_alerts",
     "load_alert_history",
     "load_budgets",
     "load_counters",
+    "open_log",
+    "read_only",
+    "shown",
     "storable",
+    "writable",
 ]

@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import time
+import uuid
 from dataclasses import dataclass
 
 
@@ -41,6 +44,9 @@ class RequestRecord:
     saved_usd: float | None = None  # on a cache hit: what the original request cost
     cache_status: str | None = None  # HIT, MISS or REFRESH when the request asked for the cache
     requested_model: str | None = None  # the model the client asked for; `model` is what the provider answered
+    # Globally unique (UUIDv7), given by the writer when it takes the row: a batch written twice (a retry, a replayed
+    # spool) stores each row once. NULL in rows from before it existed.
+    uid: str | None = dataclasses.field(default=None, compare=False)
     flow_id: str | None = dataclasses.field(default=None, compare=False)  # for mitmweb, not stored
     # Not stored: the request went (or may have gone) to the provider. Such rows are never dropped.
     forwarded: bool = dataclasses.field(default=True, compare=False)
@@ -149,7 +155,16 @@ class DeadLetter:
         reason = _text(f"{type(error).__name__}: {error}")
         return cls(_text(record.ts), reason, json.dumps(fields, ensure_ascii=True, default=_text))
 
+def uuid7() -> str:
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits; ordered by time, unique anywhere."""
+    random = int.from_bytes(os.urandom(10))
+    millis = time.time_ns() // 1_000_000
+    value = millis << 80 | 0x7 << 76 | (random >> 62 & 0xFFF) << 64 | 0b10 << 62 | random & (2**62 - 1)
+    return str(uuid.UUID(int=value))
+
+
 COLUMNS = [f.name for f in dataclasses.fields(RequestRecord) if f.name not in ("flow_id", "forwarded")]
+REQUIRED = ("ts", "provider", "path", "method", "stream", "usage_source")  # NOT NULL columns of `requests`
 _KINDS = {f.name: str(f.type) for f in dataclasses.fields(RequestRecord) if f.name in COLUMNS}
 _TEXT = tuple(name for name, kind in _KINDS.items() if kind.startswith("str"))
 _INTEGER = tuple(name for name, kind in _KINDS.items() if kind.startswith("int"))

@@ -18,6 +18,7 @@ from metrion_addon.aggregates import add_to_hourly, create_hourly
 from .cache import create_cache_schema, write_cache
 from .records import (
     COLUMNS,
+    REQUIRED,
     AlertEvent,
     BucketState,
     BudgetState,
@@ -67,7 +68,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
     db["requests"].create(
         {"id": int, **sql_types},
         pk="id",
-        not_null={"ts", "provider", "path", "method", "stream", "usage_source"},
+        not_null=set(REQUIRED),
         if_not_exists=True,
     )
     existing = db["requests"].columns_dict
@@ -78,6 +79,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
                ["requester", "ts"])
     for columns in indexes:
         db["requests"].create_index(columns, if_not_exists=True)
+    db["requests"].create_index(["uid"], unique=True, if_not_exists=True)
     db["rate_buckets"].create(
         {"token_name": str, "tokens": float, "updated_at": float}, pk="token_name", if_not_exists=True
     )
@@ -114,14 +116,14 @@ def insert_alert_event(conn: sqlite3.Connection, event: AlertEvent) -> None:
 
 def load_alert_history(conn: sqlite3.Connection) -> dict[tuple[str, str], str]:
     """{(rule, level): when it last notified} over `alert_events`, test notifications left out."""
-    query = "SELECT rule, level, max(ts) FROM alert_events WHERE NOT test GROUP BY rule, level"
+    query = "SELECT rule, level, max(ts) FROM alert_events WHERE test = 0 GROUP BY rule, level"
     return {(rule, level): ts for rule, level, ts in conn.execute(query)}
 
 
 def latest_alerts(conn: sqlite3.Connection) -> dict[str, tuple[str, str]]:
     """{rule: (ts, level)} of each rule's latest notification (tests left out)."""
     query = ("SELECT rule, ts, level FROM alert_events WHERE id IN "
-             "(SELECT max(id) FROM alert_events WHERE NOT test GROUP BY rule)")
+             "(SELECT max(id) FROM alert_events WHERE test = 0 GROUP BY rule)")
     return {rule: (ts, level) for rule, ts, level in conn.execute(query)}
 
 
@@ -134,6 +136,21 @@ def load_counters(conn: sqlite3.Connection) -> tuple[list[BucketState], list[Mon
 def load_budgets(conn: sqlite3.Connection) -> list[BudgetState]:
     query = "SELECT token_name, month, spent_nanousd, reserved_nanousd, version FROM budget_usage"
     return [BudgetState(*row) for row in conn.execute(query)]
+
+
+def write_counters(conn: sqlite3.Connection, counters: Sequence[Counter], dead_letters: Sequence[DeadLetter]) -> None:
+    """Upsert the latest counter values, insert alert events and dead letters; the same SQL in either database."""
+    for counter in counters:
+        if isinstance(counter, BucketState):
+            conn.execute(_UPSERT_BUCKET, (counter.token_name, counter.tokens, counter.updated_at))
+        elif isinstance(counter, BudgetState):
+            conn.execute(_UPSERT_BUDGET, dataclasses.astuple(counter))
+        elif isinstance(counter, AlertEvent):
+            insert_alert_event(conn, counter)
+        elif isinstance(counter, MonthlyCount):
+            conn.execute(_UPSERT_MONTH, (counter.token_name, counter.month, counter.requests))
+    if dead_letters:
+        conn.executemany(_INSERT_DEAD, [(d.ts, d.error, d.row) for d in dead_letters])
 
 
 class SQLiteBackend:
@@ -156,6 +173,9 @@ class SQLiteBackend:
         # A closed connection (ProgrammingError) fails every row alike, which the writer tells by writing none.
         return isinstance(error, sqlite3.OperationalError) or type(error) is sqlite3.DatabaseError
 
+    def idle(self) -> bool:
+        return False
+
     def close(self) -> None:
         self._conn.close()
 
@@ -171,17 +191,7 @@ class SQLiteBackend:
                 chunk = records[start : start + _ROWS_PER_INSERT]
                 self._conn.execute(_INSERT + ", ".join([_ROW] * len(chunk)), _params(chunk))
             add_to_hourly(self._conn, records)
-            for counter in counters:
-                if isinstance(counter, BucketState):
-                    self._conn.execute(_UPSERT_BUCKET, (counter.token_name, counter.tokens, counter.updated_at))
-                elif isinstance(counter, BudgetState):
-                    self._conn.execute(_UPSERT_BUDGET, dataclasses.astuple(counter))
-                elif isinstance(counter, AlertEvent):
-                    insert_alert_event(self._conn, counter)
-                elif isinstance(counter, MonthlyCount):
-                    self._conn.execute(_UPSERT_MONTH, (counter.token_name, counter.month, counter.requests))
-            if dead_letters:
-                self._conn.executemany(_INSERT_DEAD, [(d.ts, d.error, d.row) for d in dead_letters])
+            write_counters(self._conn, counters, dead_letters)
             writes = [item for item in counters if isinstance(item, CacheWrite)]
             touches = [item for item in counters if isinstance(item, CacheTouch)]
             if writes or touches:

@@ -24,6 +24,7 @@ from .records import (
     MonthlyCount,
     RequestRecord,
     storable,
+    uuid7,
 )
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class Backend(Protocol):
 
     def is_outage(self, error: Exception) -> bool:
         """True when `error` says the database as a whole fails (full, locked, gone), not one of the rows."""
+
+    def idle(self) -> bool:
+        """Nothing to write for a while: catch up on the backend's own work (replay a spool); True if more is left."""
 
     def close(self) -> None:
         """Release the connection; called once, after the writer's thread stopped."""
@@ -66,14 +70,18 @@ class Writer:
         retry_seconds: float = 1.0,
         batch_seconds: float = 0.05,
         settle: Settler | None = None,
+        settles_now: Callable[[RequestRecord], bool] | None = None,
         stall_seconds: float = 10.0,
         backlog_rows: int = BACKLOG_ROWS,
         chunk_rows: int = CHUNK_ROWS,
     ) -> None:
         self._backend = backend
         self._price = price
-        self._settle = settle  # a priced row's budget settlement, written with the row
         self._settle = settle  # a priced row's budget settlement, written in the same transaction as the row
+        # Rows whose budget reservation waits for them: taken (priced, settled) at once, not at the end of the batch
+        # window, so a finished request's reservation does not hold back budget for up to `batch_seconds`.
+        self._settles_now = settles_now
+        self._arrived = threading.Event()
         self._on_written = on_written
         self._retry_seconds = retry_seconds
         self._batch_seconds = batch_seconds  # gather rows this long: fewer wake-ups and commits under load
@@ -126,6 +134,8 @@ class Writer:
             self.rejected_while_failing += 1
             return
         self._queue.put(item)
+        if self._settles_now is not None and isinstance(item, RequestRecord) and self._settles_now(item):
+            self._arrived.set()
 
     def close(self, timeout: float = 10.0) -> None:
         """Write everything queued so far, then stop the thread and close the connection."""
@@ -155,20 +165,45 @@ class Writer:
             if not self._pending():
                 if self._closing:
                     return
-                self._take(self._queue.get())
-                if not self._closing:
-                    time.sleep(self._batch_seconds)
-            while not self._closing:  # drain whatever else is waiting: that is the batch
-                try:
-                    self._take(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+                self._take(self._next())
+                self._window(self._batch_seconds)
+            self._drain()  # whatever else is waiting: that is the batch
             if self._flush():
                 continue
             if self._closing:
                 log.error("metrion: stopping while the database fails (%s): %s", self.error, self._unwritten())
                 return
             self._wait(self._retry_seconds)
+
+    def _next(self) -> object:
+        """The next item; while none comes, the backend catches up on its own work."""
+        while True:
+            try:
+                return self._queue.get(timeout=self._retry_seconds)
+            except queue.Empty:
+                pass
+            self._busy_since = time.monotonic()
+            try:
+                while self._backend.idle() and self._queue.empty():
+                    self._busy_since = time.monotonic()
+            finally:
+                self._busy_since = None
+
+    def _window(self, seconds: float) -> None:
+        """Let a batch gather for `seconds`, taking what arrives early only when a row's budget waits for it."""
+        deadline = time.monotonic() + seconds
+        while not self._closing and (left := deadline - time.monotonic()) > 0:
+            if not self._arrived.wait(left):
+                return
+            self._arrived.clear()
+            self._drain()
+
+    def _drain(self) -> None:
+        while not self._closing:
+            try:
+                self._take(self._queue.get_nowait())
+            except queue.Empty:
+                return
 
     def _pending(self) -> bool:
         return bool(self._backlog or self._counters or self._dead)
@@ -194,6 +229,8 @@ class Writer:
             except Exception as e:  # keep the row as it came rather than lose it
                 self._dead_letter(item, e)
                 return
+            if record.uid is None:
+                record.uid = uuid7()
             if self._price and record.price_source is None:
                 try:
                     record.cost_usd, record.price_source = self._price(record)
@@ -263,7 +300,7 @@ class Writer:
         if counters:
             self._counters.clear()
         del self._dead[: len(dead)]
-        self._recovered()
+        self._recovered(len(records))
 
     def _dead_letter(self, record: RequestRecord, error: Exception) -> None:
         log.error("metrion: the database refused a row (%s: %s); kept in dead_letters", type(error).__name__, error)
@@ -285,12 +322,13 @@ class Writer:
         self.error = str(error) or type(error).__name__
         return False
 
-    def _recovered(self) -> None:
+    def _recovered(self, written: int) -> None:
         if self.error is None:
             return
         self.error = None
-        log.warning("metrion: database writes work again (%d rows waiting); %d requests were answered 503 "
-                    "meanwhile and left no row", len(self._backlog), self.rejected_while_failing)
+        log.warning("metrion: database writes work again (%d rows waiting, %d written in this first transaction); "
+                    "%d requests were answered 503 meanwhile and left no row", len(self._backlog), written,
+                    self.rejected_while_failing)
 
     def _unwritten(self) -> str:
         forwarded = sum(1 for record in self._backlog if record.forwarded)
