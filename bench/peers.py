@@ -1,6 +1,8 @@
-"""The benchmark's other targets: Portkey's gateway (Node) and two Metrion instances on Redis behind HAProxy.
+"""The benchmark's other targets: Portkey's gateway (Node) and two Metrion instances behind HAProxy, their limits
+on Redis and their log on PostgreSQL.
 
-Portkey is installed from npm into bench/.portkey/ (git-ignored) on first use; HAProxy runs deploy/haproxy.cfg.
+Portkey is installed from npm into bench/.portkey/ (git-ignored) on first use; HAProxy runs deploy/haproxy.cfg;
+PostgreSQL is a private cluster (tests/servers.py).
 """
 
 from __future__ import annotations
@@ -10,12 +12,17 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from servers import PG_BIN, PostgresServer  # noqa: E402  (the tests' private cluster: initdb, pg_ctl, a database)
+
 PORTKEY_VERSION = "1.15.2"
 PORTKEY_DIR = BENCH / ".portkey"
 PORTKEY_SERVER = PORTKEY_DIR / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
@@ -53,7 +60,8 @@ def stop_process(process: subprocess.Popen | None, sig: int = signal.SIGTERM) ->
 
 def peers_missing() -> list[str]:
     """Commands the peer targets need that this machine lacks."""
-    return [c for c in ("node", "npm", "haproxy", "redis-server") if shutil.which(c) is None]
+    commands = [c for c in ("node", "npm", "haproxy", "redis-server") if shutil.which(c) is None]
+    return commands + ([] if (PG_BIN / "initdb").exists() else [str(PG_BIN / "initdb")])
 
 
 def install_portkey() -> None:
@@ -154,3 +162,6 @@ class HAProxy:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+
+__all__ = ["HAProxy", "Portkey", "PostgresServer", "Redis", "peers_missing"]
