@@ -196,10 +196,10 @@ class PostgresBackend:
             self._reconnect()
         conn = self._conn
         assert conn is not None
-        if self._prepared is not conn:  # outside the transaction: a temporary table made in one dies with its rollback
-            conn.raw.execute(_INCOMING)
-            self._prepared = conn
         try:
+            if self._prepared is not conn:  # outside the transaction: one made in it would die with its rollback
+                conn.raw.execute(_INCOMING)
+                self._prepared = conn
             with conn.transaction():
                 inserted = self._insert(conn, records)
                 aggregates.add_to_hourly(conn, inserted)  # type: ignore[arg-type]
