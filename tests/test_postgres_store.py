@@ -19,10 +19,29 @@ from metrion_addon.cli import main
 from metrion_addon.config import load_config
 from metrion_addon.dashboard import pages
 from metrion_addon.queries import Cursor, Filters, log_page
-from metrion_addon.store import BucketState, MonthlyCount, RequestRecord
+from metrion_addon.store import BucketState, DeadLetter, MonthlyCount, RequestRecord
 from metrion_addon.store.cache import cache_stats
 from metrion_addon.store.records import uuid7
-from metrion_addon.store.spool import Spool, SpoolingBackend, SpoolUnavailable
+from metrion_addon.store.spool import Batch, Spool, SpoolingBackend, SpoolUnavailable, decode, encode
+
+
+@pytest.mark.parametrize(("sqlite", "psycopg"), [
+    ("SELECT a FROM t WHERE b = ? AND c < ?", "SELECT a FROM t WHERE b = %s AND c < %s"),
+    ("SELECT count(*) FILTER (WHERE x > :now) FROM t", "SELECT count(*) FILTER (WHERE x > %(now)s) FROM t"),
+    ("SELECT '?', ':no', 'it''s ?', ? FROM t", "SELECT '?', ':no', 'it''s ?', %s FROM t"),
+    ("SELECT a % 2, '50%' FROM t", "SELECT a %% 2, '50%%' FROM t"),
+    ("SELECT x::bigint FROM t", "SELECT x::bigint FROM t"),
+])
+def test_sqlite_placeholders_become_psycopg_ones_outside_string_literals(sqlite: str, psycopg: str) -> None:
+    assert store.postgres.translate(sqlite) == psycopg
+
+
+def test_a_spooled_batch_reads_back_as_it_was_written() -> None:
+    batch = Batch([record(1, error="bad \x00 byte", stream=True), record(2, cost_usd=None)],
+                  [BucketState("app", 2.5, 1.0), MonthlyCount("app", "2026-11", 3)],
+                  [DeadLetter("2026-11-01T00:00:00.000Z", "IntegrityError: no", '{"ts": 1}')])
+    again = decode(encode(batch))
+    assert again == batch and [r.uid for r in again.records] == [r.uid for r in batch.records]
 
 
 def record(n: int, **fields: Any) -> RequestRecord:
