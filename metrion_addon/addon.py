@@ -6,6 +6,7 @@ Run with `mitmdump -s metrion_addon/addon.py --listen-host 127.0.0.1 --set metri
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -18,7 +19,7 @@ from mitmproxy.proxy import server_hooks
 
 from metrion_addon import cache, contentview, store  # importing contentview registers the LLM stream view for mitmweb
 from metrion_addon.auth import Upstream, authenticate, forbid_stray_metrion_token, lift_query_key, requester
-from metrion_addon.budgets import Hold
+from metrion_addon.budgets import COMMIT_WAIT, Hold, needs_disk
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import ConfigError
 from metrion_addon.display import FlowDisplay
@@ -188,8 +189,24 @@ class Metrion:
         except MetrionError as e:
             self._refuse(flow, exchange, e)
             return None
+        if needs_disk(hold):
+            return self._let_through_on_disk(flow, exchange, admission, hold, headers, credentials)
         self._let_through(flow, exchange, admission, hold, headers, credentials)
         return None
+
+    @guarded_coroutine("request")
+    async def _let_through_on_disk(self, flow: http.HTTPFlow, exchange: Exchange, admission: Admission, hold: Hold,
+                                   headers: dict[str, str], credentials: Upstream | None) -> None:
+        """Forward once the budget reservation is committed, so that a crash from then on keeps it (SQLite)."""
+        assert hold.saved is not None and self.runtime.writer is not None
+        committed = asyncio.wrap_future(self.runtime.writer.put_durable(hold.saved))
+        if not (await asyncio.wait({committed}, timeout=COMMIT_WAIT))[0]:
+            self._release(hold)
+            self._refuse(flow, exchange, MetrionError(503, "metering_unavailable", (
+                f"Metrion could not store this request's budget reservation within {COMMIT_WAIT:g} s; "
+                "request not forwarded.")))
+            return
+        self._let_through(flow, exchange, admission, dataclasses.replace(hold, saved=None), headers, credentials)
 
     @guarded_coroutine("request")
     async def _request_cached(self, flow: http.HTTPFlow, entries: cache.CacheStore, exchange: Exchange,

@@ -342,6 +342,15 @@ def usd(nano: int) -> str:
     return f"{micro // 1_000_000}.{micro % 1_000_000:06d}"
 
 
+def needs_disk(hold: Hold | None) -> bool:
+    """Whether the request must wait for its reservation to be committed before it is forwarded: from the moment
+    the provider sees it, a crash of Metrion must keep the reservation (the provider may bill the request)."""
+    return hold is not None and hold.saved is not None and hold.reservation is not None and hold.reservation.amount > 0
+
+
+COMMIT_WAIT = 10.0  # seconds a reservation may wait for its commit; then the request is refused (503), not forwarded
+
+
 def budget_headers(limit: int, state: BudgetState) -> dict[str, str]:
     return {
         "x-metrion-budget-limit-usd": usd(limit),
