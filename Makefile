@@ -51,6 +51,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/crash_loss.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

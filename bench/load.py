@@ -85,7 +85,10 @@ async def _requests(job: dict) -> dict:
             except (ConnectionError, asyncio.IncompleteReadError):
                 errors += 1  # a dropped connection counts once, then the client reconnects
                 writer.close()
-                reader, writer = await asyncio.open_connection(job["connect_host"], job["connect_port"])
+                try:
+                    reader, writer = await asyncio.open_connection(job["connect_host"], job["connect_port"])
+                except OSError:  # the proxy is gone (bench/crash_loss.py kills it): this connection is done
+                    return
         writer.close()
 
     connections = await asyncio.gather(*(warm() for _ in range(job["conns"])))

@@ -2,6 +2,7 @@
 
 Raw asyncio HTTP/1.1 with keep-alive. `x-bench-events: N` and `x-bench-interval-ms: MS` shape a stream;
 each streamed event carries `"t"`, its send time in `time.monotonic_ns()` (one clock for all local processes).
+`GET /bench/count` answers how many chat requests it has received.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ JSON_RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-
                  + str(len(REPLY)).encode() + b"\r\n\r\n" + REPLY)
 SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+RECEIVED = [0]  # chat requests read so far
 
 
 def _chunk(payload: bytes) -> bytes:
@@ -60,9 +62,14 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             path = lines[0].split(" ")[1]
             headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
             body = await reader.readexactly(int(headers.get("content-length", "0")))
+            if path == "/bench/count":  # how many chat requests arrived (bench/crash_loss.py compares it with rows)
+                count = str(RECEIVED[0]).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(count), count))
+                continue
             if not path.endswith("/chat/completions"):
                 writer.write(NOT_FOUND)
                 continue
+            RECEIVED[0] += 1
             request = json.loads(body or b"{}")
             if request.get("stream"):
                 events = int(headers.get("x-bench-events", "6"))

@@ -912,6 +912,8 @@ class MockProvider:
             await resp.write(chunk)
             assert resp._payload_writer is not None
             await resp._payload_writer.drain()
+        if hold := Scenario.parse(request.headers.get("x-mock-scenario")).number("hold-end"):
+            await asyncio.sleep(hold)  # the body stays open after the recorded end, as a slow provider's may
         await resp.write_eof()
         return resp
 

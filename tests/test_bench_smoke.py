@@ -43,3 +43,12 @@ def test_smoke_run_measures_direct_bare_and_metrion(smoke: dict, scenario: str, 
 def test_smoke_run_measures_both_proxies(smoke: dict, scenario: str, metric: str) -> None:
     for target in ("bare", "metrion"):
         assert math.isfinite(smoke[scenario][target][metric]), (scenario, target)
+
+
+@pytest.mark.timeout(120)
+def test_crash_loss_harness_kills_under_load_and_counts_what_was_kept() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "crash_loss.py"), "--rounds", "1", "--seconds", "1",
+                           "--no-write"], cwd=ROOT, check=True, timeout=100, capture_output=True, text=True)
+    (result,) = json.loads(done.stdout)
+    assert result["forwarded"] > 0 and 0 < result["rows"] <= result["forwarded"]
+    assert result["answered"] + result["in_flight"] == result["forwarded"] and result["lost_rows"] >= 0

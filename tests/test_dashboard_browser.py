@@ -1,7 +1,7 @@
 """The dashboard in a real browser (Debian's chromium through Playwright) over traffic sent through a real proxy.
 
 Each page must render the database's numbers, filters and pagination must change them, and the console must stay
-clean. Screenshots of every page are saved next to the test's temporary files.
+clean. Screenshots of every page are kept as test artefacts (see the `shots` fixture).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from harness import APP_TOKEN, Proxy, free_port
+from harness import APP_TOKEN, ROOT, Proxy, free_port
 from playwright.sync_api import Page, expect, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
@@ -67,6 +67,15 @@ def site(mock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         server.wait(10)
 
 
+@pytest.fixture(scope="session")
+def shots() -> Path:
+    """Where the screenshots go, kept after the run as test artefacts: $METRION_TEST_ARTIFACTS/dashboard, by default
+    test-artifacts/dashboard in the checkout (git-ignored)."""
+    path = Path(os.environ.get("METRION_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "dashboard"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
     with sync_playwright() as p:
@@ -77,7 +86,7 @@ def browser() -> Iterator:
 
 
 @pytest.fixture
-def page(browser, tmp_path: Path) -> Iterator[Page]:
+def page(browser) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     opened = context.new_page()
     problems: list[str] = []
@@ -98,7 +107,7 @@ def card(page: Page, title: str):
     return page.get_by_role("article", name=title, exact=True)
 
 
-def test_overview_shows_the_databases_totals_and_draws_every_chart(site, page: Page, tmp_path: Path) -> None:
+def test_overview_shows_the_databases_totals_and_draws_every_chart(site, page: Page, shots: Path) -> None:
     url, workdir = site
     [(requests, errors, cost, requesters)] = db(workdir, "SELECT count(*), sum(status >= 400), sum(cost_usd), "
                                                          "count(DISTINCT requester) FROM requests")
@@ -115,7 +124,7 @@ def test_overview_shows_the_databases_totals_and_draws_every_chart(site, page: P
         expect(canvas).to_be_visible()
         assert canvas.evaluate("c => Chart.getChart(c) !== undefined")
     expect(page.get_by_role("list", name="Cost share by provider")).to_contain_text("openai")
-    page.screenshot(path=tmp_path / "overview.png", full_page=True)
+    page.screenshot(path=shots / "overview.png", full_page=True)
 
 
 def test_a_filter_narrows_the_numbers_and_lives_in_the_url(site, page: Page) -> None:
@@ -131,7 +140,7 @@ def test_a_filter_narrows_the_numbers_and_lives_in_the_url(site, page: Page) -> 
     expect(page.get_by_role("table", name="Cost by model")).not_to_contain_text("gpt-4o-mini")
 
 
-def test_logs_page_through_fifty_at_a_time_and_open_a_row(site, page: Page, tmp_path: Path) -> None:
+def test_logs_page_through_fifty_at_a_time_and_open_a_row(site, page: Page, shots: Path) -> None:
     url, workdir = site
     [(total,)] = db(workdir, "SELECT count(*) FROM requests")
     [(newest_model, newest_status)] = db(workdir, "SELECT model, status FROM requests ORDER BY ts DESC, id DESC "
@@ -150,7 +159,7 @@ def test_logs_page_through_fifty_at_a_time_and_open_a_row(site, page: Page, tmp_
     expect(failed).to_have_text("500")
     expect(answered).to_have_text("200")
     assert failed.evaluate(colour) != answered.evaluate(colour)
-    page.screenshot(path=tmp_path / "logs.png", full_page=True)
+    page.screenshot(path=shots / "logs.png", full_page=True)
     page.get_by_role("link", name="Next →").click()
     expect(page.get_by_role("status")).to_have_text(f"Requests 51–{total} of {total}")
     expect(rows).to_have_count(total - 50)
@@ -167,7 +176,7 @@ def test_logs_page_through_fifty_at_a_time_and_open_a_row(site, page: Page, tmp_
     expect(page.get_by_role("status")).to_have_text("Requests 1–2 of 2")
 
 
-def test_every_page_renders_its_numbers_without_console_errors(site, page: Page, tmp_path: Path) -> None:
+def test_every_page_renders_its_numbers_without_console_errors(site, page: Page, shots: Path) -> None:
     url, workdir = site
     [(errors, own)] = db(workdir, "SELECT count(*), count(*) FILTER (WHERE ttfb_ms IS NULL) FROM requests "
                                   "WHERE status >= 400")
@@ -178,7 +187,7 @@ def test_every_page_renders_its_numbers_without_console_errors(site, page: Page,
     expect(card(page, "Provider errors").locator(".value")).to_have_text(str(errors - own))
     expect(page.get_by_role("table", name="Errors by status")).to_contain_text("401")
     expect(page.get_by_role("table", name="Most recent errors").locator("tbody tr")).to_have_count(errors)
-    page.screenshot(path=tmp_path / "errors.png", full_page=True)
+    page.screenshot(path=shots / "errors.png", full_page=True)
     page.goto(f"{url}/costs")
     [(cost, requests)] = db(workdir, "SELECT sum(cost_usd), count(*) FROM requests")
     shown_cost = card(page, "Cost in the period").locator(".value").inner_text()
@@ -187,22 +196,22 @@ def test_every_page_renders_its_numbers_without_console_errors(site, page: Page,
     by_model = page.get_by_role("table", name="Cost by model")
     for (model,) in db(workdir, "SELECT DISTINCT model FROM requests WHERE model IS NOT NULL"):
         expect(by_model).to_contain_text(model)
-    page.screenshot(path=tmp_path / "costs.png", full_page=True)
+    page.screenshot(path=shots / "costs.png", full_page=True)
     page.goto(f"{url}/latency")
     [(slowest, timed)] = db(workdir, "SELECT max(latency_ms), count(latency_ms) FROM requests")
     expect(card(page, "p99 latency").locator(".value")).not_to_have_text("—")
     assert page.get_by_role("img", name="Latency histogram").evaluate("c => Chart.getChart(c).data.datasets[0]"
                                                                       ".data.reduce((a, b) => a + b, 0)") == timed
     assert slowest > 0
-    page.screenshot(path=tmp_path / "latency.png", full_page=True)
+    page.screenshot(path=shots / "latency.png", full_page=True)
     page.goto(f"{url}/tokens")
     tokens = page.get_by_role("table", name="Metrion tokens")
     expect(tokens.get_by_role("row", name=re.compile("^app "))).to_contain_text("68 / unlimited")
     expect(tokens).not_to_contain_text(APP_TOKEN)
-    page.screenshot(path=tmp_path / "tokens.png", full_page=True)
+    page.screenshot(path=shots / "tokens.png", full_page=True)
 
 
-def test_a_narrow_window_keeps_everything_reachable(site, browser, tmp_path: Path) -> None:
+def test_a_narrow_window_keeps_everything_reachable(site, browser, shots: Path) -> None:
     url, _ = site
     context = browser.new_context(viewport={"width": 390, "height": 844})
     page = context.new_page()
@@ -212,7 +221,7 @@ def test_a_narrow_window_keeps_everything_reachable(site, browser, tmp_path: Pat
     expect(card(page, "Requests")).to_be_visible()
     page.get_by_role("link", name="Logs").click()
     expect(page.get_by_role("status")).to_contain_text("Requests 1–50")
-    page.screenshot(path=tmp_path / "narrow-logs.png", full_page=True)
+    page.screenshot(path=shots / "narrow-logs.png", full_page=True)
     context.close()
 
 

@@ -9,9 +9,13 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
+import anthropic
 import genai_prices
 import httpx
+import openai
 import pytest
+from google import genai
+from google.genai import types as genai_types
 from harness import APP_TOKEN, Proxy, base_config
 
 from metrion_addon.mock_provider import MockProvider
@@ -86,6 +90,65 @@ def test_recorded_exchange_is_relayed_unchanged_and_metered_exactly(
     assert row["total_tokens"] == row["input_tokens"] + row["output_tokens"]
     cost = expected_cost(row, recording["provider"])
     assert row["cost_usd"] == (None if cost is None else pytest.approx(cost, rel=1e-9, abs=1e-12))
+
+
+SDK_STREAMS = [name for name in NAMES if name.endswith("-stream") and name.split("-")[0] in ("openai", "grok",
+                                                                                               "mistral", "groq")]
+
+
+@pytest.mark.parametrize("name", SDK_STREAMS)
+def test_recorded_stream_read_by_the_openai_sdk_that_closes_on_done_is_complete(
+    recorded_proxy: Proxy, mock: MockProvider, name: str
+) -> None:
+    # The body stays open 5 s after the recorded [DONE]; the SDK stops reading at [DONE] and closes.
+    recording = json.loads((RECORDINGS / f"{name}.json").read_text(encoding="utf-8"))
+    key = f"sdk-{name}-{uuid.uuid4().hex[:8]}"
+    mock.replay(key, recording["status"], {"content-type": recording["content_type"]},
+                chunks_of(recording["body"].encode(), recording["content_type"]))
+    request = dict(recording["request"])
+    client = openai.OpenAI(base_url=recorded_proxy.url + recording["path"].removesuffix("/chat/completions"),
+                           api_key=APP_TOKEN, max_retries=0, timeout=10)
+    chunks = list(client.chat.completions.create(
+        model=request.pop("model"), messages=request.pop("messages"), stream=request.pop("stream"), extra_body=request,
+        extra_headers={"x-mock-replay": key, "x-mock-scenario": "hold-end:5", "x-metrion-user": key}))
+    assert chunks and chunks[0].model
+    (row,) = recorded_proxy.rows("requester = ?", (key,))
+    assert {field: row[field] for field in ROW_FIELDS} == recording["expected_row"]
+    assert (row["status"], row["error"]) == (200, None)
+
+
+def sdk_stream(proxy: Proxy, recording: dict, headers: dict[str, str]) -> int:
+    """Read the recorded stream through the provider's own SDK (google-genai or anthropic); the events it gave."""
+    request = dict(recording["request"])
+    if recording["provider"] == "gemini":
+        model = recording["path"].split("/models/", 1)[1].split(":", 1)[0]
+        client = genai.Client(api_key=APP_TOKEN, http_options=genai_types.HttpOptions(
+            base_url=f"{proxy.url}/api/proxy/gemini", headers=headers, timeout=10_000))
+        contents = request.pop("contents")
+        return len(list(client.models.generate_content_stream(model=model, contents=contents, config={
+            "http_options": {"extra_body": request}})))
+    claude = anthropic.Anthropic(base_url=f"{proxy.url}/api/proxy", api_key=APP_TOKEN, max_retries=0, timeout=10)
+    del request["stream"]
+    with claude.messages.stream(model=request.pop("model"), max_tokens=request.pop("max_tokens"),
+                                messages=request.pop("messages"), extra_body=request, extra_headers=headers) as events:
+        return len(list(events))
+
+
+@pytest.mark.parametrize("name", [name for name in NAMES if name.split("-")[0] in ("gemini", "anthropic")
+                                  and json.loads((RECORDINGS / f"{name}.json").read_text())["content_type"]
+                                  .startswith("text/event-stream")])
+def test_recorded_stream_read_by_its_official_sdk_is_metered_as_recorded(
+    recorded_proxy: Proxy, mock: MockProvider, name: str
+) -> None:
+    recording = json.loads((RECORDINGS / f"{name}.json").read_text(encoding="utf-8"))
+    key = f"sdk-{name}-{uuid.uuid4().hex[:8]}"
+    mock.replay(key, recording["status"], {"content-type": recording["content_type"]},
+                chunks_of(recording["body"].encode(), recording["content_type"]))
+    assert sdk_stream(recorded_proxy, recording, {"x-mock-replay": key, "x-metrion-user": key}) > 1
+    (row,) = recorded_proxy.rows("requester = ?", (key,))
+    assert {field: row[field] for field in ROW_FIELDS} == recording["expected_row"]
+    assert (row["status"], row["error"]) == (200, None)
+    assert row["path"].rsplit("/", 1)[1] == recording["path"].rsplit("/", 1)[1]  # google-genai may say v1, not v1beta
 
 
 def test_corpus_covers_every_provider_json_and_streamed() -> None:

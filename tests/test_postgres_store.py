@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from harness import free_port
 
 from metrion_addon import alerts, report, store
+from metrion_addon.cli import main
 from metrion_addon.config import load_config
 from metrion_addon.dashboard import pages
 from metrion_addon.queries import Cursor, Filters, log_page
 from metrion_addon.store import BucketState, MonthlyCount, RequestRecord
+from metrion_addon.store.cache import cache_stats
 from metrion_addon.store.records import uuid7
 from metrion_addon.store.spool import Spool, SpoolingBackend, SpoolUnavailable
 
@@ -124,7 +127,10 @@ def mixed_rows(count: int) -> list[RequestRecord]:
             latency_ms=None if status is None else round(pick.uniform(1, 3000), 3),
             ttfb_ms=None if status == 429 else round(pick.uniform(1, 500), 3),
             cost_usd=None if pick.random() < 0.1 else round(pick.uniform(0, 0.05), 9),
+            cache_status=pick.choice([None, None, "HIT", "MISS", "REFRESH"]),
         ))
+        if rows[-1].cache_status == "HIT":
+            rows[-1].saved_usd = round(pick.uniform(0, 0.01), 9)
     rows.sort(key=lambda row: row.ts)
     return rows
 
@@ -170,11 +176,28 @@ def test_the_query_layer_answers_the_same_on_postgres_as_on_sqlite(postgres, tmp
     same(pages.overview(lite, f), pages.overview(heavy, f))
     same(pages.latency(lite, f), pages.latency(heavy, f))
     same(pages.errors(lite, f), pages.errors(heavy, f))
+    same(pages.costs(lite, f, now), pages.costs(heavy, f, now))
+    same(pages.tokens(lite, config, f, now), pages.tokens(heavy, config, f, now))
+    same(pages.filter_choices(lite, config, f), pages.filter_choices(heavy, config, f))
+    same(pages.logs(lite, f, None, 0), pages.logs(heavy, f, None, 0))
     assert log_page(lite, f, Cursor("2026-11-03T00:00:00.000Z", 10**9, True)) == \
         log_page(heavy, f, Cursor("2026-11-03T00:00:00.000Z", 10**9, True))
     same(alerts.status(lite, config, now.timestamp()), alerts.status(heavy, config, now.timestamp()))
+    for since, until in ((None, None), (f.since, f.until)):
+        same(cache_stats(lite, now.timestamp(), since, until), cache_stats(heavy, now.timestamp(), since, until))
     lite.close()
     heavy.close()
+
+    on_sqlite = _config(tmp_path)
+    on_postgres = tmp_path / "postgres.yaml"
+    on_postgres.write_text(on_sqlite.read_text().replace("database: m.db", f"database: {url}")
+                           + "shared: {redis: 'redis://127.0.0.1:9/0'}\n")  # the report never asks Redis
+    for args in (["report", "--by", "model", "--by", "token"], ["report", "--by", "day", "--since", "2026-11-02"],
+                 ["logs", "--limit", "30", "--status", "5xx"]):
+        outputs = [CliRunner().invoke(main, [*args, "--format", "csv", "--config", str(path)], catch_exceptions=False)
+                   for path in (on_sqlite, on_postgres)]
+        assert outputs[0].exit_code == outputs[1].exit_code == 0
+        assert outputs[0].output == outputs[1].output and outputs[0].output.count("\n") > 3
 
 
 def _config(tmp_path: Path) -> Path:

@@ -84,13 +84,14 @@ class Spool:
                 break
             whole += len(line)
         self._file.truncate(whole)
+        self._size = whole
         if self.rows:
             log.warning("metrion: %d rows of an earlier run wait in the spool %s; replaying them", self.rows, self.path)
 
     @property
     def bytes(self) -> int:
-        """Size of the journal on disk (replayed lines included until it is emptied)."""
-        return os.fstat(self._file.fileno()).st_size
+        """Size of the journal on disk (replayed lines included until it is emptied); read by other threads."""
+        return self._size
 
     @property
     def empty(self) -> bool:
@@ -103,12 +104,14 @@ class Spool:
         if end + len(line) > self.max_bytes:
             raise SpoolFull(f"the spool {self.path} holds {end} bytes, its bound is {self.max_bytes}")
         try:
+            self._file.seek(end)
             self._file.write(line)
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError:
             self._file.truncate(end)  # a partly written line must not be read back
             raise
+        self._size = end + len(line)
         self.rows += len(batch.records)
 
     def next(self) -> tuple[Batch, int] | None:
@@ -131,6 +134,7 @@ class Spool:
         if self._position >= self.bytes:
             self._file.truncate(0)
             os.fsync(self._file.fileno())
+            self._size = 0
             self._position = 0
             self.rows = 0
 
