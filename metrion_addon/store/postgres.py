@@ -140,7 +140,8 @@ def create_schema(conn: Connection) -> None:
         *(f"ALTER TABLE requests ADD COLUMN IF NOT EXISTS {name} {_column_type(name, _FIELDS[name])}"
           for name in COLUMNS),
         *(f"CREATE INDEX IF NOT EXISTS idx_requests_{'_'.join(index)} ON requests ({', '.join(index)})"
-          for index in (["ts"], ["token_name", "ts"], ["provider", "ts"], ["model", "ts"], ["requester", "ts"])),
+          for index in (["ts"], ["token_name", "ts"], ["provider", "ts"], ["model", "ts"], ["requested_model", "ts"],
+                        ["requester", "ts"])),
         "CREATE UNIQUE INDEX IF NOT EXISTS idx_requests_uid ON requests (uid)",
         "CREATE TABLE IF NOT EXISTS rate_buckets (token_name TEXT PRIMARY KEY, tokens DOUBLE PRECISION, "
         "updated_at DOUBLE PRECISION)",
