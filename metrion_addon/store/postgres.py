@@ -33,10 +33,6 @@ _READING = "-c statement_timeout=60000 -c default_transaction_read_only=on"
 _TOKEN = re.compile(r"'(?:[^']|'')*'|\?|(?<!:):(\w+)|%")
 
 
-def is_url(database: object) -> bool:
-    return isinstance(database, str) and database.startswith(("postgresql://", "postgres://"))
-
-
 def shown(url: str) -> str:
     """`url` without its password, for logs and messages."""
     return re.sub(r"(password=)[^&\s]*", r"\1***", re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url))
