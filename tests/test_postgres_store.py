@@ -150,6 +150,8 @@ def mixed_rows(count: int) -> list[RequestRecord]:
         ))
         if rows[-1].cache_status == "HIT":
             rows[-1].saved_usd = round(pick.uniform(0, 0.01), 9)
+    for row in rows:  # the name asked for: an alias of the answered one; a failure without a model asked gpt-4o
+        row.requested_model = {"gpt-4o": "gpt-4o", "claude": "claude-latest", None: "gpt-4o"}[row.model]
     rows.sort(key=lambda row: row.ts)
     return rows
 
@@ -204,6 +206,11 @@ def test_the_query_layer_answers_the_same_on_postgres_as_on_sqlite(postgres, tmp
     same(alerts.status(lite, config, now.timestamp()), alerts.status(heavy, config, now.timestamp()))
     for since, until in ((None, None), (f.since, f.until)):
         same(cache_stats(lite, now.timestamp(), since, until), cache_stats(heavy, now.timestamp(), since, until))
+    for model in ("gpt-4o", "claude-latest"):  # a model filter matches the model answered or the one asked for
+        named = dataclasses.replace(f, model=model)
+        same(pages.overview(lite, named), pages.overview(heavy, named))
+        same(pages.logs(lite, named, None, 0), pages.logs(heavy, named, None, 0))
+        same(pages.errors(lite, named), pages.errors(heavy, named))
     lite.close()
     heavy.close()
 
