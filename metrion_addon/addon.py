@@ -1,4 +1,5 @@
-"""Metrion's mitmproxy hooks: route, authenticate, limit and forward; meter the answer into SQLite.
+"""Metrion's mitmproxy hooks, a thin layer: route → guard → admit → forward (gate.py); answer → meter → record
+(recording.py). What a config runs is in runtime.py; every hook goes through guard.py's fail-closed wrapper.
 
 Run with `mitmdump -s metrion_addon/addon.py --listen-host 127.0.0.1 --set metrion_config=config.yaml` (or mitmweb).
 """
@@ -16,42 +17,24 @@ from typing import NoReturn
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
-from metrion_addon import cache, contentview, store  # importing contentview registers the LLM stream view for mitmweb
-from metrion_addon.auth import lift_query_key, requester
+from metrion_addon import contentview, store  # importing contentview registers the LLM stream view for mitmweb
 from metrion_addon.clock import Clock, clock_from_env
 from metrion_addon.config import ConfigError
 from metrion_addon.display import FlowDisplay
-from metrion_addon.errors import MetrionError
+from metrion_addon.failures import Failures
 from metrion_addon.forward_proxy import ForwardProxy, one_request_per_connection
 from metrion_addon.gate import Gate
-from metrion_addon.guard import GuardedStream, guarded
-from metrion_addon.headers import drop_metrion_headers, redact, redact_request
+from metrion_addon.guard import guarded
+from metrion_addon.headers import redact_request
 from metrion_addon.health import metrion_version
-from metrion_addon.metering import (
-    Exchange,
-    fallback_record,
-    stream_tap,
-)
 from metrion_addon.metrics import Metrics
 from metrion_addon.recording import Recorder
-from metrion_addon.redact import redact_query
-from metrion_addon.responses import OWN_ENDPOINTS, answer_with_error, own_endpoint
-from metrion_addon.routes import (
-    is_metrion_path,
-    route_metrion_path,
-    route_provider_host,
-)
+from metrion_addon.responses import OWN_ENDPOINTS, own_endpoint
 from metrion_addon.runtime import Runtime
 from metrion_addon.timeouts import Timeouts
-from metrion_addon.upstream import (
-    connect_lazily_unless_chosen,
-)
+from metrion_addon.upstream import connect_lazily_unless_chosen
 
 log = logging.getLogger(__name__)
-
-
-_REQUEST_HOOKS = ("request", "http_connect")  # a failure here must answer the request: it is not forwarded yet
-_FINAL_HOOKS = ("response", "error")  # a failure here must still leave the row
 
 
 class Metrion:
@@ -63,6 +46,7 @@ class Metrion:
         self._version = metrion_version()
         self.timeouts = Timeouts(self.recorder, self.contain)
         self.forward_proxy = ForwardProxy(self.runtime)
+        self.failures = Failures(self.recorder, self.forward_proxy, self.timeouts)
         self.gate = Gate(self.recorder, self.forward_proxy, self.timeouts, self.contain)
         self._running = False
 
@@ -115,7 +99,7 @@ class Metrion:
     @guarded
     def _abandon(self, flow_id: str) -> None:
         self.recorder.record(None, self.recorder.exchanges[flow_id], status=None, body=None,
-                     error="Metrion shut down before the request finished", flow_id=flow_id)
+                             error="Metrion shut down before the request finished", flow_id=flow_id)
 
     # forward-proxy tunnels
 
@@ -150,23 +134,8 @@ class Metrion:
         if exchange is None or flow.response is None:
             return
         redact_request(flow.request)
-        if exchange.failure is None:  # Metrion's own answers carry these already
-            limits = tuple((name.encode(), value.encode()) for name, value in exchange.limit_headers.items())
-            flow.response.headers.fields += limits
-        timer = self.timeouts.get(flow.id)
-        if timer is None:
-            return
-        timer.touch()
-        content_type = flow.response.headers.get("content-type", "")
-        if tap := stream_tap(exchange, flow.response.status_code, content_type, timer.touch):
-            flow.response.stream = GuardedStream(tap, lambda: tap.held_back,
-                                                 functools.partial(self._note_internal_error, flow.id))
-        if exchange.cache is not None and exchange.cache_hit is None and self.runtime.config is not None:
-            exchange.cache_told = cache.outcome(exchange.cache)
-            flow.response.headers[cache.HEADER] = exchange.cache_told.value
-            if exchange.stream is not None:
-                flow.response.stream = cache.StreamRecorder(flow.response.stream,
-                                                            self.runtime.config.cache.max_entry_bytes)
+        self.recorder.answer_started(exchange, flow.response, self.timeouts.get(flow.id),
+                                     functools.partial(self.failures.note, flow.id))
 
     @guarded
     def response(self, flow: http.HTTPFlow) -> None:
@@ -189,58 +158,8 @@ class Metrion:
     # failures of Metrion's own code (guard.py)
 
     def contain(self, hook: str, arg: object, description: str) -> None:
-        """An unexpected exception in `hook`: never forward the request, always leave its row."""
-        if hook == "_abandon" and isinstance(arg, str):
-            self.recorder.put(arg, fallback_record(self.recorder.exchanges[arg], None, description))
-        if not isinstance(arg, http.HTTPFlow):
-            return  # lifecycle and connection hooks: the guard logged it; no request is waiting on them
-        flow = arg
-        if hook in _REQUEST_HOOKS:
-            self._refuse_after_internal_error(flow, description)
-        elif hook in _FINAL_HOOKS:
-            self.timeouts.stop(flow.id)
-            redact_request(flow.request)
-            if exchange := self.recorder.exchanges.get(flow.id):
-                status = flow.response.status_code if flow.response else None
-                self.recorder.put(flow.id, fallback_record(exchange, status, description))
-        else:
-            self._note_internal_error(flow.id, description)
-
-    def _refuse_after_internal_error(self, flow: http.HTTPFlow, description: str) -> None:
-        self.timeouts.stop(flow.id)
-        flow.metadata.pop("metrion", None)
-        error = MetrionError(500, "metrion_internal_error",
-                             f"Metrion failed while handling this request ({description}); it was not forwarded.")
-        exchange = self.recorder.exchanges.get(flow.id) or self._exchange_after_internal_error(flow)
-        error_format = exchange.route.format if exchange else None
-        if exchange is not None:
-            exchange.failure = error
-        answer_with_error(flow, error_format, error, exchange)
-        drop_metrion_headers(flow.request.headers)
-        redact(flow.request.headers)
-
-    def _exchange_after_internal_error(self, flow: http.HTTPFlow) -> Exchange | None:
-        """The exchange of a request that failed before Metrion routed it; None if it is no provider route."""
-        if self.runtime.config is None or flow.request.method == "CONNECT":
-            return None
-        path, _ = lift_query_key(flow.request.path)
-        route = None
-        if provider := self.forward_proxy.provider(flow):
-            route = route_provider_host(provider, flow.request.host, path, self.runtime.urls)
-        elif is_metrion_path(path):
-            route = route_metrion_path(path, self.runtime.urls)
-        if route is None:
-            return None
-        flow.request.path = path  # a ?key= never stays in the flow
-        exchange = Exchange(route, redact_query(path), flow.request.method, started=self.clock(),
-                            requester=requester({"x-metrion-user": flow.request.headers.get("x-metrion-user", "")}))
-        self.recorder.exchanges[flow.id] = exchange
-        return exchange
-
-    def _note_internal_error(self, flow_id: str, description: str) -> None:
-        """Metering failed mid-answer: the answer goes on, and the row will say why its usage may be missing."""
-        if exchange := self.recorder.exchanges.get(flow_id):
-            exchange.internal_error = description
+        """guard.py caught an exception in `hook` on `arg`: refuse, record or note it (failures.py)."""
+        self.failures.contain(hook, arg, description)
 
 
 def _refuse_to_start(line: str) -> NoReturn:

@@ -6,13 +6,15 @@ A refusal is a provider-shaped error; whatever happens, the exchange is in the r
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import Callable, Coroutine
 
 from mitmproxy import http
 
 from metrion_addon import cache
 from metrion_addon.auth import Upstream, authenticate, forbid_stray_metrion_token, lift_query_key, requester
-from metrion_addon.budgets import Hold
+from metrion_addon.budgets import COMMIT_WAIT, Hold, needs_disk
 from metrion_addon.errors import MetrionError
 from metrion_addon.forward_proxy import ForwardProxy
 from metrion_addon.guard import guarded_coroutine
@@ -128,8 +130,24 @@ class Gate:
         except MetrionError as e:
             self._refuse(flow, exchange, e)
             return None
+        if needs_disk(hold):
+            return self._let_through_on_disk(flow, exchange, admission, hold, headers, credentials)
         self._let_through(flow, exchange, admission, hold, headers, credentials)
         return None
+
+    @guarded_coroutine("request")
+    async def _let_through_on_disk(self, flow: http.HTTPFlow, exchange: Exchange, admission: Admission, hold: Hold,
+                                   headers: dict[str, str], credentials: Upstream | None) -> None:
+        """Forward once the budget reservation is committed, so that a crash from then on keeps it (SQLite)."""
+        assert hold.saved is not None and self.runtime.writer is not None
+        committed = asyncio.wrap_future(self.runtime.writer.put_durable(hold.saved))
+        if not (await asyncio.wait({committed}, timeout=COMMIT_WAIT))[0]:
+            self._release(hold)
+            self._refuse(flow, exchange, MetrionError(503, "metering_unavailable", (
+                f"Metrion could not store this request's budget reservation within {COMMIT_WAIT:g} s; "
+                "request not forwarded.")))
+            return
+        self._let_through(flow, exchange, admission, dataclasses.replace(hold, saved=None), headers, credentials)
 
     @guarded_coroutine("request")
     async def _request_cached(self, flow: http.HTTPFlow, entries: cache.CacheStore, exchange: Exchange,

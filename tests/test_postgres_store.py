@@ -19,10 +19,29 @@ from metrion_addon.cli import main
 from metrion_addon.config import load_config
 from metrion_addon.dashboard import pages
 from metrion_addon.queries import Cursor, Filters, log_page
-from metrion_addon.store import BucketState, MonthlyCount, RequestRecord
+from metrion_addon.store import BucketState, DeadLetter, MonthlyCount, RequestRecord
 from metrion_addon.store.cache import cache_stats
 from metrion_addon.store.records import uuid7
-from metrion_addon.store.spool import Spool, SpoolingBackend, SpoolUnavailable
+from metrion_addon.store.spool import Batch, Spool, SpoolingBackend, SpoolUnavailable, decode, encode
+
+
+@pytest.mark.parametrize(("sqlite", "psycopg"), [
+    ("SELECT a FROM t WHERE b = ? AND c < ?", "SELECT a FROM t WHERE b = %s AND c < %s"),
+    ("SELECT count(*) FILTER (WHERE x > :now) FROM t", "SELECT count(*) FILTER (WHERE x > %(now)s) FROM t"),
+    ("SELECT '?', ':no', 'it''s ?', ? FROM t", "SELECT '?', ':no', 'it''s ?', %s FROM t"),
+    ("SELECT a % 2, '50%' FROM t", "SELECT a %% 2, '50%%' FROM t"),
+    ("SELECT x::bigint FROM t", "SELECT x::bigint FROM t"),
+])
+def test_sqlite_placeholders_become_psycopg_ones_outside_string_literals(sqlite: str, psycopg: str) -> None:
+    assert store.postgres.translate(sqlite) == psycopg
+
+
+def test_a_spooled_batch_reads_back_as_it_was_written() -> None:
+    batch = Batch([record(1, error="bad \x00 byte", stream=True), record(2, cost_usd=None)],
+                  [BucketState("app", 2.5, 1.0), MonthlyCount("app", "2026-11", 3)],
+                  [DeadLetter("2026-11-01T00:00:00.000Z", "IntegrityError: no", '{"ts": 1}')])
+    again = decode(encode(batch))
+    assert again == batch and [r.uid for r in again.records] == [r.uid for r in batch.records]
 
 
 def record(n: int, **fields: Any) -> RequestRecord:
@@ -131,6 +150,8 @@ def mixed_rows(count: int) -> list[RequestRecord]:
         ))
         if rows[-1].cache_status == "HIT":
             rows[-1].saved_usd = round(pick.uniform(0, 0.01), 9)
+    for row in rows:  # the name asked for: an alias of the answered one; a failure without a model asked gpt-4o
+        row.requested_model = {"gpt-4o": "gpt-4o", "claude": "claude-latest", None: "gpt-4o"}[row.model]
     rows.sort(key=lambda row: row.ts)
     return rows
 
@@ -185,6 +206,11 @@ def test_the_query_layer_answers_the_same_on_postgres_as_on_sqlite(postgres, tmp
     same(alerts.status(lite, config, now.timestamp()), alerts.status(heavy, config, now.timestamp()))
     for since, until in ((None, None), (f.since, f.until)):
         same(cache_stats(lite, now.timestamp(), since, until), cache_stats(heavy, now.timestamp(), since, until))
+    for model in ("gpt-4o", "claude-latest"):  # a model filter matches the model answered or the one asked for
+        named = dataclasses.replace(f, model=model)
+        same(pages.overview(lite, named), pages.overview(heavy, named))
+        same(pages.logs(lite, named, None, 0), pages.logs(heavy, named, None, 0))
+        same(pages.errors(lite, named), pages.errors(heavy, named))
     lite.close()
     heavy.close()
 

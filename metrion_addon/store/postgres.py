@@ -33,10 +33,6 @@ _READING = "-c statement_timeout=60000 -c default_transaction_read_only=on"
 _TOKEN = re.compile(r"'(?:[^']|'')*'|\?|(?<!:):(\w+)|%")
 
 
-def is_url(database: object) -> bool:
-    return isinstance(database, str) and database.startswith(("postgresql://", "postgres://"))
-
-
 def shown(url: str) -> str:
     """`url` without its password, for logs and messages."""
     return re.sub(r"(password=)[^&\s]*", r"\1***", re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url))
@@ -140,7 +136,8 @@ def create_schema(conn: Connection) -> None:
         *(f"ALTER TABLE requests ADD COLUMN IF NOT EXISTS {name} {_column_type(name, _FIELDS[name])}"
           for name in COLUMNS),
         *(f"CREATE INDEX IF NOT EXISTS idx_requests_{'_'.join(index)} ON requests ({', '.join(index)})"
-          for index in (["ts"], ["token_name", "ts"], ["provider", "ts"], ["model", "ts"], ["requester", "ts"])),
+          for index in (["ts"], ["token_name", "ts"], ["provider", "ts"], ["model", "ts"], ["requested_model", "ts"],
+                        ["requester", "ts"])),
         "CREATE UNIQUE INDEX IF NOT EXISTS idx_requests_uid ON requests (uid)",
         "CREATE TABLE IF NOT EXISTS rate_buckets (token_name TEXT PRIMARY KEY, tokens DOUBLE PRECISION, "
         "updated_at DOUBLE PRECISION)",
@@ -196,10 +193,10 @@ class PostgresBackend:
             self._reconnect()
         conn = self._conn
         assert conn is not None
-        if self._prepared is not conn:  # outside the transaction: a temporary table made in one dies with its rollback
-            conn.raw.execute(_INCOMING)
-            self._prepared = conn
         try:
+            if self._prepared is not conn:  # outside the transaction: one made in it would die with its rollback
+                conn.raw.execute(_INCOMING)
+                self._prepared = conn
             with conn.transaction():
                 inserted = self._insert(conn, records)
                 aggregates.add_to_hourly(conn, inserted)  # type: ignore[arg-type]

@@ -78,11 +78,13 @@ class Spool:
         self._file.seek(0)
         whole = 0
         for line in self._file:
-            try:
-                self.rows += len(json.loads(line)["rows"])
-            except ValueError:  # a line cut short by a crash mid-append: never fsynced, so never acknowledged
+            if not line.endswith(b"\n"):  # cut short by a crash mid-append: never fsynced whole, never acknowledged
                 break
             whole += len(line)
+            try:
+                self.rows += len(json.loads(line)["rows"])
+            except (ValueError, KeyError, TypeError):  # replay stops there and says so (see next())
+                log.error("metrion: unreadable line in the spool %s ending at byte %d", self.path, whole)
         self._file.truncate(whole)
         self._size = whole
         if self.rows:
