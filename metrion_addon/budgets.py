@@ -249,6 +249,14 @@ class Reservation:
     id: str = ""  # names the reservation where settling it must count once (Redis)
 
 
+class SettlingCounters(Protocol):
+    """Counters that settle and report; reservations are made elsewhere (on Redis, with the limits)."""
+
+    def settle(self, reservation: Reservation, actual: int | None) -> BudgetState | None: ...
+
+    def state(self, token_name: str, month: str) -> BudgetState: ...
+
+
 class BudgetCounters(Protocol):
     """Spent and reserved nano-dollars per (token, month). Each call is atomic; another backend keeps its meaning."""
 
@@ -260,25 +268,6 @@ class BudgetCounters(Protocol):
 
     def state(self, token_name: str, month: str) -> BudgetState:
         """The current state (zeros if nothing was ever reserved)."""
-
-
-class SharedCounters(Protocol):
-    """Counters shared by several instances: reserve on the event loop (async), settle on the writer thread."""
-
-    @property
-    def up(self) -> bool: ...
-
-    def went_down(self, error: BaseException) -> None: ...
-
-    def new_reservation(self, token_name: str, month: str, amount: int) -> Reservation: ...
-
-    async def reserve(self, reservation: Reservation, limit: int) -> tuple[bool, BudgetState]: ...
-
-    async def release(self, reservation: Reservation) -> BudgetState | None: ...
-
-    def settle(self, reservation: Reservation, actual: int | None) -> BudgetState | None: ...
-
-    def state(self, token_name: str, month: str) -> BudgetState: ...
 
 
 class MemoryBudgetCounters:
@@ -328,6 +317,16 @@ class TokenBudget:
 
 
 @dataclass(frozen=True)
+class Ask:
+    """A reservation to make: `amount` nano-USD of `budget` in `month`, for a request bounded by `bound`."""
+
+    budget: TokenBudget
+    month: str
+    bound: TokenBound
+    amount: int
+
+
+@dataclass(frozen=True)
 class Hold:
     """An admitted request's reservation (None: nothing reserved), its response headers and the state to store."""
 
@@ -340,6 +339,15 @@ def usd(nano: int) -> str:
     """Nano-dollars as a USD amount, rounded down to the micro-dollar (a header never overstates what is left)."""
     micro = max(0, nano) // 1000
     return f"{micro // 1_000_000}.{micro % 1_000_000:06d}"
+
+
+def needs_disk(hold: Hold | None) -> bool:
+    """Whether the request must wait for its reservation to be committed before it is forwarded: from the moment
+    the provider sees it, a crash of Metrion must keep the reservation (the provider may bill the request)."""
+    return hold is not None and hold.saved is not None and hold.reservation is not None and hold.reservation.amount > 0
+
+
+COMMIT_WAIT = 10.0  # seconds a reservation may wait for its commit; then the request is refused (503), not forwarded
 
 
 def budget_headers(limit: int, state: BudgetState) -> dict[str, str]:
@@ -414,7 +422,7 @@ class Budgets:
     Rates and context windows are looked up once per model and UTC day, so a bound costs microseconds.
     """
 
-    def __init__(self, budgets: Mapping[str, TokenBudget], counters: BudgetCounters | SharedCounters, price: PriceFn,
+    def __init__(self, budgets: Mapping[str, TokenBudget], counters: BudgetCounters | SettlingCounters, price: PriceFn,
                  context_window: Callable[[str, str], int | None]) -> None:
         self.budgets = dict(budgets)
         self.counters = counters
@@ -459,33 +467,21 @@ class Budgets:
         if (ask := self._ask(name, now, route, method, body, request)) is None:
             return None
         budget, month, bound, rates, model = ask
+        assert hasattr(self.counters, "reserve"), "counters on Redis reserve with the limits (shared_budgets.py)"
         return admit(self.counters, name, month, budget, bound, rates, model)
 
-    async def admit_shared(self, counters: SharedCounters, name: str, now: float, route: Route, method: str,
-                           body: bytes, request: RequestBody | None) -> Hold | None:
-        """`admit` against counters shared by every instance (one awaited round trip when something is reserved).
-
-        While they are unreachable a budgeted request is refused (503): a share of the budget could overshoot it.
-        """
-        if (ask := self._ask(name, now, route, method, body, request)) is None:
+    def ask(self, name: str, now: float, route: Route, method: str, body: bytes, request: RequestBody | None
+            ) -> Ask | Hold | None:
+        """What to reserve for a request on counters kept elsewhere (Redis): None if the token has no budget, a Hold
+        with nothing reserved if its cost cannot be bounded and that is allowed; raise MetrionError(403) if not."""
+        if (found := self._ask(name, now, route, method, body, request)) is None:
             return None
-        budget, month, bound, rates, model = ask
+        budget, month, bound, rates, model = found
         amount = amount_to_reserve(name, budget, bound, rates, model)
         if amount is None:
-            return Hold(None, budget_headers(budget.limit, counters.state(name, month)), None)
+            return Hold(None, budget_headers(budget.limit, self.counters.state(name, month)), None)
         assert isinstance(bound, TokenBound)
-        if counters.up:
-            reservation = counters.new_reservation(name, month, amount)
-            try:
-                reserved, state = await counters.reserve(reservation, budget.limit)
-            except Exception as e:  # whatever went wrong, nothing is forwarded unreserved
-                counters.went_down(e)
-            else:
-                return held(reservation, budget, bound, reserved, state)
-        raise MetrionError(503, "budget_unavailable", (
-            f"Metrion token '{name}' has a monthly budget, and Metrion cannot reach the shared budget store (Redis) "
-            "to reserve this request's cost; request not forwarded."
-        ))
+        return Ask(budget, month, bound, amount)
 
     def track(self, flow_id: str, hold: Hold) -> None:
         if hold.reservation is not None:

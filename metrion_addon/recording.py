@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from collections.abc import Callable
 
 from mitmproxy import ctx, hooks, http
 
 from metrion_addon import cache, store
 from metrion_addon.errors import provider_error_message
+from metrion_addon.guard import GuardedStream
 from metrion_addon.headers import lowercase
-from metrion_addon.metering import Exchange, build_record, disconnect_error, metadata, summary
+from metrion_addon.metering import Exchange, build_record, disconnect_error, metadata, stream_tap, summary
 from metrion_addon.runtime import Runtime
+from metrion_addon.upstream import IdleTimer
 
 
 class Recorder:
@@ -25,6 +28,28 @@ class Recorder:
         self.exchanges: dict[str, Exchange] = {}  # flow id -> the exchange in flight
         self.loop: asyncio.AbstractEventLoop | None = None  # set when a UI will want the cost of written rows
         self._flows: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
+
+    def answer_started(self, exchange: Exchange, response: http.Response, timer: IdleTimer | None,
+                       on_tap_error: Callable[[str], None]) -> None:
+        """The status and headers arrived: add the limit headers, then meter (and cache) the body as it streams.
+
+        `timer` is the forwarded request's idle timer (None for Metrion's own answers): each chunk touches it.
+        """
+        if exchange.failure is None:  # Metrion's own answers carry these already
+            limits = tuple((name.encode(), value.encode()) for name, value in exchange.limit_headers.items())
+            response.headers.fields += limits
+        if timer is None:
+            return
+        timer.touch()
+        content_type = response.headers.get("content-type", "")
+        if tap := stream_tap(exchange, response.status_code, content_type, timer.touch):
+            response.stream = GuardedStream(tap, lambda: tap.held_back, on_tap_error)
+        config = self.runtime.config
+        if exchange.cache is not None and exchange.cache_hit is None and config is not None:
+            exchange.cache_told = cache.outcome(exchange.cache)
+            response.headers[cache.HEADER] = exchange.cache_told.value
+            if exchange.stream is not None:
+                response.stream = cache.StreamRecorder(response.stream, config.cache.max_entry_bytes)
 
     def answered(self, flow: http.HTTPFlow, exchange: Exchange, response: http.Response) -> None:
         """The whole answer (the provider's or Metrion's own) went to the client: record it, cache it if asked."""

@@ -16,11 +16,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .budgets import Budgets, Hold, Reservation
+from .budgets import Budgets, Hold, Reservation, held
+from .errors import MetrionError
 from .limits import Admission, next_month_start
 from .request_body import RequestBody
 from .routes import Route
-from .shared_limits import PREFIX, SharedLimits, month_key
+from .shared_limits import ADMIT_FUNCTION, PREFIX, SharedLimits, month_key
 from .store import BudgetState
 
 log = logging.getLogger(__name__)
@@ -31,37 +32,54 @@ _UNSETTLED_KEPT = 100_000  # settlements kept for a Redis that is away: past thi
 
 # A budget is one hash: spent, reserved, version, life (a random id given when the hash was made), floor (the most
 # an instance carried over from a lost hash), and r:<reservation id> -> nano-USD for each reservation held.
-RESERVE = """
--- Reserve ARGV[1] nano-USD under reservation id ARGV[3] if spent + reserved + amount <= limit (ARGV[2]).
--- ARGV[4]: the hash's life this instance last saw ('' none); ARGV[5]: spent + reserved as it last saw them (its
--- floor); ARGV[6]: a new life id; ARGV[7]: the version it last saw; ARGV[8]: expiry (unix s).
+BUDGET_FUNCTION = """
+-- The budget hash as it stands, made again if Redis lost it. seen_life: the hash's life this instance last saw
+-- ('' none); floor: spent + reserved as it last saw them; new_life: an id for a hash made now; seen_version: the
+-- version it saw.
 -- A missing hash that this instance knew (Redis lost its data) starts from the floor; a hash made again by another
 -- instance is raised to the highest floor any instance brings, once per instance: nothing known is forgotten.
--- Returns {reserved? 1/0, spent, reserved, version, life}.
-local key = KEYS[1]
-local life = redis.call('HGET', key, 'life')
-if not life then
-  life = ARGV[6]
-  redis.call('HSET', key, 'life', life, 'spent', ARGV[5], 'reserved', '0', 'floor', ARGV[5], 'version', ARGV[7])
-elseif ARGV[4] ~= '' and ARGV[4] ~= life then
-  local floor, mine = tonumber(redis.call('HGET', key, 'floor') or '0'), tonumber(ARGV[5])
-  if mine > floor then
-    redis.call('HINCRBY', key, 'spent', mine - floor)
-    redis.call('HSET', key, 'floor', ARGV[5])
+-- Returns spent, reserved, version, life.
+local function budget_state(key, seen_life, floor, new_life, seen_version)
+  local life = redis.call('HGET', key, 'life')
+  if not life then
+    life = new_life
+    redis.call('HSET', key, 'life', life, 'spent', floor, 'reserved', '0', 'floor', floor, 'version', seen_version)
+  elseif seen_life ~= '' and seen_life ~= life then
+    local known, mine = tonumber(redis.call('HGET', key, 'floor') or '0'), tonumber(floor)
+    if mine > known then
+      redis.call('HINCRBY', key, 'spent', mine - known)
+      redis.call('HSET', key, 'floor', floor)
+    end
   end
+  local state = redis.call('HMGET', key, 'spent', 'reserved', 'version')
+  return tonumber(state[1]), tonumber(state[2]), tonumber(state[3]), life
 end
-local amount = tonumber(ARGV[1])
-local spent = tonumber(redis.call('HGET', key, 'spent'))
-local reserved = tonumber(redis.call('HGET', key, 'reserved'))
+"""
+
+ADMIT_AND_RESERVE = ADMIT_FUNCTION + BUDGET_FUNCTION + """
+-- One budgeted admission, all or nothing. KEYS: the token's bucket, its month's counter, its budget hash.
+-- ARGV[1..6]: ADMIT's (now, per minute, cap, counter expiry, bucket ttl, counts); ARGV[7..14]: amount (nano-USD),
+-- limit, reservation id, seen life, floor, new life, seen version, budget expiry (unix s).
+-- The budget is checked first (a request it refuses takes nothing from the limits), then the limits; only a
+-- request both admit is reserved, so nothing has to be given back.
+-- Returns {quota_ok, rate_ok, tokens, used, reserved (1, 0; -1: the budget refused first), spent, reserved, version,
+-- life}.
+local key, amount = KEYS[3], tonumber(ARGV[7])
+local spent, reserved, version, life = budget_state(key, ARGV[10], ARGV[11], ARGV[12], ARGV[13])
+redis.call('EXPIREAT', key, ARGV[14])
+if spent + reserved + amount > tonumber(ARGV[8]) then
+  return {1, 1, '0', 0, -1, string.format('%d', spent), string.format('%d', reserved), version, life}
+end
+local quota_ok, rate_ok, tokens, used = admit_limits(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]),
+                                                     tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6] == '1')
 local ok = 0
-if spent + reserved + amount <= tonumber(ARGV[2]) then
+if quota_ok == 1 and rate_ok == 1 then
   reserved = redis.call('HINCRBY', key, 'reserved', amount)
-  redis.call('HSET', key, 'r:' .. ARGV[3], ARGV[1])
+  redis.call('HSET', key, 'r:' .. ARGV[9], ARGV[7])
+  version = redis.call('HINCRBY', key, 'version', 1)
   ok = 1
 end
-local version = redis.call('HINCRBY', key, 'version', 1)
-redis.call('EXPIREAT', key, ARGV[8])
-return {ok, string.format('%d', spent), string.format('%d', reserved), version, life}
+return {quota_ok, rate_ok, tokens, used, ok, string.format('%d', spent), string.format('%d', reserved), version, life}
 """
 
 SETTLE = """
@@ -116,7 +134,8 @@ def read_quota(url: str, names: Iterable[str], month: str) -> dict[str, tuple[in
 
 
 class SharedBudgetCounters:
-    """BudgetCounters on Redis: `reserve` is async (event loop), `settle` blocking (the writer thread).
+    """Budget counters on Redis: reserved with the limits in one async script (event loop), settled blocking (on
+    the writer thread).
 
     While Redis is unreachable nothing is reserved (the caller refuses budgeted requests: the only way not to
     overshoot), and settlements are kept and retried: until then their reservations count in full.
@@ -124,8 +143,7 @@ class SharedBudgetCounters:
 
     def __init__(self, shared: SharedLimits, url: str, saved: Iterable[BudgetState] = ()) -> None:
         self._shared = shared
-        self._reserve = shared.client.register_script(RESERVE)
-        self._release = shared.client.register_script(SETTLE)
+        self._admit_reserve = shared.client.register_script(ADMIT_AND_RESERVE)
         self._sync = redis.Redis.from_url(url, socket_timeout=_SETTLE_WAIT, socket_connect_timeout=_SETTLE_WAIT,
                                           retry=Retry(NoBackoff(), 0))
         self._settle = self._sync.register_script(SETTLE)
@@ -138,9 +156,6 @@ class SharedBudgetCounters:
     @property
     def up(self) -> bool:
         return self._shared.up
-
-    def went_down(self, error: BaseException) -> None:
-        self._shared.went_down(error)
 
     def _see(self, state: BudgetState, life: str) -> BudgetState:
         with self._lock:
@@ -156,21 +171,24 @@ class SharedBudgetCounters:
             known = self._known.get((token_name, month))
         return known[1] if known else BudgetState(token_name, month, 0, 0, 0)
 
-    def new_reservation(self, token_name: str, month: str, amount: int) -> Reservation:
-        return Reservation(token_name, month, amount, secrets.token_hex(8))
+    async def admit_and_reserve(self, reservation: Reservation, limit: int, admission: tuple[list[str], list]
+                                ) -> tuple[list, BudgetState]:
+        """Count the limits and reserve the budget in one atomic script; raise whatever Redis raised.
 
-    async def reserve(self, reservation: Reservation, limit: int) -> tuple[bool, BudgetState]:
-        """Reserve atomically across every instance; raise whatever Redis raised (the caller refuses)."""
+        `admission`: the limits' keys and arguments (SharedLimits.admission). Returns the limits' four values with
+        the reservation's outcome (1, 0, or -1 when the budget refused first) and the budget's state.
+        """
         name, month = reservation.token_name, reservation.month
         with self._lock:
             life, seen = self._known.get((name, month), ("", BudgetState(name, month, 0, 0, 0)))
-        floor = seen.spent_nanousd + seen.reserved_nanousd
-        ok, spent, reserved, version, life = await self._reserve(
-            keys=[budget_key(name, month)],
-            args=[reservation.amount, limit, reservation.id, life, floor, secrets.token_hex(8), seen.version,
-                  _expiry(month)],
+        keys, args = admission
+        found = await self._admit_reserve(
+            keys=[*keys, budget_key(name, month)],
+            args=[*args, reservation.amount, limit, reservation.id, life, seen.spent_nanousd + seen.reserved_nanousd,
+                  secrets.token_hex(8), seen.version, _expiry(month)],
         )
-        return bool(ok), self._see(BudgetState(name, month, int(spent), int(reserved), int(version)), life.decode())
+        *limits, spent, reserved, version, life = found
+        return limits, self._see(BudgetState(name, month, int(spent), int(reserved), int(version)), life.decode())
 
     def settle(self, reservation: Reservation, actual: int | None) -> BudgetState | None:
         """On the writer thread: replace the reservation by `actual` (None keeps it). Never raises."""
@@ -186,16 +204,6 @@ class SharedBudgetCounters:
         except redis.RedisError as e:
             self._keep(reservation, actual, e)
             return None
-
-    async def release(self, reservation: Reservation) -> BudgetState | None:
-        """On the event loop: give a reservation back whole (the request was refused after all)."""
-        try:
-            found = await self._release(keys=[budget_key(reservation.token_name, reservation.month)],
-                                        args=[reservation.id, 0])
-        except Exception as e:  # kept, and retried with the next settlement
-            self._keep(reservation, 0, e)
-            return None
-        return self._settled(reservation, found)
 
     def _settled(self, reservation: Reservation, found: list) -> BudgetState | None:
         if not found[0] and len(found) == 1:
@@ -235,16 +243,28 @@ class SharedBudgetCounters:
 
 async def admit_on_redis(budgets: Budgets, shared: SharedLimits, name: str, plan: str, now: float, route: Route,
                          method: str, body: bytes, request: RequestBody | None) -> tuple[Hold | None, Admission]:
-    """Reserve the budget (if the token has one), then count the limits: one round trip each.
+    """Count the limits and, if the token has a budget, reserve the request's bound: one round trip either way.
 
-    Raise MetrionError to refuse; a reservation made for a request the limits then refuse is given back.
+    Raise MetrionError to refuse: 429 from the budget or the limits, 503 from a Redis that cannot be reached
+    (a budgeted request is refused under both `on_failure` modes: a share of a budget could overshoot it).
     """
     counters = budgets.counters
     assert isinstance(counters, SharedBudgetCounters)
-    hold = await budgets.admit_shared(counters, name, now, route, method, body, request)
-    try:
-        return hold, await shared.admit(name, plan, now)
-    except BaseException:
-        if hold is not None and hold.reservation is not None:
-            await counters.release(hold.reservation)
-        raise
+    asked = budgets.ask(name, now, route, method, body, request)
+    if asked is None or isinstance(asked, Hold):  # no budget, or nothing to reserve
+        return asked, await shared.admit(name, plan, now)
+    if shared.up:
+        reservation = Reservation(name, asked.month, asked.amount, secrets.token_hex(8))
+        try:
+            limits, state = await counters.admit_and_reserve(reservation, asked.budget.limit,
+                                                             shared.admission(name, plan, now))
+        except Exception as e:  # whatever went wrong, nothing is forwarded unreserved
+            shared.went_down(e)
+        else:
+            quota_ok, rate_ok, tokens, used, reserved = limits
+            hold = held(reservation, asked.budget, asked.bound, reserved >= 0, state)  # raises budget_exceeded
+            return hold, shared.admitted(name, plan, now, True, quota_ok, rate_ok, tokens, used)
+    raise MetrionError(503, "budget_unavailable", (
+        f"Metrion token '{name}' has a monthly budget, and Metrion cannot reach the shared budget store (Redis) "
+        "to reserve this request's cost; request not forwarded."
+    ))

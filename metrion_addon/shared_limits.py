@@ -42,32 +42,38 @@ _CONNECTIONS = 64
 # and is long because a burst can keep the event loop itself busy for a second or more on a loaded machine.
 _WAIT = 5.0
 
-ADMIT = """
--- One admission. KEYS[1]: the token's bucket (hash tokens, updated); KEYS[2]: its counter for this month.
--- ARGV: now (unix s), requests per minute, monthly cap (-1 = none), counter expiry (unix s), bucket ttl (s),
--- '1' if the request counts toward the cap ('0': answered from the response cache, the bucket only).
+ADMIT_FUNCTION = """
+-- One admission: the token's bucket (hash tokens, updated) and its counter for this month. now (unix s), requests
+-- per minute, monthly cap (-1 = none), counter expiry (unix s), bucket ttl (s), whether the request counts toward
+-- the cap (false: answered from the response cache, the bucket only).
 -- The cap is checked, then the bucket taken, then the cap counted: a refused request costs no quota.
--- Returns {quota_ok, rate_ok (-1 when the cap refused first), tokens left (string), requests this month}.
-local now, capacity, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local counts = ARGV[6] == '1'
-local used = tonumber(redis.call('GET', KEYS[2]) or '0')
-if counts and cap >= 0 and used >= cap then return {0, -1, '0', used} end
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
-local tokens = math.min(capacity, tonumber(state[1]) or capacity)
-local updated = tonumber(state[2]) or now
-if now > updated then
-  tokens = math.min(capacity, tokens + (now - updated) * capacity / 60)
-  updated = now
+-- Returns quota_ok, rate_ok (-1 when the cap refused first), tokens left (string), requests this month.
+local function admit_limits(bucket, counter, now, capacity, cap, expiry, ttl, counts)
+  local used = tonumber(redis.call('GET', counter) or '0')
+  if counts and cap >= 0 and used >= cap then return 0, -1, '0', used end
+  local state = redis.call('HMGET', bucket, 'tokens', 'updated')
+  local tokens = math.min(capacity, tonumber(state[1]) or capacity)
+  local updated = tonumber(state[2]) or now
+  if now > updated then
+    tokens = math.min(capacity, tokens + (now - updated) * capacity / 60)
+    updated = now
+  end
+  local ok = 0
+  if tokens >= 1 then tokens = tokens - 1; ok = 1 end
+  redis.call('HSET', bucket, 'tokens', string.format('%.17g', tokens), 'updated', string.format('%.17g', updated))
+  redis.call('EXPIRE', bucket, ttl)
+  if ok == 1 and counts then
+    used = redis.call('INCR', counter)
+    redis.call('EXPIREAT', counter, expiry)
+  end
+  return 1, ok, string.format('%.17g', tokens), used
 end
-local ok = 0
-if tokens >= 1 then tokens = tokens - 1; ok = 1 end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'updated', string.format('%.17g', updated))
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-if ok == 1 and counts then
-  used = redis.call('INCR', KEYS[2])
-  redis.call('EXPIREAT', KEYS[2], ARGV[4])
-end
-return {1, ok, string.format('%.17g', tokens), used}
+"""
+
+ADMIT = ADMIT_FUNCTION + """
+-- KEYS: the bucket, the month's counter; ARGV: now, per minute, cap, counter expiry, bucket ttl, '1' if it counts.
+return {admit_limits(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5],
+                     ARGV[6] == '1')}
 """
 
 RECONCILE = """
@@ -256,20 +262,29 @@ class SharedLimits:
         """
         if self.error is not None:
             return self._admit_without_redis(name, plan, now, counts)
-        month, resets_at = self._month(now)
-        cap = self._caps[plan]
+        keys, args = self.admission(name, plan, now, counts)
         try:
-            quota_ok, rate_ok, tokens, used = await self._admit(
-                keys=[bucket_key(name), month_key(name, month)],
-                args=[repr(now), self.per_minute, -1 if cap is None else cap, int(resets_at) + _MONTH_KEPT,
-                      _BUCKET_TTL, int(counts)],
-            )
+            found = await self._admit(keys=keys, args=args)
         except Exception as e:  # whatever went wrong, the request is decided without Redis, never let through
             self.went_down(e)
             return self._admit_without_redis(name, plan, now, counts)
+        return self.admitted(name, plan, now, counts, *found)
+
+    def admission(self, name: str, plan: str, now: float, counts: bool = True) -> tuple[list[str], list]:
+        """ADMIT's keys and arguments for one request (the budgets' script runs the same function with them)."""
+        month, resets_at = self._month(now)
+        cap = self._caps[plan]
+        return ([bucket_key(name), month_key(name, month)],
+                [repr(now), self.per_minute, -1 if cap is None else cap, int(resets_at) + _MONTH_KEPT, _BUCKET_TTL,
+                 int(counts)])
+
+    def admitted(self, name: str, plan: str, now: float, counts: bool, quota_ok: int, rate_ok: int, tokens: bytes,
+                 used: int) -> Admission:
+        """The admission ADMIT decided; raise MetrionError (429) if it refused."""
+        month, resets_at = self._month(now)
         key = (name, month)
         self._known[key] = max(used, self._known.get(key, 0))
-        quota = QuotaDecision(bool(quota_ok), cap, used, resets_at)
+        quota = QuotaDecision(bool(quota_ok), self._caps[plan], used, resets_at)
         rate = None if rate_ok < 0 else bucket_decision(self.per_minute, float(tokens), bool(rate_ok))
         return decide(name, plan, quota, rate, now, (MonthlyCount(name, month, used),) if counts else ())
 

@@ -11,9 +11,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import yaml
 
@@ -25,6 +27,13 @@ APP_TOKEN = "sk-metrion-" + "a" * 32
 PASS_TOKEN = "sk-metrion-" + "b" * 32
 STORED_KEYS = {p: f"sk-stored-{p}-key" for p in ("anthropic", "openai", "gemini", "mistral", "grok")}
 CLIENT_KEY = "sk-client-own-provider-key"
+
+
+def _copy(source: IO[bytes], path: Path) -> None:
+    with path.open("ab") as log:
+        for line in source:
+            log.write(line)
+            log.flush()
 
 
 def free_port() -> int:
@@ -62,6 +71,7 @@ class Proxy:
     options: tuple[str, ...] = ("connection_strategy=lazy",)  # mitmproxy options beyond listen address and confdir
     port: int = 0
     process: subprocess.Popen | None = None
+    pipe_log: bool = False  # log through a pipe: a file-size limit set on mitmdump then spares its log
 
     @property
     def url(self) -> str:
@@ -93,8 +103,11 @@ class Proxy:
                  "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
                  *(arg for option in self.options for arg in ("--set", option)),
                  "--set", "termlog_verbosity=info", "--set", "flow_detail=0"],
-                cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                cwd=self.workdir, stdout=subprocess.PIPE if self.pipe_log else log, stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
             )
+        if self.pipe_log:
+            threading.Thread(target=_copy, args=(self.process.stdout, self.log_path), daemon=True).start()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -6,8 +6,10 @@ Reservations are computed with the library's own bound so each test knows what o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -218,6 +220,30 @@ def test_streams_settle_at_the_reported_cost_and_cut_streams_keep_their_reservat
     remaining = 1.0 - (kept["spent_nanousd"] + kept["reserved_nanousd"] + reservation(CHAT, chat_body())) / NANO
     assert float(again.headers["x-metrion-budget-remaining-usd"]) == pytest.approx(remaining, abs=2e-6)
     assert settled(proxy, 5)["reserved_nanousd"] == held
+
+
+def test_a_crash_right_after_forwarding_keeps_the_reservation(start_proxy, mock: MockProvider) -> None:
+    proxy = start_proxy(**budget_config(1.0))
+    body = chat_body(f"crash {time.monotonic_ns()}")
+    slow = {**headers(), "x-mock-scenario": "slow-headers:5"}  # the provider is still thinking when Metrion dies
+
+    def send() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # Metrion dies mid-request
+            httpx.post(f"{proxy.url}{CHAT}", content=body, headers=slow, timeout=30)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    deadline = time.monotonic() + 10
+    while not any(r.body == body for r in mock.received):  # forwarded: the provider may bill it from now on
+        assert time.monotonic() < deadline, "the request never reached the provider"
+        time.sleep(0.001)
+    assert proxy.process is not None
+    proxy.process.kill()  # no clean shutdown: whatever was not on disk is lost
+    proxy.process.wait()
+    proxy.process = None
+    sender.join(30)
+    proxy.start()
+    assert budget_row(proxy)["reserved_nanousd"] == reservation(CHAT, body)
 
 
 def math_ceil_nano(usd: float) -> int:

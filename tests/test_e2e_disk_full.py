@@ -28,7 +28,7 @@ from metrion_addon.mock_provider import MockProvider
 from metrion_addon.store.writer import BACKLOG_ROWS, CHUNK_ROWS
 
 HELD = 1500
-REFUSED = 100
+REFUSED = 30
 CHAT = b"/api/proxy/openai/v1/chat/completions"
 
 
@@ -55,21 +55,21 @@ class Tmpfs:
         self.filler.unlink()
 
     def close(self) -> None:
-        subprocess.run(["umount", "-l", str(self.mountpoint)], check=False, capture_output=True)
+        subprocess.run(["umount", "-l", str(self.mountpoint)], check=True, capture_output=True)  # never left behind
 
 
 class FileSizeLimit:
-    """Where mounting is refused: RLIMIT_FSIZE on the running mitmdump, so that no file of it can grow (EFBIG)."""
+    """Where mounting is refused: RLIMIT_FSIZE on the running mitmdump, whose writes past 4 KB then fail (EFBIG)."""
 
     def __init__(self, directory: Path) -> None:
         self.mountpoint = directory
         directory.mkdir(parents=True, exist_ok=True)
 
     def fill(self, proxy: Proxy) -> None:
+        """Writes past the first page of any file fail: a truncated WAL cannot grow back as it could on a disk."""
         assert proxy.process is not None
-        largest = max(path.stat().st_size for path in proxy.db_path.parent.glob("metrion.db*"))
         try:
-            resource.prlimit(proxy.process.pid, resource.RLIMIT_FSIZE, (largest, resource.RLIM_INFINITY))
+            resource.prlimit(proxy.process.pid, resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
         except OSError as e:  # neither a tmpfs nor a limit: say so, never skip
             pytest.fail(f"cannot make a small disk: mount -t tmpfs was refused and prlimit(RLIMIT_FSIZE) too ({e})")
 
@@ -125,7 +125,7 @@ def test_a_full_disk_with_a_large_backlog_recovers_once_space_is_freed(
     assert CHUNK_ROWS == 500 and BACKLOG_ROWS == 100_000  # the README's figures
     workdir = tmp_path / "proxy"
     config = base_config(mock.base_url, small_disk.mountpoint / "metrion.db", timeout=300, rate_limit=100000)
-    proxy = Proxy(workdir, config).start()
+    proxy = Proxy(workdir, config, pipe_log=isinstance(small_disk, FileSizeLimit)).start()
     try:
         key = os.urandom(8).hex()
         before = len(mock.received)

@@ -1,7 +1,9 @@
 """Issue 9, the hook side: one regression test per defect (2, 4, 6, 7, 8, 9), each through a real mitmdump.
 
 Deep JSON, the forward proxy's authentication, idle bodies, secrets in query strings and provider errors, bare
-`mitmdump -s`, and a bad config.
+`mitmdump -s`, and a bad config; and the stray Metrion tokens the fuzz suite found. The others live beside their
+rooms: defects 1 and 5 (the writer, a second process) and kill -9 in test_e2e_writer.py, defect 3 (a full disk) in
+test_e2e_disk_full.py and test_store.py, the fuzz suite in test_e2e_fuzz.py, the guard in test_e2e_guard.py.
 """
 
 from __future__ import annotations

@@ -275,6 +275,24 @@ def test_client_leaving_right_after_the_terminal_event_is_a_complete_request(pro
     assert row | expected_row_usage(provider, body["messages"][0]["content"]) == row
 
 
+def test_client_leaving_right_after_response_completed_is_a_complete_request(proxy: Proxy) -> None:
+    # The Responses API has no [DONE]: its terminal event is response.completed (or .incomplete, .failed).
+    who = label()
+    body = {"model": MODELS["openai"], "input": f"responses {who}", "stream": True}
+    received = b""
+    with httpx.stream("POST", f"{proxy.url}/api/proxy/openai/v1/responses", json=body, timeout=10,
+                      headers={"authorization": f"Bearer {APP_TOKEN}", "x-mock-scenario": "hold-end:5",
+                               "x-metrion-user": who}) as response:
+        for chunk in response.iter_raw():
+            received += chunk
+            if b"response.completed" in received and received.endswith(b"\n\n"):
+                break
+    (row,) = proxy.rows("requester = ?", (who,))
+    usage = normalize("openai", expected_usage("openai", "responses", body))
+    assert (row["status"], row["error"], row["usage_source"]) == (200, None, "provider")
+    assert (row["input_tokens"], row["output_tokens"]) == (usage.input_tokens, usage.output_tokens)
+
+
 def test_openai_sdk_closing_its_stream_on_done_leaves_no_error(proxy: Proxy) -> None:
     who = label()
     client = sdk(proxy, "openai", "stored", who)

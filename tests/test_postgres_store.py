@@ -11,15 +11,37 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from harness import free_port
 
 from metrion_addon import alerts, report, store
+from metrion_addon.cli import main
 from metrion_addon.config import load_config
 from metrion_addon.dashboard import pages
 from metrion_addon.queries import Cursor, Filters, log_page
-from metrion_addon.store import BucketState, MonthlyCount, RequestRecord
+from metrion_addon.store import BucketState, DeadLetter, MonthlyCount, RequestRecord
+from metrion_addon.store.cache import cache_stats
 from metrion_addon.store.records import uuid7
-from metrion_addon.store.spool import Spool, SpoolingBackend, SpoolUnavailable
+from metrion_addon.store.spool import Batch, Spool, SpoolingBackend, SpoolUnavailable, decode, encode
+
+
+@pytest.mark.parametrize(("sqlite", "psycopg"), [
+    ("SELECT a FROM t WHERE b = ? AND c < ?", "SELECT a FROM t WHERE b = %s AND c < %s"),
+    ("SELECT count(*) FILTER (WHERE x > :now) FROM t", "SELECT count(*) FILTER (WHERE x > %(now)s) FROM t"),
+    ("SELECT '?', ':no', 'it''s ?', ? FROM t", "SELECT '?', ':no', 'it''s ?', %s FROM t"),
+    ("SELECT a % 2, '50%' FROM t", "SELECT a %% 2, '50%%' FROM t"),
+    ("SELECT x::bigint FROM t", "SELECT x::bigint FROM t"),
+])
+def test_sqlite_placeholders_become_psycopg_ones_outside_string_literals(sqlite: str, psycopg: str) -> None:
+    assert store.postgres.translate(sqlite) == psycopg
+
+
+def test_a_spooled_batch_reads_back_as_it_was_written() -> None:
+    batch = Batch([record(1, error="bad \x00 byte", stream=True), record(2, cost_usd=None)],
+                  [BucketState("app", 2.5, 1.0), MonthlyCount("app", "2026-11", 3)],
+                  [DeadLetter("2026-11-01T00:00:00.000Z", "IntegrityError: no", '{"ts": 1}')])
+    again = decode(encode(batch))
+    assert again == batch and [r.uid for r in again.records] == [r.uid for r in batch.records]
 
 
 def record(n: int, **fields: Any) -> RequestRecord:
@@ -63,7 +85,7 @@ def unreachable() -> str:
 def test_batches_spool_while_postgres_is_unreachable_and_replay_once_when_it_is_back(postgres, tmp_path: Path
                                                                                      ) -> None:
     url, conn = pg(postgres, "spooled")
-    down = SpoolingBackend(store.postgres.PostgresBackend(unreachable()), Spool(tmp_path, 1 << 20))
+    down = SpoolingBackend(store.postgres.PostgresBackend(unreachable()), Spool.claim(tmp_path, 1 << 20))
     first, second = [record(n) for n in range(3)], [record(n) for n in range(3, 5)]
     down.write(first, [BucketState("app", 2.5, 1.0)])
     down.write(second, [MonthlyCount("app", "2026-11", 5)])
@@ -73,7 +95,7 @@ def test_batches_spool_while_postgres_is_unreachable_and_replay_once_when_it_is_
     spool_file = tmp_path / "spool-0.jsonl"
     with spool_file.open("ab") as file:
         file.write(b'{"rows": [[')  # a crash mid-append: never fsynced, never acknowledged
-    up = SpoolingBackend(store.postgres.PostgresBackend(url), Spool(tmp_path, 1 << 20))
+    up = SpoolingBackend(store.postgres.PostgresBackend(url), Spool.claim(tmp_path, 1 << 20))
     assert up.spool.rows == 5
     while up.idle():
         pass
@@ -87,7 +109,7 @@ def test_batches_spool_while_postgres_is_unreachable_and_replay_once_when_it_is_
 
 
 def test_past_its_bound_the_spool_refuses_and_the_writer_fails_closed(tmp_path: Path) -> None:
-    backend = SpoolingBackend(store.postgres.PostgresBackend(unreachable()), Spool(tmp_path, 4096))
+    backend = SpoolingBackend(store.postgres.PostgresBackend(unreachable()), Spool.claim(tmp_path, 4096))
     writer = store.Writer(backend, retry_seconds=0.05, batch_seconds=0)
     writer.start()
     writer.put(record(1))
@@ -124,7 +146,12 @@ def mixed_rows(count: int) -> list[RequestRecord]:
             latency_ms=None if status is None else round(pick.uniform(1, 3000), 3),
             ttfb_ms=None if status == 429 else round(pick.uniform(1, 500), 3),
             cost_usd=None if pick.random() < 0.1 else round(pick.uniform(0, 0.05), 9),
+            cache_status=pick.choice([None, None, "HIT", "MISS", "REFRESH"]),
         ))
+        if rows[-1].cache_status == "HIT":
+            rows[-1].saved_usd = round(pick.uniform(0, 0.01), 9)
+    for row in rows:  # the name asked for: an alias of the answered one; a failure without a model asked gpt-4o
+        row.requested_model = {"gpt-4o": "gpt-4o", "claude": "claude-latest", None: "gpt-4o"}[row.model]
     rows.sort(key=lambda row: row.ts)
     return rows
 
@@ -170,11 +197,33 @@ def test_the_query_layer_answers_the_same_on_postgres_as_on_sqlite(postgres, tmp
     same(pages.overview(lite, f), pages.overview(heavy, f))
     same(pages.latency(lite, f), pages.latency(heavy, f))
     same(pages.errors(lite, f), pages.errors(heavy, f))
+    same(pages.costs(lite, f, now), pages.costs(heavy, f, now))
+    same(pages.tokens(lite, config, f, now), pages.tokens(heavy, config, f, now))
+    same(pages.filter_choices(lite, config, f), pages.filter_choices(heavy, config, f))
+    same(pages.logs(lite, f, None, 0), pages.logs(heavy, f, None, 0))
     assert log_page(lite, f, Cursor("2026-11-03T00:00:00.000Z", 10**9, True)) == \
         log_page(heavy, f, Cursor("2026-11-03T00:00:00.000Z", 10**9, True))
     same(alerts.status(lite, config, now.timestamp()), alerts.status(heavy, config, now.timestamp()))
+    for since, until in ((None, None), (f.since, f.until)):
+        same(cache_stats(lite, now.timestamp(), since, until), cache_stats(heavy, now.timestamp(), since, until))
+    for model in ("gpt-4o", "claude-latest"):  # a model filter matches the model answered or the one asked for
+        named = dataclasses.replace(f, model=model)
+        same(pages.overview(lite, named), pages.overview(heavy, named))
+        same(pages.logs(lite, named, None, 0), pages.logs(heavy, named, None, 0))
+        same(pages.errors(lite, named), pages.errors(heavy, named))
     lite.close()
     heavy.close()
+
+    on_sqlite = _config(tmp_path)
+    on_postgres = tmp_path / "postgres.yaml"
+    on_postgres.write_text(on_sqlite.read_text().replace("database: m.db", f"database: {url}")
+                           + "shared: {redis: 'redis://127.0.0.1:9/0'}\n")  # the report never asks Redis
+    for args in (["report", "--by", "model", "--by", "token"], ["report", "--by", "day", "--since", "2026-11-02"],
+                 ["logs", "--limit", "30", "--status", "5xx"]):
+        outputs = [CliRunner().invoke(main, [*args, "--format", "csv", "--config", str(path)], catch_exceptions=False)
+                   for path in (on_sqlite, on_postgres)]
+        assert outputs[0].exit_code == outputs[1].exit_code == 0
+        assert outputs[0].output == outputs[1].output and outputs[0].output.count("\n") > 3
 
 
 def _config(tmp_path: Path) -> Path:
@@ -189,3 +238,19 @@ def _config(tmp_path: Path) -> Path:
         "    - {name: slow, type: latency_p95, threshold: 900, unit: ms, period: month, notify: [ops]}\n"
     )
     return path
+
+
+def test_a_journal_left_by_a_stopped_instance_is_replayed_by_a_running_one(postgres, tmp_path: Path) -> None:
+    url, conn = pg(postgres, "orphan")
+    running = SpoolingBackend(store.postgres.PostgresBackend(url), Spool.claim(tmp_path, 1 << 20))
+    stopped = SpoolingBackend(store.postgres.PostgresBackend(unreachable()), Spool.claim(tmp_path, 1 << 20))
+    stopped.write([record(n) for n in range(4)], [])
+    assert stopped.spool.path.name == "spool-1.jsonl" and stopped.spool.rows == 4
+    assert not running.idle(), "its slot is held: not an orphan while that instance runs"
+    stopped.close()
+    running._look_at = 0.0  # (it looks every 30 s)
+    while running.idle():
+        pass
+    assert conn.execute("SELECT count(*) FROM requests").fetchone() == (4,)
+    assert (tmp_path / "spool-1.jsonl").stat().st_size == 0
+    running.close()

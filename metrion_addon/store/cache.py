@@ -118,12 +118,14 @@ STATS_COLUMNS = ["entries", "expired", "bytes", "lookups", "hits", "refreshes", 
 def cache_stats(conn: sqlite3.Connection, now: float, start: str | None = None, end: str | None = None) -> dict:
     """What the cache holds now, and how it did between `start` and `end` (stored timestamps; None = open)."""
     entries, expired, size = conn.execute(
-        "SELECT count(*) FILTER (WHERE expires_at > :now), count(*) FILTER (WHERE expires_at <= :now), total(size) "
-        "FROM cache_entries", {"now": now}).fetchone()
+        "SELECT count(*) FILTER (WHERE expires_at > :now), count(*) FILTER (WHERE expires_at <= :now),"
+        " coalesce(sum(size), 0) FROM cache_entries", {"now": now}).fetchone()
+    period = [clause for clause, bound in (("ts >= :start", start), ("ts < :end", end)) if bound is not None]
     lookups, hits, refreshes, saved = conn.execute(
         "SELECT count(*) FILTER (WHERE cache_status IN ('HIT', 'MISS')), count(*) FILTER (WHERE cache_status = 'HIT'),"
-        " count(*) FILTER (WHERE cache_status = 'REFRESH'), total(saved_usd) FROM requests "
-        "WHERE (:start IS NULL OR ts >= :start) AND (:end IS NULL OR ts < :end)", {"start": start, "end": end},
+        " count(*) FILTER (WHERE cache_status = 'REFRESH'), coalesce(sum(saved_usd), 0.0) FROM requests"
+        + "".join(f" {'WHERE' if i == 0 else 'AND'} {clause}" for i, clause in enumerate(period)),
+        {"start": start, "end": end},
     ).fetchone()
     return {"entries": entries, "expired": expired, "bytes": int(size), "lookups": lookups, "hits": hits,
             "refreshes": refreshes, "hit_rate": hits / lookups if lookups else None, "saved_usd": saved}
