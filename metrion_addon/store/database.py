@@ -50,7 +50,7 @@ def open_log(database: Path | str, spool_directory: Path, spool_bytes: int) -> L
         return Log(database, conn, SQLiteBackend(conn))
     pg = postgres.connect(database)
     postgres.create_schema(pg)
-    spool = Spool(spool_directory, spool_bytes)
+    spool = Spool.claim(spool_directory, spool_bytes)
     return Log(database, pg, SpoolingBackend(postgres.PostgresBackend(database, pg), spool))
 
 
