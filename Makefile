@@ -12,9 +12,10 @@ export OPENAI_API_KEY ?=
 export ANTHROPIC_API_KEY ?=
 
 # Debian packages the tests drive for real: curl (HTTP/2 in a tunnel), redis-server and postgresql (shared
-# state), chromium (the dashboard in a browser), haproxy (several instances behind a balancer).
-DEBIAN_PACKAGES := curl redis-server postgresql haproxy chromium
-DEBIAN_COMMANDS := curl redis-server pg_ctlcluster haproxy chromium
+# state), chromium (the dashboard in a browser), haproxy (several instances behind a balancer), nodejs and npm
+# (the benchmark installs Portkey's gateway from npm to compare with; its smoke run is part of the tests).
+DEBIAN_PACKAGES := curl redis-server postgresql haproxy chromium nodejs npm
+DEBIAN_COMMANDS := curl redis-server pg_ctlcluster haproxy chromium node npm
 
 .PHONY: run test demo lint bench clean debian-packages
 

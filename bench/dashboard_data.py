@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import random
-import sqlite3
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -112,7 +111,3 @@ def seed(path: Path, count: int, days: int, now: datetime, seed_value: int = 7, 
     conn.execute("INSERT INTO monthly_usage (token_name, month, requests) VALUES ('support-bot', ?, 6100)",
                  (now.strftime("%Y-%m"),))
     conn.close()
-
-
-def open_ro(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)

@@ -1,7 +1,7 @@
 """Profiles one proxy under the scenario-2 load (8 connections) with py-spy, to find where its time goes.
 
-Run `.venv/bin/python bench/profile_proxy.py [bare|metrion] [--seconds S] [--py-spy PATH]`; prints the top
-functions by own time and by total time (py-spy installs with `pip install py-spy`).
+Run `.venv/bin/python bench/profile_proxy.py [bare|metrion|metrion_redis] [--seconds S] [--py-spy PATH]`; prints
+the top functions by own time and by total time (py-spy installs with `pip install py-spy`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from peers import Redis
 from run import Proxy, Upstream, job_for, run_load
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("kind", choices=("bare", "metrion"), nargs="?", default="metrion")
+    parser.add_argument("kind", choices=("bare", "metrion", "metrion_redis"), nargs="?", default="metrion")
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
     parser.add_argument("--top", type=int, default=40)
@@ -29,7 +30,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="metrion-profile-") as tmp:
         upstream = Upstream()
-        proxy = Proxy(args.kind, upstream.port, Path(tmp) / args.kind).start()
+        redis = Redis(Path(tmp) / "redis").start() if args.kind == "metrion_redis" else None
+        proxy = Proxy("bare" if args.kind == "bare" else "metrion", upstream.port, Path(tmp) / args.kind,
+                      redis_url=redis.url if redis else None).start()
         try:
             raw = Path(tmp) / "profile.txt"
             load = threading.Thread(target=run_load, args=(job_for(
@@ -46,6 +49,8 @@ def main() -> None:
         finally:
             proxy.stop()
             upstream.stop()
+            if redis:
+                redis.stop()
 
 
 def summarise(collapsed: str, top: int) -> None:

@@ -1,6 +1,8 @@
-"""Metrion's proxy benchmark: the upstream direct, bare mitmdump and mitmdump + Metrion, interleaved in one run.
+"""Metrion's proxy benchmark: the upstream direct, bare mitmdump, mitmdump + Metrion and, in scenarios 1 and 2, the
+peers (one Metrion on Redis, two behind HAProxy on Redis, Portkey's gateway), interleaved in one run.
 
-Run `.venv/bin/python bench/run.py [--quick | --smoke] [--scenarios 1,2,3,4,5,6] [--no-write]`; writes bench/RESULTS.md.
+Run `.venv/bin/python bench/run.py [--quick | --smoke] [--scenarios 1,2,3,4,5,6] [--no-peers] [--no-write]`;
+writes bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from peers import HAProxy, Portkey, PostgresServer, Redis, peers_missing
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -27,6 +31,10 @@ PYTHON = sys.executable
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 TOKEN = "sk-metrion-" + "be" * 16
 TARGETS = ("direct", "bare", "metrion")
+PEERS = ("metrion_redis", "pair", "portkey")  # scenarios 1 and 2 only
+NAMES = {"direct": "direct", "bare": "bare mitmdump", "metrion": "mitmdump + Metrion",
+         "metrion_redis": "Metrion, limits on Redis", "pair": "2 × Metrion + HAProxy (Redis, PostgreSQL)",
+         "portkey": "Portkey gateway"}
 PROVIDERS = ("anthropic", "openai", "gemini", "mistral", "grok")
 
 
@@ -109,6 +117,9 @@ class Proxy:
     workdir: Path
     scripts: tuple[Path, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    redis_url: str | None = None  # limits on this Redis (`shared.redis`)
+    companions: tuple[int, ...] = ()  # processes whose CPU counts as this target's (its redis-server)
+    database: str | None = None  # the log's database URL (else SQLite in workdir)
     port: int = 0
     process: subprocess.Popen | None = None
 
@@ -118,17 +129,18 @@ class Proxy:
 
     def start(self) -> Proxy:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = self.port or free_port()
         args = [str(MITMDUMP)]
         if self.kind == "metrion":
             config = self.workdir / "metrion.yaml"
             config.write_text(yaml.safe_dump({
-                "database": str(self.workdir / "metrion.db"),
+                "database": self.database or str(self.workdir / "metrion.db"),
                 "timeout": 30,
                 "rate_limit": 1_000_000,
                 "providers": {p: f"http://127.0.0.1:{self.upstream_port}/{p}/v1" for p in PROVIDERS},
                 "plans": {"pro": {"monthly_requests": None}},
                 "tokens": [{"name": "bench", "token": TOKEN, "plan": "pro", "keys": {"openai": "sk-bench"}}],
+                **({"shared": {"redis": self.redis_url}} if self.redis_url else {}),
             }))
             args += ["-s", str(ROOT / "metrion_addon" / "addon.py"), "--set", f"metrion_config={config}"]
         else:
@@ -168,6 +180,71 @@ class Proxy:
         return self.process.pid
 
 
+@dataclass
+class Pair:
+    """Two Metrion instances behind HAProxy (deploy/haproxy.cfg): limits on one Redis, one log on PostgreSQL."""
+
+    upstream_port: int
+    workdir: Path
+    redis: Redis | None = None
+    postgres: PostgresServer | None = None
+    instances: tuple[Proxy, ...] = ()
+    haproxy: HAProxy | None = None
+
+    def start(self) -> Pair:
+        self.redis = Redis(self.workdir / "redis").start()
+        self.postgres = PostgresServer().start()
+        database = self.postgres.create_database("metrion_bench")
+        self.instances = tuple(Proxy("metrion", self.upstream_port, self.workdir / f"metrion{n}",
+                                     redis_url=self.redis.url, database=database) for n in (1, 2))
+        start_all(self.instances)
+        self.haproxy = HAProxy(self.workdir / "haproxy", (self.instances[0].port, self.instances[1].port)).start()
+        time.sleep(1.5)  # HAProxy's first health checks
+        return self
+
+    def stop(self) -> None:
+        if self.haproxy:
+            self.haproxy.stop()
+        for instance in self.instances:
+            instance.stop()
+        if self.redis:
+            self.redis.stop()
+        if self.postgres:
+            self.postgres.remove()
+
+    @property
+    def port(self) -> int:
+        assert self.haproxy is not None
+        return self.haproxy.port
+
+    @property
+    def pids(self) -> list[int]:
+        """Both instances, HAProxy, redis-server and PostgreSQL's processes (postmaster and backends)."""
+        assert self.haproxy is not None and self.redis is not None and self.redis.process is not None
+        return [i.pid for i in self.instances] + [self.haproxy.pid, self.redis.process.pid, *self._postgres_pids()]
+
+    def _postgres_pids(self) -> list[int]:
+        assert self.postgres is not None
+        postmaster = int((self.postgres.datadir / "data" / "postmaster.pid").read_text().split()[0])
+        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+        return [postmaster, *map(int, children)]
+
+
+def start_all(processes) -> None:
+    """Start them side by side (each start mostly waits for its process to be ready)."""
+    with ThreadPoolExecutor(len(processes)) as pool:
+        for started in [pool.submit(p.start) for p in processes]:
+            started.result()
+
+
+def pids_of(target: str, proxies: dict) -> list[int]:
+    """The processes whose CPU a target spends (its redis-server too; both instances and HAProxy for the pair)."""
+    if target not in proxies:
+        return []
+    proxy = proxies[target]
+    return proxy.pids if isinstance(proxy, Pair) else [proxy.pid, *getattr(proxy, "companions", ())]
+
+
 def job_for(target: str, upstream_port: int, proxies: dict[str, Proxy], **job: object) -> dict:
     """Where and how the load client reaches `target`: the same request, as each target needs it."""
     path = "/openai/v1/chat/completions"
@@ -178,8 +255,13 @@ def job_for(target: str, upstream_port: int, proxies: dict[str, Proxy], **job: o
     elif target == "bare":  # a forward-proxy request: absolute-form URL
         where = {"connect_port": proxies["bare"].port, "host": upstream_host,
                  "target": f"http://{upstream_host}{path}", "headers": auth}
-    else:
-        port = proxies["metrion"].port
+    elif target == "portkey":  # the upstream named per request, as Portkey documents for a custom host
+        port = proxies["portkey"].port
+        where = {"connect_port": port, "host": f"127.0.0.1:{port}", "target": "/v1/chat/completions",
+                 "headers": {**auth, "x-portkey-provider": "openai",
+                             "x-portkey-custom-host": f"http://{upstream_host}/openai/v1"}}
+    else:  # metrion, metrion_redis, pair
+        port = proxies[target].port
         where = {"connect_port": port, "host": f"127.0.0.1:{port}", "target": "/api/proxy" + path,
                  "headers": {"authorization": f"Bearer {TOKEN}"}}
     where["headers"] = {**where["headers"], **job.pop("headers", {})}  # type: ignore[dict-item]
@@ -193,25 +275,25 @@ def run_load(job: dict, timeout: float = 300) -> dict:
 
 
 class Sampler:
-    """CPU and peak RSS of one process while a load runs."""
+    """CPU (summed) and peak RSS (summed) of a target's processes while a load runs."""
 
-    def __init__(self, pid: int | None) -> None:
-        self.pid = pid
+    def __init__(self, pids: int | list[int] | None) -> None:
+        self.pids = [pids] if isinstance(pids, int) else list(pids or [])
         self.peak = 0.0
-        if pid:
-            self.cpu0, self.t0 = cpu_seconds(pid), time.monotonic()
+        if self.pids:
+            self.cpu0, self.t0 = sum(map(cpu_seconds, self.pids)), time.monotonic()
 
     def sample(self) -> None:
-        if self.pid:
-            self.peak = max(self.peak, rss_mb(self.pid))
+        if self.pids:
+            self.peak = max(self.peak, sum(map(rss_mb, self.pids)))
 
     def cpu_percent(self) -> float:
-        if not self.pid:
+        if not self.pids:
             return float("nan")
-        return 100 * (cpu_seconds(self.pid) - self.cpu0) / (time.monotonic() - self.t0)
+        return 100 * (sum(map(cpu_seconds, self.pids)) - self.cpu0) / (time.monotonic() - self.t0)
 
 
-def run_load_sampled(job: dict, pid: int | None, timeout: float = 300) -> tuple[dict, Sampler]:
+def run_load_sampled(job: dict, pid: int | list[int] | None, timeout: float = 300) -> tuple[dict, Sampler]:
     sampler = Sampler(pid)
     with tempfile.TemporaryFile("w+") as out:  # a file, not a pipe: the result can be megabytes
         proc = subprocess.Popen([PYTHON, str(BENCH / "load.py"), json.dumps(job)], stdout=out, text=True)
@@ -237,36 +319,37 @@ def run_load_sampled(job: dict, pid: int | None, timeout: float = 300) -> tuple[
 Table = dict[str, dict[str, float]]  # target -> metric -> median over rounds
 
 
-def rounds(sizes: Sizes, measure) -> Table:
+def rounds(sizes: Sizes, measure, targets: tuple[str, ...] = TARGETS) -> Table:
     """Run `measure(target)` for every target, `sizes.rounds` times, in a rotating order; median each metric."""
-    collected: dict[str, dict[str, list[float]]] = {t: {} for t in TARGETS}
+    collected: dict[str, dict[str, list[float]]] = {t: {} for t in targets}
     for r in range(sizes.rounds):
-        order = TARGETS[r % 3:] + TARGETS[: r % 3]
+        shift = r % len(targets)
+        order = targets[shift:] + targets[:shift]
         for target in order:
             for metric, value in measure(target).items():
                 collected[target].setdefault(metric, []).append(value)
     return {t: {m: med(v) for m, v in metrics.items()} for t, metrics in collected.items()}
 
 
-def scenario_1(sizes: Sizes, up: int, proxies: dict[str, Proxy]) -> Table:
+def scenario_1(sizes: Sizes, up: int, proxies: dict) -> Table:
     def measure(target: str) -> dict[str, float]:
         r = run_load(job_for(target, up, proxies, kind="requests", conns=1, duration=sizes.s1_seconds,
                              count=100_000, warmup=50))
         lat = [x / 1000 for x in r["latencies_us"]]
         return {"p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99), "requests": len(lat), "errors": r["errors"]}
-    return rounds(sizes, measure)
+    return rounds(sizes, measure, TARGETS + tuple(p for p in PEERS if p in proxies))
 
 
-def scenario_2(sizes: Sizes, up: int, proxies: dict[str, Proxy]) -> Table:
+def scenario_2(sizes: Sizes, up: int, proxies: dict) -> Table:
     def measure(target: str) -> dict[str, float]:
-        pid = proxies[target].pid if target in proxies else None
+        pid = pids_of(target, proxies)
         r, _ = run_load_sampled(job_for(target, up, proxies, kind="requests", conns=8, duration=sizes.s2_seconds,
                                         count=1_000_000, warmup=20), pid)
         lat = [x / 1000 for x in r["latencies_us"]]
         rps = len(lat) / r["elapsed"]
         return {"rps": rps, "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99), "proxy_cpu_percent": r["cpu_percent"],
                 "proxy_cpu_us_per_request": r["cpu_percent"] * 1e4 / rps, "errors": r["errors"]}
-    return rounds(sizes, measure)
+    return rounds(sizes, measure, TARGETS + tuple(p for p in PEERS if p in proxies))
 
 
 def scenario_3(sizes: Sizes, up: int, proxies: dict[str, Proxy]) -> Table:
@@ -302,7 +385,8 @@ def scenario_4(sizes: Sizes, up: int, proxies: dict[str, Proxy]) -> Table:
 def scenario_5(sizes: Sizes, up: int, workdir: Path) -> Table:
     """Fresh proxies; both loaded at once (RSS, not speed, is measured here) to halve the wall time."""
     first, total = sizes.s5_counts
-    fresh = {k: Proxy(k, up, workdir / f"s5-{k}").start() for k in ("bare", "metrion")}
+    fresh = {k: Proxy(k, up, workdir / f"s5-{k}") for k in ("bare", "metrion")}
+    start_all(list(fresh.values()))
     result: Table = {"direct": {}}
     try:
         points: dict[str, list[float]] = {k: [] for k in fresh}
@@ -375,14 +459,64 @@ def fmt(value: object) -> str:
 
 
 def table(title: str, data: Table) -> str:
-    metrics = [m for m in dict.fromkeys(m for t in TARGETS for m in data.get(t, {})) if not m.startswith("_")]
-    lines = [f"### {title}", "", "| metric | direct | bare mitmdump | mitmdump + Metrion | Metrion − bare | "
-             "Metrion / bare |", "|---|---:|---:|---:|---:|---:|"]
+    targets = [t for t in TARGETS + PEERS if t in data]
+    metrics = [m for m in dict.fromkeys(m for t in targets for m in data.get(t, {})) if not m.startswith("_")]
+    lines = [f"### {title}", "", "| metric | " + " | ".join(NAMES[t] for t in targets)
+             + " | Metrion − bare | Metrion / bare |", "|---|" + "---:|" * (len(targets) + 2)]
     for m in metrics:
-        d, b, x = (data.get(t, {}).get(m, float("nan")) for t in TARGETS)
+        values = [data.get(t, {}).get(m, float("nan")) for t in targets]
+        b, x = (data.get(t, {}).get(m, float("nan")) for t in ("bare", "metrion"))
         ratio = x / b if b == b and b else float("nan")
-        lines.append(f"| {m} | {fmt(d)} | {fmt(b)} | {fmt(x)} | {fmt(x - b)} | {fmt(ratio)} |")
+        lines.append(f"| {m} | " + " | ".join(fmt(v) for v in values) + f" | {fmt(x - b)} | {fmt(ratio)} |")
     return "\n".join(lines)
+
+
+def verdicts(results: dict[int, Table]) -> str:
+    """The issue's targets from this run's tables ("—" when a scenario or target was not run).
+
+    Each throughput target is given twice: req/s as measured, and the capacity the CPU per request implies
+    (10^6 / CPU µs per request, per core). On a loaded machine the proxies are not CPU-bound (their CPU % shows it),
+    req/s then measures the scheduler's shares (two processes get more than one), and only the capacity compares.
+    """
+    nan = float("nan")
+
+    def get(s: int, target: str, metric: str) -> float:
+        return results.get(s, {}).get(target, {}).get(metric, nan)
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b == b and b else nan
+
+    def verdict(value: float, ok: bool) -> str:
+        return "—" if value != value else "met" if ok else "**not met**"
+
+    rps, cpu = ratio(get(2, "metrion", "rps"), get(2, "bare", "rps")), get(2, "metrion", "proxy_cpu_percent")
+    capacity = ratio(get(2, "bare", "proxy_cpu_us_per_request"), get(2, "metrion", "proxy_cpu_us_per_request"))
+    p99 = ratio(get(2, "metrion", "p99_ms"), get(2, "bare", "p99_ms"))
+    redis_p50 = get(1, "metrion_redis", "p50_ms") - get(1, "metrion", "p50_ms")
+    pair = ratio(get(2, "pair", "rps"), get(2, "portkey", "rps"))
+    # the pair's CPU per request covers 2 instances and HAProxy, which share 2 cores; Portkey runs on one
+    pair_capacity = ratio(2 * get(2, "portkey", "proxy_cpu_us_per_request"), get(2, "pair", "proxy_cpu_us_per_request"))
+    rows = [
+        ("one instance: throughput ≥ 95 % of bare mitmdump (S2), req/s",
+         f"{fmt(get(2, 'metrion', 'rps'))} / {fmt(get(2, 'bare', 'rps'))} = {100 * rps:.1f} % "
+         f"(proxy CPU {fmt(cpu)} %)", verdict(rps, rps >= 0.95)),
+        ("the same, as capacity (bare's CPU µs per request / Metrion's)",
+         f"{fmt(get(2, 'bare', 'proxy_cpu_us_per_request'))} / {fmt(get(2, 'metrion', 'proxy_cpu_us_per_request'))}"
+         f" µs = {100 * capacity:.1f} %", verdict(capacity, capacity >= 0.95)),
+        ("one instance: c=8 p99 ≤ 1.1 × bare's (S2)",
+         f"{fmt(get(2, 'metrion', 'p99_ms'))} / {fmt(get(2, 'bare', 'p99_ms'))} ms = {p99:.2f} ×",
+         verdict(p99, p99 <= 1.1)),
+        ("Redis round trip added at p50 ≤ 0.3 ms (S1: Metrion on Redis − Metrion)",
+         f"{fmt(get(1, 'metrion_redis', 'p50_ms'))} − {fmt(get(1, 'metrion', 'p50_ms'))} ms = {redis_p50:+.3f} ms",
+         verdict(redis_p50, redis_p50 <= 0.3)),
+        ("two instances behind HAProxy: throughput ≥ Portkey's (S2), req/s",
+         f"{fmt(get(2, 'pair', 'rps'))} / {fmt(get(2, 'portkey', 'rps'))} = {pair:.2f} ×", verdict(pair, pair >= 1)),
+        ("the same, as capacity on 2 cores (2 × Portkey's CPU µs per request / the pair's)",
+         f"2 × {fmt(get(2, 'portkey', 'proxy_cpu_us_per_request'))} / {fmt(get(2, 'pair', 'proxy_cpu_us_per_request'))}"
+         f" µs = {pair_capacity:.2f} ×", verdict(pair_capacity, pair_capacity >= 1)),
+    ]
+    return "\n".join(["### Targets (this run)", "", "| target | measured | verdict |", "|---|---|---|",
+                      *(f"| {a} | {b} | {c} |" for a, b, c in rows)])
 
 
 TITLES = {
@@ -401,21 +535,34 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="scaled-down run (under a minute)")
     mode.add_argument("--smoke", action="store_true", help="a few requests per scenario: checks the harness runs")
     parser.add_argument("--scenarios", default="1,2,3,4,5,6", help="comma-separated scenario numbers")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="leave out Portkey, Metrion on Redis and the HAProxy pair (scenarios 1 and 2)")
     parser.add_argument("--no-write", action="store_true", help="print JSON only; leave bench/RESULTS.md alone")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
     chosen = [int(s) for s in args.scenarios.split(",") if s.strip()]
     started = time.monotonic()
+    load_start = os.getloadavg()[0]
     results: dict[int, Table] = {}
     with tempfile.TemporaryDirectory(prefix="metrion-bench-") as tmp:
         workdir = Path(tmp)
         upstream = Upstream()
-        proxies = {k: Proxy(k, upstream.port, workdir / k) for k in ("bare", "metrion")}
+        proxies: dict = {k: Proxy(k, upstream.port, workdir / k) for k in ("bare", "metrion")}
+        peers = not args.no_peers and any(s in chosen for s in (1, 2))
+        if peers and (missing := peers_missing()):
+            print(f"peers left out: {', '.join(missing)} not installed", file=sys.stderr)
+            peers = False
+        redis = Redis(workdir / "redis-one") if peers else None
+        if peers:
+            proxies |= {"metrion_redis": Proxy("metrion", upstream.port, workdir / "metrion_redis"),
+                        "pair": Pair(upstream.port, workdir / "pair"), "portkey": Portkey(workdir / "portkey")}
         try:
             if any(s in chosen for s in (1, 2, 3, 4)):
-                for proxy in proxies.values():
-                    proxy.start()
+                if redis:
+                    proxies["metrion_redis"].redis_url = redis.start().url
+                    proxies["metrion_redis"].companions = (redis.process.pid,)
+                start_all(list(proxies.values()))
             for s in chosen:
                 t0 = time.monotonic()
                 if s in (1, 2, 3, 4):
@@ -428,6 +575,8 @@ def main() -> None:
         finally:
             for proxy in proxies.values():
                 proxy.stop()
+            if redis:
+                redis.stop()
             upstream.stop()
     elapsed = time.monotonic() - started
     print(json.dumps({"elapsed_s": elapsed, "results": results}, indent=1, default=str))
@@ -436,17 +585,22 @@ def main() -> None:
                                         indent=1, default=str))
     if not args.no_write:
         command = ".venv/bin/python bench/run.py " + " ".join(sys.argv[1:])
-        write_tables(results, sizes, command.strip(), elapsed)
+        write_tables(results, sizes, command.strip(), elapsed, load_start)
 
 
-def write_tables(results: dict[int, Table], sizes: Sizes, command: str, elapsed: float) -> None:
+def write_tables(results: dict[int, Table], sizes: Sizes, command: str, elapsed: float,
+                 load_start: float) -> None:
     """Write the measured tables into RESULTS.md between markers, keeping the hand-written analysis around them."""
     info = machine()
     body = [f"Command: `{command}` ({elapsed:.0f} s; {sizes.rounds} interleaved rounds, medians of per-round values)",
             "", f"Machine: {info['cores']} cores ({info['cpu']}), Python {info['python']}, "
             f"mitmproxy {info['mitmproxy']}, {info['os']}", ""]
+    end = os.getloadavg()
+    body[-1:-1] = ["", f"Machine load (1-minute load average, other helpers' test suites included): {load_start:.1f} "
+                   f"when the run started, {end[0]:.1f} when it ended ({end[2]:.1f} over the last 15 minutes)"]
     for s, data in sorted(results.items()):
         body += [table(TITLES[s], data), ""]
+    body += [verdicts(results), ""]
     path = BENCH / "RESULTS.md"
     start, end = "<!-- tables:start -->", "<!-- tables:end -->"
     text = path.read_text() if path.exists() else f"# Metrion benchmark results\n\n{start}\n{end}\n"

@@ -341,6 +341,16 @@ def usd(nano: int) -> str:
     return f"{micro // 1_000_000}.{micro % 1_000_000:06d}"
 
 
+def needs_disk(hold: Hold | None) -> bool:
+    """Whether the request must wait for its reservation to be committed before it is forwarded: from the moment
+    the provider sees it, a crash of Metrion must keep the reservation (the provider may bill the request)."""
+    return hold is not None and hold.saved is not None and hold.reservation is not None and hold.reservation.amount > 0
+
+
+SETTLING_WAIT = 1.0  # seconds a would-be refusal waits for the token's finished requests to settle, then asks again
+COMMIT_WAIT = 10.0  # seconds a reservation may wait for its commit; then the request is refused (503), not forwarded
+
+
 def budget_headers(limit: int, state: BudgetState) -> dict[str, str]:
     return {
         "x-metrion-budget-limit-usd": usd(limit),
@@ -488,6 +498,13 @@ class Budgets:
         with self._lock:
             if flow_id is not None and (entry := self._pending.get(flow_id)) is not None:
                 self._pending[flow_id] = (entry[0], complete)
+
+    def settling(self, name: str) -> bool:
+        """Whether finished requests of token `name` still wait for their rows to settle: their reservations are
+        about to shrink to their cost, so a refusal now may be premature."""
+        with self._lock:
+            return any(reservation.token_name == name and complete is not None
+                       for reservation, complete in self._pending.values())
 
     def waits_for(self, record: RequestRecord) -> bool:
         """Whether a reservation waits for this row to settle (the writer then takes the row at once)."""

@@ -6,13 +6,16 @@ A refusal is a provider-shaped error; whatever happens, the exchange is in the r
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import time
 from collections.abc import Callable, Coroutine
 
 from mitmproxy import http
 
 from metrion_addon import cache
 from metrion_addon.auth import Upstream, authenticate, forbid_stray_metrion_token, lift_query_key, requester
-from metrion_addon.budgets import Hold
+from metrion_addon.budgets import COMMIT_WAIT, SETTLING_WAIT, Hold, needs_disk
 from metrion_addon.errors import MetrionError
 from metrion_addon.forward_proxy import ForwardProxy
 from metrion_addon.guard import guarded_coroutine
@@ -112,8 +115,10 @@ class Gate:
         return credentials
 
     def _admit(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str],
-               credentials: Upstream | None) -> Coroutine[None, None, None] | None:
-        """Reserve the budget and count the limits, then forward; a coroutine when the limits live on Redis."""
+               credentials: Upstream | None, settled: bool = False) -> Coroutine[None, None, None] | None:
+        """Reserve the budget and count the limits, then forward; a coroutine when the limits live on Redis, when
+        the reservation must reach the disk first, or when a budget refusal waits for finished requests to settle
+        (`settled`: that wait is over)."""
         try:
             now = self.runtime.clock()
             if self.runtime.shared is not None:
@@ -126,10 +131,41 @@ class Gate:
                 self._release(hold)
                 raise
         except MetrionError as e:
+            if not settled and e.code == "budget_exceeded" and exchange.identity is not None \
+                    and self.runtime.budgets.settling(exchange.identity.token_name):
+                return self._admit_once_settled(flow, exchange, headers, credentials)
             self._refuse(flow, exchange, e)
             return None
+        if needs_disk(hold):
+            return self._let_through_on_disk(flow, exchange, admission, hold, headers, credentials)
         self._let_through(flow, exchange, admission, hold, headers, credentials)
         return None
+
+    @guarded_coroutine("request")
+    async def _admit_once_settled(self, flow: http.HTTPFlow, exchange: Exchange, headers: dict[str, str],
+                                  credentials: Upstream | None) -> None:
+        """Refused while finished requests of the token still held their whole reservation: ask again once their rows
+        settled them (at most SETTLING_WAIT later), so back-to-back requests are refused only when the budget is."""
+        assert exchange.identity is not None
+        deadline = time.monotonic() + SETTLING_WAIT
+        while self.runtime.budgets.settling(exchange.identity.token_name) and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        if (admitting := self._admit(flow, exchange, headers, credentials, settled=True)) is not None:
+            await admitting
+
+    @guarded_coroutine("request")
+    async def _let_through_on_disk(self, flow: http.HTTPFlow, exchange: Exchange, admission: Admission, hold: Hold,
+                                   headers: dict[str, str], credentials: Upstream | None) -> None:
+        """Forward once the budget reservation is committed, so that a crash from then on keeps it (SQLite)."""
+        assert hold.saved is not None and self.runtime.writer is not None
+        committed = asyncio.wrap_future(self.runtime.writer.put_durable(hold.saved))
+        if not (await asyncio.wait({committed}, timeout=COMMIT_WAIT))[0]:
+            self._release(hold)
+            self._refuse(flow, exchange, MetrionError(503, "metering_unavailable", (
+                f"Metrion could not store this request's budget reservation within {COMMIT_WAIT:g} s; "
+                "request not forwarded.")))
+            return
+        self._let_through(flow, exchange, admission, dataclasses.replace(hold, saved=None), headers, credentials)
 
     @guarded_coroutine("request")
     async def _request_cached(self, flow: http.HTTPFlow, entries: cache.CacheStore, exchange: Exchange,

@@ -26,6 +26,8 @@ def needs_restart(old: Config, new: Config) -> str | None:
         return "database: changing it needs a restart"
     if new.shared != old.shared:
         return "shared: changing it needs a restart"
+    if new.spool != old.spool:
+        return "spool: changing it needs a restart"
     return None
 
 

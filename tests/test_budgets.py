@@ -281,8 +281,11 @@ def test_budgets_settle_a_row_once_and_only_after_the_request_finished() -> None
                         method="POST", stream=False, status=200, usage_source="provider", cost_usd=0.000021,
                         flow_id="flow-1")
     assert budgets.settle(row) is None  # not finished yet
+    assert budgets.waits_for(row) and not budgets.settling("app")  # in flight: its reservation is what it may cost
     budgets.finish("flow-1", complete=True)
+    assert budgets.settling("app") and not budgets.settling("other")  # finished: about to shrink to its cost
     state = budgets.settle(row)
+    assert not budgets.settling("app") and not budgets.waits_for(row)
     assert state is not None and (state.spent_nanousd, state.reserved_nanousd) == (21_000, 0)
     assert budgets.settle(row) is None  # a retried write does not settle twice
 

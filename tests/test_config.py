@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from metrion_addon.config import ConfigError, find_config, hash_token, load_config
+from metrion_addon.reload import needs_restart
 
 TOKEN = "sk-metrion-" + "0" * 32
 GOOD = f"""
@@ -177,3 +178,13 @@ def test_a_postgres_url_is_kept_and_the_spool_sits_beside_the_config(tmp_path: P
     assert config.database == "postgresql://metrion:secret@db/metrion"
     assert config.spool.directory == tmp_path / "metrion-spool" and config.spool.max_bytes == 8 * 1024 * 1024
     assert load_config(write(tmp_path, "database: sub/m.db\n"), {}).database == tmp_path / "sub" / "m.db"
+
+
+def test_the_database_shared_state_and_spool_change_only_with_a_restart(tmp_path: Path) -> None:
+    base = "database: postgresql://m@db/m\nshared: {redis: redis://r:6379/0}\n"
+    old = load_config(write(tmp_path, base), {})
+    assert needs_restart(old, load_config(write(tmp_path, base + "rate_limit: 7\n"), {})) is None
+    assert needs_restart(old, load_config(write(tmp_path, base + "spool: {max_mb: 8}\n"), {})) == \
+        "spool: changing it needs a restart"
+    assert needs_restart(old, load_config(write(tmp_path, base.replace("db/m", "db/n")), {})) == \
+        "database: changing it needs a restart"

@@ -6,8 +6,10 @@ Reservations are computed with the library's own bound so each test knows what o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import anthropic
 import httpx
 import openai
 import pytest
-from harness import Proxy, token
+from harness import Proxy, base_config, token
 
 from metrion_addon.budgets import NANO, token_bound, token_rates
 from metrion_addon.clock import iso_utc
@@ -119,30 +121,39 @@ def test_200_concurrent_requests_never_overshoot_and_use_the_budget(start_proxy,
     settled(proxy, 200)
     assert forwarded_cost(proxy) <= limit / NANO
 
-    # Fill what the burst's reservations held back, one request at a time. At full speed a finished request's
-    # reservation is settled as soon as its row reaches the writer, not when the writer's batch is written, so the
-    # first refusal comes within two reservations of the limit (one request's row may still be on its way) ...
+    # Fill what the burst's reservations held back, one request at a time at full speed: a refusal waits for the
+    # requests that finished to settle, so it only comes within one reservation of the limit.
     forwarded = statuses.count(200)
     with httpx.Client(timeout=30) as client:
         while (response := client.post(f"{proxy.url}{CHAT}", content=body, headers=headers())).status_code == 200:
             forwarded += 1
-        assert response.status_code == 429
-        proxy.rows("token_name = 'metered' AND status = 200", n=forwarded)
-        assert forwarded_cost(proxy) > (limit - 2 * reserve) / NANO
-    # ... and once every row is written (a row and its settlement commit together), within one reservation.
-    with httpx.Client(timeout=30) as client:
-        while True:
-            proxy.rows("token_name = 'metered' AND status = 200", n=forwarded)
-            response = client.post(f"{proxy.url}{CHAT}", content=body, headers=headers())
-            if response.status_code == 429:
-                break
-            assert response.status_code == 200
-            forwarded += 1
+    assert response.status_code == 429
+    proxy.rows("token_name = 'metered' AND status = 200", n=forwarded)
     spent = forwarded_cost(proxy)
     assert (limit - reserve) / NANO < spent <= limit / NANO
-    stored = settled(proxy, 200 + forwarded - statuses.count(200) + 2)
+    stored = settled(proxy, 200 + forwarded - statuses.count(200) + 1)
     assert stored["reserved_nanousd"] == 0
     assert abs(stored["spent_nanousd"] - spent * NANO) < 500  # integer counter == sum of the rows' costs
+
+
+def test_back_to_back_requests_are_refused_only_once_finished_ones_have_settled(
+        mock: MockProvider, tmp_path_factory: pytest.TempPathFactory) -> None:
+    body = chat_body("back to back")
+    reserve = reservation(CHAT, body)
+    limit = 20 * reserve
+    workdir = tmp_path_factory.mktemp("late-settlement")
+    proxy = Proxy(workdir, base_config(mock.base_url, workdir / "metrion.db", **budget_config(limit / NANO)),
+                  scripts=(Path(__file__).parent / "slow_settlement.py",)).start()
+    try:
+        forwarded = 0
+        with httpx.Client(timeout=30) as client:  # at full speed: each request as soon as the previous answered
+            while (response := client.post(f"{proxy.url}{CHAT}", content=body, headers=headers())).status_code == 200:
+                forwarded += 1
+        assert response.json()["error"]["code"] == "budget_exceeded"
+        proxy.rows("token_name = 'metered' AND status = 200", n=forwarded)
+        assert (limit - reserve) / NANO < forwarded_cost(proxy) <= limit / NANO  # not refused early
+    finally:
+        proxy.stop()
 
 
 def test_forwarded_responses_carry_the_budget_and_refusals_fail_fast_in_each_sdk(start_proxy) -> None:
@@ -218,6 +229,30 @@ def test_streams_settle_at_the_reported_cost_and_cut_streams_keep_their_reservat
     remaining = 1.0 - (kept["spent_nanousd"] + kept["reserved_nanousd"] + reservation(CHAT, chat_body())) / NANO
     assert float(again.headers["x-metrion-budget-remaining-usd"]) == pytest.approx(remaining, abs=2e-6)
     assert settled(proxy, 5)["reserved_nanousd"] == held
+
+
+def test_a_crash_right_after_forwarding_keeps_the_reservation(start_proxy, mock: MockProvider) -> None:
+    proxy = start_proxy(**budget_config(1.0))
+    body = chat_body(f"crash {time.monotonic_ns()}")
+    slow = {**headers(), "x-mock-scenario": "slow-headers:5"}  # the provider is still thinking when Metrion dies
+
+    def send() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # Metrion dies mid-request
+            httpx.post(f"{proxy.url}{CHAT}", content=body, headers=slow, timeout=30)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    deadline = time.monotonic() + 10
+    while not any(r.body == body for r in mock.received):  # forwarded: the provider may bill it from now on
+        assert time.monotonic() < deadline, "the request never reached the provider"
+        time.sleep(0.001)
+    assert proxy.process is not None
+    proxy.process.kill()  # no clean shutdown: whatever was not on disk is lost
+    proxy.process.wait()
+    proxy.process = None
+    sender.join(30)
+    proxy.start()
+    assert budget_row(proxy)["reserved_nanousd"] == reservation(CHAT, body)
 
 
 def math_ceil_nano(usd: float) -> int:

@@ -55,7 +55,7 @@ class Tmpfs:
         self.filler.unlink()
 
     def close(self) -> None:
-        subprocess.run(["umount", "-l", str(self.mountpoint)], check=False, capture_output=True)
+        subprocess.run(["umount", "-l", str(self.mountpoint)], check=True, capture_output=True)  # never left behind
 
 
 class FileSizeLimit:

@@ -1,4 +1,5 @@
-"""Two Metrion instances on one Redis behind a real HAProxy running deploy/haproxy.cfg, as the README deploys them.
+"""Two Metrion instances behind a real HAProxy running deploy/haproxy.cfg, as the README deploys them: limits on one
+Redis, one request log on PostgreSQL.
 
 The official openai SDK talks to HAProxy only. One set of processes serves the module's tests, in order.
 """
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import subprocess
 import threading
 import time
@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import openai
+import psycopg
 import pytest
 from harness import ROOT, Proxy, base_config, free_port, token
-from servers import RedisServer, _wait_for_port
+from psycopg.rows import dict_row
+from servers import PostgresServer, RedisServer, _wait_for_port
 
 from metrion_addon.mock_provider import MockProvider
 
@@ -54,10 +56,17 @@ class HAProxy:
 
     def servers(self) -> dict[str, str]:
         """Each instance's state as HAProxy's health checks see it: UP, DOWN, MAINT, ... (`show stat`)."""
+        return {name: row["status"] for name, row in self._stats().items()}
+
+    def answered(self, name: str) -> int:
+        """How many 2xx answers HAProxy has passed on from this instance (kept across the instance's restarts)."""
+        return int(self._stats()[name]["hrsp_2xx"] or 0)
+
+    def _stats(self) -> dict[str, dict[str, str]]:
         lines = self.command("show stat").splitlines()
         header = lines[0].lstrip("# ").split(",")
         rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
-        return {r["svname"]: r["status"] for r in rows if r["pxname"] == "instances" and r["svname"] != "BACKEND"}
+        return {r["svname"]: r for r in rows if r["pxname"] == "instances" and r["svname"] != "BACKEND"}
 
     def wait_for(self, states: dict[str, str], timeout: float) -> float:
         """Seconds until every named instance is in the given state."""
@@ -73,29 +82,27 @@ class Deployment:
     haproxy: HAProxy
     instances: list[Proxy]
     redis: RedisServer
+    database: str
 
     def client(self, key: str, user: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.haproxy.url}/api/proxy/openai/v1", api_key=key, max_retries=0,
                              timeout=20, default_headers={"x-metrion-user": user})
 
     def rows(self, user: str) -> list[dict]:
-        """This user's rows in every instance's database (each instance keeps its own log until PostgreSQL)."""
-        found = []
-        for instance in self.instances:
-            with sqlite3.connect(instance.db_path) as conn:
-                conn.row_factory = sqlite3.Row
-                found += [{**dict(r), "instance": instance.port}
-                          for r in conn.execute("SELECT * FROM requests WHERE requester = ?", (user,))]
-        return found
+        """This user's rows in the one log both instances write."""
+        with psycopg.connect(self.database, row_factory=dict_row) as conn:
+            return conn.execute("SELECT * FROM requests WHERE requester = %s", (user,)).fetchall()
 
 
 @pytest.fixture(scope="module")
-def deployment(mock: MockProvider, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(mock: MockProvider, postgres_cluster: PostgresServer,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     workdir = tmp_path_factory.mktemp("haproxy")
     redis = RedisServer(workdir / "redis").start()
+    database = postgres_cluster.create_database("metrion_haproxy")
     clock = workdir / "now"
     clock.write_text(NOW)
-    shared = {"rate_limit": 100_000, "shared": {"redis": redis.url},
+    shared = {"rate_limit": 100_000, "shared": {"redis": redis.url}, "database": database,
               "plans": {"team": {"monthly_requests": CAP}, "pro": {"monthly_requests": None}},
               "tokens": [{"name": "team", "token": CAPPED, "plan": "team", "keys": {"openai": "sk-stored"}},
                          {"name": "load", "token": UNCAPPED, "plan": "pro", "keys": {"openai": "sk-stored"}}]}
@@ -104,7 +111,7 @@ def deployment(mock: MockProvider, tmp_path_factory: pytest.TempPathFactory) -> 
     try:
         for n in (1, 2):
             home = workdir / f"metrion{n}"
-            instances.append(Proxy(home, base_config(mock.base_url, home / "metrion.db", **shared),
+            instances.append(Proxy(home, base_config(mock.base_url, home / "unused.db", **shared),
                                    env={"METRION_CLOCK_FILE": str(clock)}).start())
         port = free_port()
         env = {**os.environ, "METRION_LISTEN": f"127.0.0.1:{port}", "METRION_1": f"127.0.0.1:{instances[0].port}",
@@ -116,7 +123,7 @@ def deployment(mock: MockProvider, tmp_path_factory: pytest.TempPathFactory) -> 
         _wait_for_port(port, 10, process)
         haproxy = HAProxy(process, port, workdir / "haproxy.sock", log_path)
         haproxy.wait_for({"metrion1": "UP", "metrion2": "UP"}, timeout=10)
-        yield Deployment(haproxy, instances, redis)
+        yield Deployment(haproxy, instances, redis, database)
     finally:
         if haproxy is not None:
             haproxy.process.terminate()
@@ -139,6 +146,7 @@ def test_requests_through_haproxy_share_one_monthly_cap_and_leave_one_row_each(
         except openai.APIStatusError as e:
             return e.status_code
 
+    served = [deployment.haproxy.answered(name) for name in ("metrion1", "metrion2")]
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(call, range(CAP + 20)))
     assert statuses.count(200) == CAP and statuses.count(429) == 20
@@ -147,7 +155,9 @@ def test_requests_through_haproxy_share_one_monthly_cap_and_leave_one_row_each(
     while len(rows := deployment.rows(user)) < CAP + 20 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(rows) == CAP + 20 and sum(r["status"] == 200 for r in rows) == CAP
-    assert {r["instance"] for r in rows} == {p.port for p in deployment.instances}  # both instances served
+    assert len({r["uid"] for r in rows}) == CAP + 20  # one row each, none written twice
+    assert all(deployment.haproxy.answered(name) > before  # both instances served
+               for name, before in zip(("metrion1", "metrion2"), served, strict=True))
 
 
 class Load:
@@ -178,10 +188,6 @@ class Load:
             thread.join(30)
 
 
-def _rows_of(deployment: Deployment, instance: Proxy, user: str) -> int:
-    return sum(r["instance"] == instance.port for r in deployment.rows(user))
-
-
 def test_a_drained_instance_restarts_without_one_failed_request(deployment: Deployment) -> None:
     """The planned restart: drain it in HAProxy (runtime API), stop it, start it, set it ready."""
     user = f"drain-{uuid.uuid4()}"
@@ -192,7 +198,7 @@ def test_a_drained_instance_restarts_without_one_failed_request(deployment: Depl
         deployment.haproxy.command("set server instances/metrion1 state drain")
         time.sleep(0.3)  # its in-flight requests finish (each takes 20 ms upstream)
         first.stop()
-        stopped = _rows_of(deployment, first, user)
+        stopped = deployment.haproxy.answered("metrion1")
         first.start()
         deployment.haproxy.command("set server instances/metrion1 state ready")
         back = deployment.haproxy.wait_for({"metrion1": "UP"}, timeout=8)
@@ -201,7 +207,7 @@ def test_a_drained_instance_restarts_without_one_failed_request(deployment: Depl
         load.stop()
     assert load.failures == [] and load.ok > 50
     assert back <= 4  # rise 2 at 1 s intervals
-    assert _rows_of(deployment, first, user) > stopped  # serving again
+    assert deployment.haproxy.answered("metrion1") > stopped  # serving again
 
 
 def test_an_instance_stopped_without_drain_costs_only_the_moment_of_its_stop(
@@ -233,7 +239,8 @@ def test_an_instance_stopped_without_drain_costs_only_the_moment_of_its_stop(
     assert detected <= 3.5
     time.sleep(0.3)  # the other writer's last batch
     forwarded = sum(user.encode() in r.body for r in mock.received)
-    assert len(deployment.rows(user)) == forwarded >= load.ok  # every forwarded request: exactly one row
+    rows = deployment.rows(user)
+    assert len(rows) == len({r["uid"] for r in rows}) == forwarded >= load.ok  # each forwarded request: one row
 
 
 def test_without_redis_haproxy_answers_a_json_503_and_the_instances_come_back(deployment: Deployment) -> None:

@@ -19,10 +19,29 @@ from metrion_addon.cli import main
 from metrion_addon.config import load_config
 from metrion_addon.dashboard import pages
 from metrion_addon.queries import Cursor, Filters, log_page
-from metrion_addon.store import BucketState, MonthlyCount, RequestRecord
+from metrion_addon.store import BucketState, DeadLetter, MonthlyCount, RequestRecord
 from metrion_addon.store.cache import cache_stats
 from metrion_addon.store.records import uuid7
-from metrion_addon.store.spool import Spool, SpoolingBackend, SpoolUnavailable
+from metrion_addon.store.spool import Batch, Spool, SpoolingBackend, SpoolUnavailable, decode, encode
+
+
+@pytest.mark.parametrize(("sqlite", "psycopg"), [
+    ("SELECT a FROM t WHERE b = ? AND c < ?", "SELECT a FROM t WHERE b = %s AND c < %s"),
+    ("SELECT count(*) FILTER (WHERE x > :now) FROM t", "SELECT count(*) FILTER (WHERE x > %(now)s) FROM t"),
+    ("SELECT '?', ':no', 'it''s ?', ? FROM t", "SELECT '?', ':no', 'it''s ?', %s FROM t"),
+    ("SELECT a % 2, '50%' FROM t", "SELECT a %% 2, '50%%' FROM t"),
+    ("SELECT x::bigint FROM t", "SELECT x::bigint FROM t"),
+])
+def test_sqlite_placeholders_become_psycopg_ones_outside_string_literals(sqlite: str, psycopg: str) -> None:
+    assert store.postgres.translate(sqlite) == psycopg
+
+
+def test_a_spooled_batch_reads_back_as_it_was_written() -> None:
+    batch = Batch([record(1, error="bad \x00 byte", stream=True), record(2, cost_usd=None)],
+                  [BucketState("app", 2.5, 1.0), MonthlyCount("app", "2026-11", 3)],
+                  [DeadLetter("2026-11-01T00:00:00.000Z", "IntegrityError: no", '{"ts": 1}')])
+    again = decode(encode(batch))
+    assert again == batch and [r.uid for r in again.records] == [r.uid for r in batch.records]
 
 
 def record(n: int, **fields: Any) -> RequestRecord:
@@ -66,7 +85,7 @@ def unreachable() -> str:
 def test_batches_spool_while_postgres_is_unreachable_and_replay_once_when_it_is_back(postgres, tmp_path: Path
                                                                                      ) -> None:
     url, conn = pg(postgres, "spooled")
-    down = SpoolingBackend(store.postgres.PostgresBackend(unreachable()), Spool(tmp_path, 1 << 20))
+    down = SpoolingBackend(store.postgres.PostgresBackend(unreachable()), Spool.claim(tmp_path, 1 << 20))
     first, second = [record(n) for n in range(3)], [record(n) for n in range(3, 5)]
     down.write(first, [BucketState("app", 2.5, 1.0)])
     down.write(second, [MonthlyCount("app", "2026-11", 5)])
@@ -76,7 +95,7 @@ def test_batches_spool_while_postgres_is_unreachable_and_replay_once_when_it_is_
     spool_file = tmp_path / "spool-0.jsonl"
     with spool_file.open("ab") as file:
         file.write(b'{"rows": [[')  # a crash mid-append: never fsynced, never acknowledged
-    up = SpoolingBackend(store.postgres.PostgresBackend(url), Spool(tmp_path, 1 << 20))
+    up = SpoolingBackend(store.postgres.PostgresBackend(url), Spool.claim(tmp_path, 1 << 20))
     assert up.spool.rows == 5
     while up.idle():
         pass
@@ -90,7 +109,7 @@ def test_batches_spool_while_postgres_is_unreachable_and_replay_once_when_it_is_
 
 
 def test_past_its_bound_the_spool_refuses_and_the_writer_fails_closed(tmp_path: Path) -> None:
-    backend = SpoolingBackend(store.postgres.PostgresBackend(unreachable()), Spool(tmp_path, 4096))
+    backend = SpoolingBackend(store.postgres.PostgresBackend(unreachable()), Spool.claim(tmp_path, 4096))
     writer = store.Writer(backend, retry_seconds=0.05, batch_seconds=0)
     writer.start()
     writer.put(record(1))
@@ -219,3 +238,19 @@ def _config(tmp_path: Path) -> Path:
         "    - {name: slow, type: latency_p95, threshold: 900, unit: ms, period: month, notify: [ops]}\n"
     )
     return path
+
+
+def test_a_journal_left_by_a_stopped_instance_is_replayed_by_a_running_one(postgres, tmp_path: Path) -> None:
+    url, conn = pg(postgres, "orphan")
+    running = SpoolingBackend(store.postgres.PostgresBackend(url), Spool.claim(tmp_path, 1 << 20))
+    stopped = SpoolingBackend(store.postgres.PostgresBackend(unreachable()), Spool.claim(tmp_path, 1 << 20))
+    stopped.write([record(n) for n in range(4)], [])
+    assert stopped.spool.path.name == "spool-1.jsonl" and stopped.spool.rows == 4
+    assert not running.idle(), "its slot is held: not an orphan while that instance runs"
+    stopped.close()
+    running._look_at = 0.0  # (it looks every 30 s)
+    while running.idle():
+        pass
+    assert conn.execute("SELECT count(*) FROM requests").fetchone() == (4,)
+    assert (tmp_path / "spool-1.jsonl").stat().st_size == 0
+    running.close()

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metrion_addon import store
-from metrion_addon.store import BucketState, MonthlyCount, RequestRecord, Writer, storable
+from metrion_addon.store import BucketState, BudgetState, MonthlyCount, RequestRecord, Writer, storable
 
 
 def record(n: int = 0, **fields: Any) -> RequestRecord:
@@ -81,6 +81,21 @@ def test_a_row_whose_budget_waits_for_it_settles_at_once_and_is_still_written_wi
     assert count(path) == 0  # the rows are still written together, when the window closes
     writer.close()
     assert count(path) == 2
+
+
+def test_a_durable_counter_is_committed_at_once_and_on_disk_when_its_future_is_done(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    writer = Writer(store.SQLiteBackend(open_db(path)), batch_seconds=5.0)
+    writer.start()
+    writer.put(record(1))  # opens a 5 s batch window
+    time.sleep(0.05)
+    started = time.monotonic()
+    writer.put_durable(BudgetState("app", "2026-12", 7, 3, 1)).result(timeout=2)
+    assert time.monotonic() - started < 1.0  # the window ended for it
+    with sqlite3.connect(path) as conn:
+        assert store.load_budgets(conn) == [BudgetState("app", "2026-12", 7, 3, 1)]
+    assert count(path) == 1  # what was queued before it went in the same commit
+    writer.close()
 
 
 def test_rows_and_counters_are_written_and_flushed_on_close(tmp_path: Path) -> None:

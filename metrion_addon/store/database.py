@@ -25,7 +25,6 @@ Error = (sqlite3.Error, psycopg.Error)  # what reading either database may raise
 class Log:
     """The opened log: `conn` for start-up reads (counters, budgets, alert history), `backend` for the writer."""
 
-    database: Path | str
     conn: Any
     backend: Backend
 
@@ -47,11 +46,11 @@ def open_log(database: Path | str, spool_directory: Path, spool_bytes: int) -> L
     if isinstance(database, Path):
         conn = connect(database)
         create_schema(conn)
-        return Log(database, conn, SQLiteBackend(conn))
+        return Log(conn, SQLiteBackend(conn))
     pg = postgres.connect(database)
     postgres.create_schema(pg)
-    spool = Spool(spool_directory, spool_bytes)
-    return Log(database, pg, SpoolingBackend(postgres.PostgresBackend(database, pg), spool))
+    spool = Spool.claim(spool_directory, spool_bytes)
+    return Log(pg, SpoolingBackend(postgres.PostgresBackend(database, pg), spool))
 
 
 def shown(database: Path | str) -> str:

@@ -33,10 +33,6 @@ _READING = "-c statement_timeout=60000 -c default_transaction_read_only=on"
 _TOKEN = re.compile(r"'(?:[^']|'')*'|\?|(?<!:):(\w+)|%")
 
 
-def is_url(database: object) -> bool:
-    return isinstance(database, str) and database.startswith(("postgresql://", "postgres://"))
-
-
 def shown(url: str) -> str:
     """`url` without its password, for logs and messages."""
     return re.sub(r"(password=)[^&\s]*", r"\1***", re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url))
@@ -197,10 +193,10 @@ class PostgresBackend:
             self._reconnect()
         conn = self._conn
         assert conn is not None
-        if self._prepared is not conn:  # outside the transaction: a temporary table made in one dies with its rollback
-            conn.raw.execute(_INCOMING)
-            self._prepared = conn
         try:
+            if self._prepared is not conn:  # outside the transaction: one made in it would die with its rollback
+                conn.raw.execute(_INCOMING)
+                self._prepared = conn
             with conn.transaction():
                 inserted = self._insert(conn, records)
                 aggregates.add_to_hourly(conn, inserted)  # type: ignore[arg-type]

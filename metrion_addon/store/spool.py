@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _KINDS: dict[str, type] = {kind.__name__: kind for kind in (BucketState, MonthlyCount, BudgetState, AlertEvent)}
 SLOTS = 64  # instances on one host sharing one spool directory
+_ORPHAN_SECONDS = 30.0  # how often an idle writer looks for journals that stopped instances left behind
 _REPLAY_PER_WRITE = 4  # spooled batches replayed after each new one: the spool drains while traffic goes on
 
 
@@ -69,20 +70,22 @@ class SpoolFull(Exception):
 class Spool:
     """An append-only journal file with a read position; emptied (truncated) once everything in it was replayed."""
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, file: IO[bytes], max_bytes: int) -> None:
+        """Use the journal at `path`, whose `file` this process holds (flock)."""
         self.max_bytes = max_bytes
-        self.path, self._file = _claim(directory)
+        self.path, self._file = path, file
         self._position = 0  # bytes replayed so far
         self.rows = 0  # rows in the journal not replayed yet
         self._file.seek(0)
         whole = 0
         for line in self._file:
-            try:
-                self.rows += len(json.loads(line)["rows"])
-            except ValueError:  # a line cut short by a crash mid-append: never fsynced, so never acknowledged
+            if not line.endswith(b"\n"):  # cut short by a crash mid-append: never fsynced whole, never acknowledged
                 break
             whole += len(line)
+            try:
+                self.rows += len(json.loads(line)["rows"])
+            except (ValueError, KeyError, TypeError):  # replay stops there and says so (see next())
+                log.error("metrion: unreadable line in the spool %s ending at byte %d", self.path, whole)
         self._file.truncate(whole)
         self._size = whole
         if self.rows:
@@ -141,20 +144,36 @@ class Spool:
     def close(self) -> None:
         self._file.close()  # releases the lock; what was not replayed waits for the next instance in this slot
 
+    @classmethod
+    def claim(cls, directory: Path, max_bytes: int) -> Spool:
+        """This instance's journal: the first of `directory` that no running process holds."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for slot in range(SLOTS):
+            if (found := cls._hold(directory / f"spool-{slot}.jsonl", max_bytes)) is not None:
+                return found
+        raise OSError(f"all {SLOTS} spool files in {directory} are held by running processes")
 
-def _claim(directory: Path) -> tuple[Path, IO[bytes]]:
-    """The first journal of `directory` no running process holds: a stopped instance's leftovers are replayed by
-    the next instance that takes its slot."""
-    for slot in range(SLOTS):
-        path = directory / f"spool-{slot}.jsonl"
+    @classmethod
+    def orphan(cls, directory: Path, max_bytes: int) -> Spool | None:
+        """A journal of `directory` with rows in it that no running process holds (its instance stopped and no
+        other took its slot), now held by this process; None when there is none."""
+        for path in sorted(directory.glob("spool-*.jsonl")):
+            if path.stat().st_size == 0 or (found := cls._hold(path, max_bytes)) is None:
+                continue
+            if found.rows:
+                return found
+            found.close()
+        return None
+
+    @classmethod
+    def _hold(cls, path: Path, max_bytes: int) -> Spool | None:
         file = path.open("a+b")
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             file.close()
-            continue
-        return path, file
-    raise OSError(f"all {SLOTS} spool files in {directory} are held by running processes")
+            return None
+        return cls(path, file, max_bytes)
 
 
 class SpoolingBackend:
@@ -167,6 +186,8 @@ class SpoolingBackend:
     def __init__(self, backend: PostgresBackend, spool: Spool, retry_seconds: float = 1.0) -> None:
         self._backend = backend
         self.spool = spool
+        self._orphan: Spool | None = None  # another instance's leftover journal, being replayed
+        self._look_at = 0.0  # when to look for one next
         self._retry_seconds = retry_seconds
         self._retry_at = 0.0  # while PostgreSQL is unreachable, batches go straight to the spool until then
         self.outage: str | None = None  # why PostgreSQL is not being written now
@@ -182,7 +203,7 @@ class SpoolingBackend:
                 self._note_outage(e)
             else:
                 self.outage = None
-                self._catch_up(_REPLAY_PER_WRITE)
+                self._catch_up(self.spool, _REPLAY_PER_WRITE)
                 return
         try:
             self.spool.append(Batch(list(records), list(counters), list(dead_letters)))
@@ -190,15 +211,30 @@ class SpoolingBackend:
             raise SpoolUnavailable(f"PostgreSQL unreachable ({self.outage}) and {e}") from e
 
     def idle(self) -> bool:
-        if self.spool.empty or (self.outage is not None and time.monotonic() < self._retry_at):
+        if self.outage is not None and time.monotonic() < self._retry_at:
             return False
-        return self._catch_up(1)
+        if not self.spool.empty:
+            return self._catch_up(self.spool, 1)
+        if self._orphan is None:
+            if time.monotonic() < self._look_at:
+                return False
+            self._look_at = time.monotonic() + _ORPHAN_SECONDS
+            self._orphan = Spool.orphan(self.spool.path.parent, self.spool.max_bytes)
+            if self._orphan is None:
+                return False
+            log.warning("metrion: replaying %d rows a stopped instance left in %s", self._orphan.rows,
+                        self._orphan.path)
+        more = self._catch_up(self._orphan, 1)
+        if self._orphan.empty:
+            self._orphan.close()
+            self._orphan = None
+        return more
 
-    def _catch_up(self, batches: int) -> bool:
-        """Replay up to `batches` spooled batches; True if more are left and PostgreSQL takes them."""
+    def _catch_up(self, spool: Spool, batches: int) -> bool:
+        """Replay up to `batches` batches of `spool`; True if more are left and PostgreSQL takes them."""
         try:
             for _ in range(batches):
-                if not self._replay_one():
+                if not self._replay_one(spool):
                     return False
         except Exception as e:
             if not self._backend.is_outage(e):
@@ -206,10 +242,10 @@ class SpoolingBackend:
             self._note_outage(e)
             return False
         self.outage = None
-        return not self.spool.empty
+        return not spool.empty
 
-    def _replay_one(self) -> bool:
-        found = self.spool.next()
+    def _replay_one(self, spool: Spool) -> bool:
+        found = spool.next()
         if found is None:
             return False
         batch, end = found
@@ -219,9 +255,9 @@ class SpoolingBackend:
             if self._backend.is_outage(e):
                 raise
             self._replay_apart(batch)
-        self.spool.replayed(batch, end)
-        if self.spool.empty:
-            log.warning("metrion: the spool %s is replayed into PostgreSQL and empty", self.spool.path)
+        spool.replayed(batch, end)
+        if spool.empty:
+            log.warning("metrion: the spool %s is replayed into PostgreSQL and empty", spool.path)
         return True
 
     def _replay_apart(self, batch: Batch) -> None:
@@ -250,6 +286,8 @@ class SpoolingBackend:
     def close(self) -> None:
         self._backend.close()
         self.spool.close()
+        if self._orphan is not None:
+            self._orphan.close()
 
 
 class SpoolUnavailable(Exception):

@@ -11,6 +11,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Protocol
 
 from .records import (
@@ -32,6 +34,14 @@ log = logging.getLogger(__name__)
 Pricer = Callable[[RequestRecord], tuple[float | None, str | None]]
 Settler = Callable[[RequestRecord], BudgetState | None]
 _CLOSE = object()
+
+
+@dataclass(frozen=True)
+class _OnDisk:
+    """A counter whose caller waits until it is committed (`put_durable`)."""
+
+    item: Counter
+    done: Future[None]
 BACKLOG_ROWS = 100_000  # rows held in memory while the database fails (about 1 KB each)
 CHUNK_ROWS = 500  # rows per transaction: a recovering database never needs room for the whole backlog at once
 
@@ -82,6 +92,7 @@ class Writer:
         # window, so a finished request's reservation does not hold back budget for up to `batch_seconds`.
         self._settles_now = settles_now
         self._arrived = threading.Event()
+        self._committing: list[Future[None]] = []  # callers of put_durable waiting for the next commit
         self._on_written = on_written
         self._retry_seconds = retry_seconds
         self._batch_seconds = batch_seconds  # gather rows this long: fewer wake-ups and commits under load
@@ -137,6 +148,17 @@ class Writer:
         if self._settles_now is not None and isinstance(item, RequestRecord) and self._settles_now(item):
             self._arrived.set()
 
+    def put_durable(self, item: Counter) -> Future[None]:
+        """Queue `item` and commit it at once (with whatever else is queued); the future is done once it is on disk.
+
+        For a budget reservation that must survive a crash of the process once its request reached the provider.
+        While the database fails the future stays pending: the caller decides how long to wait.
+        """
+        done: Future[None] = Future()
+        self._queue.put(_OnDisk(item, done))
+        self._arrived.set()
+        return done
+
     def close(self, timeout: float = 10.0) -> None:
         """Write everything queued so far, then stop the thread and close the connection."""
         if self._thread.is_alive():
@@ -190,9 +212,10 @@ class Writer:
                 self._busy_since = None
 
     def _window(self, seconds: float) -> None:
-        """Let a batch gather for `seconds`, taking what arrives early only when a row's budget waits for it."""
+        """Let a batch gather for `seconds`: take what arrives early only when a row's budget waits for it, and end
+        the window at once when a caller waits for a commit (`put_durable`)."""
         deadline = time.monotonic() + seconds
-        while not self._closing and (left := deadline - time.monotonic()) > 0:
+        while not self._closing and not self._committing and (left := deadline - time.monotonic()) > 0:
             if not self._arrived.wait(left):
                 return
             self._arrived.clear()
@@ -220,6 +243,9 @@ class Writer:
     def _take(self, item: object) -> None:
         if item is _CLOSE:
             self._closing = True
+        elif isinstance(item, _OnDisk):
+            self._take(item.item)
+            self._committing.append(item.done)
         elif isinstance(item, RequestRecord):
             if not item.forwarded and len(self._backlog) >= self._backlog_rows:
                 self.dropped += 1
@@ -299,6 +325,10 @@ class Writer:
             self._busy_since = None
         if counters:
             self._counters.clear()
+            for done in self._committing:  # every one of them was among these counters
+                if done.set_running_or_notify_cancel():  # False: the caller gave up waiting
+                    done.set_result(None)
+            self._committing.clear()
         del self._dead[: len(dead)]
         self._recovered(len(records))
 
