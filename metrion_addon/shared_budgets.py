@@ -82,6 +82,20 @@ end
 return {quota_ok, rate_ok, tokens, used, ok, string.format('%d', spent), string.format('%d', reserved), version, life}
 """
 
+HAND_BACK = BUDGET_FUNCTION + """
+-- What this instance saw of each budget, handed to a Redis that may have lost it (at start-up, and when Redis
+-- answers again). KEYS: budget hashes; ARGV, five per key: seen life, floor, new life, seen version, expiry.
+-- Returns {spent, reserved, version, life} per key.
+local out = {}
+for i, key in ipairs(KEYS) do
+  local b = 5 * (i - 1)
+  local spent, reserved, version, life = budget_state(key, ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4])
+  redis.call('EXPIREAT', key, ARGV[b + 5])
+  out[i] = {string.format('%d', spent), string.format('%d', reserved), version, life}
+end
+return out
+"""
+
 SETTLE = """
 -- Replace reservation ARGV[1] by ARGV[2] nano-USD spent. A reservation the hash does not hold (settled already, or
 -- lost with Redis's data) changes nothing, so a settlement retried after a timeout counts once.
@@ -152,6 +166,32 @@ class SharedBudgetCounters:
         self._known: dict[tuple[str, str], tuple[str, BudgetState]] = {
             (s.token_name, s.month): ("", s) for s in saved}
         self._unsettled: list[tuple[Reservation, int]] = []
+        self._hand_back_async = shared.client.register_script(HAND_BACK)
+        shared.recovery.append(self._hand_back)
+        pairs, keys, args = self._hand_back_call()
+        if keys:  # at start-up, blocking like the limits' own connect; Redis away: the recovery hands them back
+            with contextlib.suppress(redis.RedisError):
+                self._saw(pairs, self._sync.register_script(HAND_BACK)(keys=keys, args=args))
+
+    def _hand_back_call(self) -> tuple[list[tuple[str, str]], list[str], list]:
+        with self._lock:
+            known = list(self._known.items())
+        keys, args = [], []
+        for (name, month), (life, seen) in known:
+            keys.append(budget_key(name, month))
+            args += [life, seen.spent_nanousd + seen.reserved_nanousd, secrets.token_hex(8), seen.version,
+                     _expiry(month)]
+        return [pair for pair, _ in known], keys, args
+
+    async def _hand_back(self) -> None:
+        """Give Redis back what this instance saw of each budget (a no-op where Redis kept it)."""
+        pairs, keys, args = self._hand_back_call()
+        if keys:
+            self._saw(pairs, await self._hand_back_async(keys=keys, args=args))
+
+    def _saw(self, pairs: list[tuple[str, str]], found: list) -> None:
+        for (name, month), (spent, reserved, version, life) in zip(pairs, found, strict=True):
+            self._see(BudgetState(name, month, int(spent), int(reserved), int(version)), life.decode())
 
     @property
     def up(self) -> bool:

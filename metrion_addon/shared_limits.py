@@ -13,7 +13,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -171,6 +171,8 @@ class SharedLimits:
         self.fingerprint = fingerprint
         self.instances = 1  # live instances (this one included) at the last heartbeat
         self.error: str | None = "not connected yet"  # None while Redis answers
+        # Run (in order) when Redis answers again, before admissions resume; a failure counts as Redis still away.
+        self.recovery: list[Callable[[], Awaitable[None]]] = []
         self._url = shared.redis
         self._caps = caps
         self._id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -322,6 +324,8 @@ class SharedLimits:
                                                                            _INSTANCE_TTL_MS])
                 if recovering:
                     await self._hand_back_local_counts()
+                    for hand_back in self.recovery:  # before any admission: what others keep in Redis goes back first
+                        await hand_back()
             except Exception as e:  # the loop must outlive any failure: it is what reconnects
                 self.went_down(e)
                 continue

@@ -182,3 +182,26 @@ def test_without_redis_budgets_follow_on_failure_and_resume_where_they_were(
     assert statuses.count(200) > 0 and statuses.count(200) + statuses.count(429) == 40
     time.sleep(0.5)
     assert spent_of(rows([closed, local], "1")) <= limit / NANO
+
+
+def test_redis_killed_mid_load_never_lets_the_budget_overshoot(start_proxy, start_redis, mock: MockProvider) -> None:
+    marker = f"mid-load {uuid.uuid4()}"
+    body = chat_body(marker)
+    reserve = reservation(CHAT, body)
+    limit = 40 * reserve + reserve // 2
+    server = start_redis()
+    proxies = [start_proxy(**shared_budget_config(server.url, limit / NANO, on_failure="local")) for _ in range(2)]
+    statuses: list[int] = []
+    outage = threading.Thread(target=lambda: (time.sleep(0.4), server.kill(), time.sleep(1.0), server.start()))
+    outage.start()
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:  # waves of 6 across both instances, before, during and after the outage
+        statuses += burst(proxies, 6, body)
+    outage.join()
+    assert set(statuses) <= {200, 429, 503} and statuses.count(503) > 0 and statuses.count(200) > 0
+    while (wave := burst(proxies, 6, body)) != [429] * 6:  # then use up the budget
+        statuses += wave
+        assert len(statuses) < 2000
+    wait_rows(proxies, statuses.count(200))
+    assert sum(marker.encode() in r.body for r in mock.received) == statuses.count(200)
+    assert spent_of(rows(proxies, "1")) <= limit / NANO  # the budget held through the loss of Redis and its data

@@ -94,3 +94,16 @@ def test_one_script_takes_all_or_nothing_from_the_limits_and_the_budget(start_re
     _, ok, state = reserve(loop, on, 100)  # the bucket refuses: nothing reserved, nothing to give back
     assert not ok and state.reserved_nanousd == 200
     assert int(client.get(f"metrion:month:team:{MONTH}")) == 2
+
+
+def test_instances_hand_back_what_they_saw_before_admissions_resume(start_redis, loop) -> None:
+    server = start_redis()
+    first, second = counters(server.url), counters(server.url)
+    reserve(loop, first, 300)
+    reserve(loop, second, 100)  # the second saw 400 in all
+    assert reserve(loop, first, 200)[2].reserved_nanousd == 600  # the first saw 600: the latest view
+    redis.Redis.from_url(server.url).delete(budget_key("team", MONTH))  # Redis restarted without persistence
+    for hand_back in first.limits.recovery:  # what the heartbeat runs when Redis answers again
+        loop.run_until_complete(hand_back())
+    _, ok, state = reserve(loop, second, 401)  # the second's own view (400) would have let this through
+    assert not ok and state.spent_nanousd == 600
