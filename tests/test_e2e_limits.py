@@ -6,6 +6,7 @@ Clock-sensitive cases freeze the proxy's clock with METRION_CLOCK_FILE instead o
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -39,8 +40,9 @@ def post(proxy: Proxy, key: str = TINY, provider: str = "openai", **headers: str
     return httpx.post(f"{proxy.url}{path}", json=body, headers={**auth, **headers}, timeout=30)
 
 
-def test_burst_over_the_rate_limit_gets_429_and_the_sdk_retry_succeeds(start_proxy) -> None:
-    proxy = start_proxy(rate_limit=100, **tiny_plan(10_000))
+def test_burst_over_the_rate_limit_gets_429_and_the_sdk_retry_succeeds(start_proxy, tmp_path: Path) -> None:
+    clock = tmp_path / "now"  # frozen: nothing refills until the test moves it
+    proxy = start_proxy(env=frozen_clock(clock, "2026-11-10T12:00:00Z"), rate_limit=100, **tiny_plan(10_000))
     passed = 0
     with httpx.Client(timeout=10) as client:
         path, body, _ = request_for("openai", stream=False)
@@ -49,21 +51,26 @@ def test_burst_over_the_rate_limit_gets_429_and_the_sdk_retry_succeeds(start_pro
             if response.status_code == 429:
                 break
             passed += 1
-    assert passed >= 100  # the whole burst capacity, plus whatever refilled meanwhile
+    assert passed == 100  # the whole burst capacity, no more
     assert response.status_code == 429
     assert 1 <= int(response.headers["retry-after"]) <= 1 and 0 < int(response.headers["retry-after-ms"]) <= 600
     assert response.json()["error"]["type"] == "rate_limit_exceeded"
     assert response.headers["x-metrion-ratelimit-remaining"] == "0"
 
-    # drain again right before the SDK's call: on a loaded machine a token may have refilled (one per 0.6 s)
-    while httpx.post(f"{proxy.url}{path}", json=body, headers={"authorization": f"Bearer {TINY}"}).status_code != 429:
-        pass
     who = label()
-    client = openai.OpenAI(base_url=f"{proxy.url}/api/proxy/openai/v1", api_key=TINY, max_retries=2,
+
+    def second_passes_once_refused() -> None:  # the SDK waits retry-after-ms; meanwhile a second goes by
+        proxy.rows("requester = ? AND status = 429", (who,), n=1, timeout=30)
+        clock.write_text("2026-11-10T12:00:01Z")
+
+    mover = threading.Thread(target=second_passes_once_refused)
+    mover.start()
+    client = openai.OpenAI(base_url=f"{proxy.url}/api/proxy/openai/v1", api_key=TINY, max_retries=4,
                            default_headers={"x-metrion-user": who})
     assert ask(client, "openai", "after the wait", stream=False).startswith("Echo")  # retried after retry-after-ms
-    rows = proxy.rows("requester = ?", (who,), n=2)
-    assert [r["status"] for r in rows][-1] == 200 and 429 in [r["status"] for r in rows]
+    mover.join()
+    statuses = [r["status"] for r in proxy.rows("requester = ?", (who,), n=2)]
+    assert statuses[0] == 429 and statuses[-1] == 200
 
 
 def test_rate_limit_answers_in_each_providers_shape(start_proxy, tmp_path: Path) -> None:
