@@ -45,7 +45,7 @@ run: $(STAMP)
 
 test: $(STAMP) debian-packages
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(BIN)/pytest -n 3
 
 demo: $(STAMP)
 	$(BIN)/python -m metrion_addon.demo
