@@ -14,20 +14,23 @@ export ANTHROPIC_API_KEY ?=
 # Debian packages the tests drive for real: curl (HTTP/2 in a tunnel), redis-server and postgresql (shared
 # state), chromium (the dashboard in a browser), haproxy (several instances behind a balancer), nodejs and npm
 # (the benchmark installs Portkey's gateway from npm to compare with; its smoke run is part of the tests).
-DEBIAN_PACKAGES := curl redis-server postgresql haproxy chromium nodejs npm
-DEBIAN_COMMANDS := curl redis-server pg_ctlcluster haproxy chromium node npm
+# Each pair is a command and the Debian package that brings it; only packages whose command is missing are
+# installed (a machine may already have Node.js from elsewhere, whose nodejs conflicts with Debian's npm).
+DEBIAN_NEEDS := curl:curl redis-server:redis-server pg_ctlcluster:postgresql haproxy:haproxy chromium:chromium \
+	node:nodejs npm:npm
 
 .PHONY: run test demo lint bench clean debian-packages
 
 debian-packages:
-	@missing=""; for c in $(DEBIAN_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	@missing=""; for need in $(DEBIAN_NEEDS); do \
+		command -v $${need%%:*} >/dev/null || missing="$$missing $${need#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
-			echo "installing Debian packages for the tests (missing:$$missing)"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
+			echo "installing Debian packages for the tests:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 		else \
-			echo "make test needs Debian packages (missing:$$missing). As root, run:"; \
-			echo "  apt-get update && apt-get install -y $(DEBIAN_PACKAGES)"; exit 1; \
+			echo "make test needs Debian packages. As root, run:"; \
+			echo "  apt-get update && apt-get install -y$$missing"; exit 1; \
 		fi; \
 	fi
 
