@@ -242,15 +242,25 @@ def test_a_client_with_its_own_provider_key_only_reads_entries_made_with_that_ke
 
 def test_requests_without_the_header_are_neither_served_nor_stored(proxy: Proxy, mock: MockProvider) -> None:
     who = label()
-    before = entry_keys(proxy)
+
+    def stored() -> int:  # the mock echoes the prompt: an entry of a request of this test holds `who`
+        with sqlite3.connect(proxy.db_path) as conn:
+            query = "SELECT count(*) FROM cache_entries WHERE instr(body, ?)"
+            return conn.execute(query, (who.encode(),)).fetchone()[0]
+
     for value in (None, "false"):
         response = chat(proxy, who, headers={"x-metrion-cache": value} if value else {"x-metrion-cache": "false"})
         assert "x-metrion-cache" not in response.headers
     time.sleep(0.3)  # two writer batches: nothing may have been stored
-    assert entry_keys(proxy) == before
+    assert stored() == 0
     assert len(received_for(mock, who)) == 2
     assert not any("x-metrion-cache" in r.headers for r in received_for(mock, who))
     assert [row["cache_status"] for row in proxy.rows("requester = ?", (who,), n=2)] == [None, None]
+    chat(proxy, who)  # with the header, the same question is stored: the query above would have seen it
+    deadline = time.monotonic() + 5
+    while stored() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stored() == 1
 
 
 def test_refresh_forwards_and_overwrites_the_entry(proxy: Proxy, mock: MockProvider) -> None:

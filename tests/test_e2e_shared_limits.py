@@ -90,8 +90,12 @@ def test_monthly_cap_is_exact_across_three_instances_while_one_restarts(
         statuses += burst(proxies, 40, marker)
     restarter.join()
     statuses += burst(proxies, 30, marker)
-    assert forwarded(mock, marker) == 120 == month_counter(server.url)  # each forwarded request counted once
-    assert statuses.count(429) >= 30 and statuses.count(200) <= 120
+    # The cap is spent exactly and nothing forwarded went uncounted. A request the restart cut (the client saw its
+    # connection fail) may have been counted and forwarded, or counted and never forwarded: counted, never free.
+    assert month_counter(server.url) == 120
+    assert statuses.count(200) <= forwarded(mock, marker) <= 120
+    assert 120 - statuses.count(200) <= statuses.count(0)
+    assert statuses.count(429) >= 30
 
 
 def test_an_instance_with_other_limits_refuses_to_start_with_one_line(start_proxy, start_redis, tmp_path: Path) -> None:
