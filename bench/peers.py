@@ -14,14 +14,14 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from servers import PG_BIN, PostgresServer  # noqa: E402  (the tests' private cluster: initdb, pg_ctl, a database)
+from servers import PG_BIN, PostgresServer, RedisServer  # noqa: E402  (the tests' private servers on free ports)
 
 PORTKEY_VERSION = "1.15.2"
 PORTKEY_DIR = BENCH / ".portkey"
@@ -108,31 +108,6 @@ class Portkey:
 
 
 @dataclass
-class Redis:
-    workdir: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> Redis:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        log = self.workdir / "redis.log"
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(self.workdir)], stdout=out, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, self.process, log)
-        return self
-
-    def stop(self) -> None:
-        stop_process(self.process)
-        self.process = None
-
-
-@dataclass
 class HAProxy:
     """deploy/haproxy.cfg in front of the given instance ports (two: the file names METRION_1 and METRION_2)."""
 
@@ -164,4 +139,4 @@ class HAProxy:
         return self.process.pid
 
 
-__all__ = ["HAProxy", "Portkey", "PostgresServer", "Redis", "peers_missing"]
+__all__ = ["HAProxy", "Portkey", "PostgresServer", "RedisServer", "peers_missing"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import Redis
+from peers import RedisServer
 from run import Proxy, Upstream, job_for, run_load
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="metrion-profile-") as tmp:
         upstream = Upstream()
-        redis = Redis(Path(tmp) / "redis").start() if args.kind == "metrion_redis" else None
+        redis = RedisServer(Path(tmp) / "redis").start() if args.kind == "metrion_redis" else None
         proxy = Proxy("bare" if args.kind == "bare" else "metrion", upstream.port, Path(tmp) / args.kind,
                       redis_url=redis.url if redis else None).start()
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis.asyncio
-from peers import Redis
+from peers import RedisServer
 from run import BENCH, Proxy, Upstream, job_for, pct, run_load
 
 from metrion_addon.shared_limits import ADMIT
@@ -47,7 +47,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="metrion-redis-cost-") as tmp:
         workdir = Path(tmp)
         upstream = Upstream()
-        server = Redis(workdir / "redis").start()
+        server = RedisServer(workdir / "redis").start()
         probes = {k: workdir / f"{k}.json" for k in ("sqlite", "redis")}
         proxies = {k: Proxy("metrion", upstream.port, workdir / k, scripts=(BENCH / "hold_probe.py",),
                             env={"BENCH_HOLD_PROBE": str(probes[k])}, redis_url=server.url if k == "redis" else None)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from peers import HAProxy, Portkey, PostgresServer, Redis, peers_missing
+from peers import HAProxy, Portkey, PostgresServer, RedisServer, peers_missing, stop_process
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -164,14 +164,7 @@ class Proxy:
         raise RuntimeError(f"{self.kind} mitmdump not ready:\n{self.log_path.read_text()}")
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self.process = None
 
     @property
@@ -186,13 +179,13 @@ class Pair:
 
     upstream_port: int
     workdir: Path
-    redis: Redis | None = None
+    redis: RedisServer | None = None
     postgres: PostgresServer | None = None
     instances: tuple[Proxy, ...] = ()
     haproxy: HAProxy | None = None
 
     def start(self) -> Pair:
-        self.redis = Redis(self.workdir / "redis").start()
+        self.redis = RedisServer(self.workdir / "redis").start()
         self.postgres = PostgresServer().start()
         database = self.postgres.create_database("metrion_bench")
         self.instances = tuple(Proxy("metrion", self.upstream_port, self.workdir / f"metrion{n}",
@@ -553,7 +546,7 @@ def main() -> None:
         if peers and (missing := peers_missing()):
             print(f"peers left out: {', '.join(missing)} not installed", file=sys.stderr)
             peers = False
-        redis = Redis(workdir / "redis-one") if peers else None
+        redis = RedisServer(workdir / "redis-one") if peers else None
         if peers:
             proxies |= {"metrion_redis": Proxy("metrion", upstream.port, workdir / "metrion_redis"),
                         "pair": Pair(upstream.port, workdir / "pair"), "portkey": Portkey(workdir / "portkey")}
