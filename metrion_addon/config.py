@@ -108,16 +108,19 @@ class ModelPrice(_Strict):
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+def _megabytes(value: Any) -> Any:
+    """A whole number of megabytes is a size too (strict validation refuses an int where a float is declared)."""
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Megabytes = Annotated[float, BeforeValidator(_megabytes), Field(gt=0)]
+
+
 class CacheSettings(_Strict):
     """The response cache's storage: a size bound (least recently used entries go first) and who shares entries."""
 
-    max_mb: Annotated[float, Field(gt=0)] = 512.0
+    max_mb: Megabytes = 512.0
     share_across_tokens: bool = False
-
-    @field_validator("max_mb", mode="before")
-    @classmethod
-    def _int_is_a_size(cls, value: Any) -> Any:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @property
     def max_bytes(self) -> int:
@@ -388,12 +391,7 @@ class SpoolSettings(_Strict):
     """`spool:`: where rows wait while the PostgreSQL log is unreachable (one file per instance), and its bound."""
 
     directory: Path = Path("metrion-spool")
-    max_mb: Annotated[float, Field(gt=0)] = 1024.0
-
-    @field_validator("max_mb", mode="before")
-    @classmethod
-    def _int_is_a_size(cls, value: Any) -> Any:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    max_mb: Megabytes = 1024.0
 
     @property
     def max_bytes(self) -> int:
