@@ -495,8 +495,10 @@ class Budgets:
 
     def finish(self, flow_id: str | None, complete: bool) -> None:
         """The request is over (`complete`: the provider's whole answer arrived); its row settles it."""
+        if flow_id is None or flow_id not in self._pending:  # no reservation (most requests): no lock to take
+            return
         with self._lock:
-            if flow_id is not None and (entry := self._pending.get(flow_id)) is not None:
+            if (entry := self._pending.get(flow_id)) is not None:
                 self._pending[flow_id] = (entry[0], complete)
 
     def settling(self, name: str) -> bool:
@@ -515,9 +517,11 @@ class Budgets:
 
         Never raises: the writer thread must live on, and a reservation left in place only errs on the safe side.
         """
+        if record.flow_id is None or record.flow_id not in self._pending:  # tracked before forwarding, or never
+            return None
         try:
             with self._lock:
-                entry = self._pending.get(record.flow_id) if record.flow_id else None
+                entry = self._pending.get(record.flow_id)
                 if entry is None or entry[1] is None:
                     return None
                 del self._pending[record.flow_id]

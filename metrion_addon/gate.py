@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Coroutine
 
 from mitmproxy import http
+from mitmproxy.net.http.url import hostport
 
 from metrion_addon import cache
 from metrion_addon.auth import Upstream, authenticate, forbid_stray_metrion_token, lift_query_key, requester
@@ -249,7 +250,7 @@ class Gate:
         ):
             request.content = with_stream_usage(request.raw_content or b"", exchange.request.parsed)
             exchange.hide_usage_chunk = True
-        request.scheme, request.host, request.port, request.path = upstream_target(route.upstream_url)  # in this order
+        point_at(request, route.upstream_url)
         exchange.forwarded = True
         self.timeouts.start(flow, config.timeout)
         token = exchange.identity.token_name if exchange.identity else None
@@ -265,3 +266,24 @@ def upstream_header_changes(headers: dict[str, str], credentials: Upstream | Non
         drop.update(credentials.drop_headers)
         replace.update(credentials.set_headers or {})
     return drop, replace
+
+
+def point_at(request: http.Request, url: str) -> None:
+    """Send `request` to `url`: what setting mitmproxy's scheme, host, port and path does (the first Host header
+    and an HTTP/2 authority follow), with the Host header rewritten once instead of after each field's setter
+    (those setters were a third of the request hook's time)."""
+    scheme, host, port, path = upstream_target(url)
+    data = request.data
+    data.scheme, data.host, data.port = scheme.encode(), host, port
+    data.path = path.encode("utf-8", "surrogateescape")
+    authority = hostport(scheme, host, port)
+    fields, seen = [], False
+    for name, value in data.headers.fields:
+        if name.lower() == b"host":
+            if seen:
+                continue  # mitmproxy's setter keeps one Host header too
+            value, seen = authority.encode("utf-8", "surrogateescape"), True
+        fields.append((name, value))
+    data.headers.fields = tuple(fields)
+    if data.authority:
+        request.authority = authority
