@@ -149,19 +149,22 @@ def measured_usage(
     `none` is for endpoints that have no usage and for answers that generated nothing (errors).
     """
     api, provider = exchange.route.api, exchange.route.provider
-    prompt = prompt_chars(exchange.request.parsed if exchange.request else None)
+
+    def prompt() -> int:  # read only for an estimate: most answers carry their usage
+        return prompt_chars(exchange.request.parsed if exchange.request else None)
+
     if exchange.stream is not None:
         meter = exchange.stream
         if meter.final:
             return meter.model, meter.usage, "provider"
         if meter.usage or meter.completion_chars or api in _GENERATIVE:
-            return meter.model, estimate(prompt, meter.completion_chars, meter.usage), "estimated"
+            return meter.model, estimate(prompt(), meter.completion_chars, meter.usage), "estimated"
         return meter.model, None, "none"
     model, usage = from_body(provider, body) if body else (None, None)
     if usage is not None:
         return model, usage, "provider"
     if status is not None and 200 <= status < 300 and api in _GENERATIVE:
-        return model, estimate(prompt, _completion_chars(body) if body else 0), "estimated"
+        return model, estimate(prompt(), _completion_chars(body) if body else 0), "estimated"
     return model, None, "none"
 
 

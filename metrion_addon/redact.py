@@ -44,6 +44,8 @@ def request_secrets(headers: Mapping[str, str], path: str = "") -> tuple[str, ..
     found: list[str] = []
     for name in CREDENTIAL_HEADERS:
         value = headers.get(name, "").strip()
+        if not value:
+            continue
         _, scheme, secret = value.rpartition(" ")  # "Bearer <key>", "Basic <base64>" or the bare key
         found += [secret, proxy_authorization_token(value) or ""] if scheme else [value]
     _, _, query = path.partition("?")
