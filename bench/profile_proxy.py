@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    parser.add_argument("--gil", action="store_true", help="only samples of the thread holding the GIL")
     parser.add_argument("--save", type=Path, help="keep py-spy's collapsed stacks here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="metrion-profile-") as tmp:
@@ -42,7 +43,7 @@ def main() -> None:
             load.start()
             subprocess.run([args.py_spy, "record", "--pid", str(proxy.pid), "--duration", str(int(args.seconds)),
                             "--format", "raw", "--output", str(raw), "--nonblocking", "--threads",
-                            "--rate", str(args.rate)], check=True,
+                            "--rate", str(args.rate), *(["--gil"] if args.gil else [])], check=True,
                            capture_output=True)
             load.join()
             if args.save:
