@@ -5,6 +5,8 @@ Pure decisions (token bounds, the price of a bound, settlement); the counters si
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -431,6 +433,7 @@ class Budgets:
         self._context_window = context_window
         self._models: dict[tuple[str, str, str], tuple[TokenRates | None, int | None]] = {}
         self._pending: dict[str, tuple[Reservation, bool | None]] = {}  # flow id -> (reservation, complete?)
+        self._waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # refusals waiting for a settle
         self._lock = threading.Lock()
         self._month = CalendarMonth()
 
@@ -505,8 +508,32 @@ class Budgets:
         """Whether finished requests of token `name` still wait for their rows to settle: their reservations are
         about to shrink to their cost, so a refusal now may be premature."""
         with self._lock:
-            return any(reservation.token_name == name and complete is not None
-                       for reservation, complete in self._pending.values())
+            return self._settling(name)
+
+    def _settling(self, name: str) -> bool:
+        return any(reservation.token_name == name and complete is not None
+                   for reservation, complete in self._pending.values())
+
+    async def until_settled(self, name: str, timeout: float) -> None:
+        """Return once no finished request of token `name` waits for its row to settle, or after `timeout` seconds.
+
+        Woken by the writer thread's settle(), which leaves a settled reservation pending until its counters hold
+        the cost: a refusal asked again after this sees them."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (left := deadline - loop.time()) > 0:
+            event = asyncio.Event()
+            with self._lock:  # checked and registered together: a settle in between cannot be missed
+                if not self._settling(name):
+                    return
+                self._waiting.append((loop, event))
+            try:
+                await asyncio.wait_for(event.wait(), left)
+            except TimeoutError:
+                with self._lock:
+                    if (loop, event) in self._waiting:
+                        self._waiting.remove((loop, event))
+                return
 
     def waits_for(self, record: RequestRecord) -> bool:
         """Whether a reservation waits for this row to settle (the writer then takes the row at once)."""
@@ -519,17 +546,28 @@ class Budgets:
         """
         if record.flow_id is None or record.flow_id not in self._pending:  # tracked before forwarding, or never
             return None
+        with self._lock:
+            entry = self._pending.get(record.flow_id)
+            if entry is None or entry[1] is None:
+                return None
         try:
-            with self._lock:
-                entry = self._pending.get(record.flow_id)
-                if entry is None or entry[1] is None:
-                    return None
-                del self._pending[record.flow_id]
             actual = actual_cost(record, entry[1])
             return None if actual is None else self.counters.settle(entry[0], actual)
         except Exception:
             log.exception("metrion: could not settle the budget of %s; its reservation stays", record.token_name)
             return None
+        finally:
+            self._settled(record.flow_id)
+
+    def _settled(self, flow_id: str) -> None:
+        """The reservation of `flow_id` holds its cost now (or stays, if settling failed): no longer pending, and
+        the refusals waiting in until_settled() look again."""
+        with self._lock:
+            self._pending.pop(flow_id, None)
+            waiting, self._waiting = self._waiting, []
+        for loop, event in waiting:
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits there any more
+                loop.call_soon_threadsafe(event.set)
 
 
 def token_budgets(limits: Mapping[str, tuple[float | None, str]]) -> dict[str, TokenBudget]:

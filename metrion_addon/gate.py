@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections.abc import Callable, Coroutine
 
 from mitmproxy import http
@@ -148,9 +147,7 @@ class Gate:
         """Refused while finished requests of the token still held their whole reservation: ask again once their rows
         settled them (at most SETTLING_WAIT later), so back-to-back requests are refused only when the budget is."""
         assert exchange.identity is not None
-        deadline = time.monotonic() + SETTLING_WAIT
-        while self.runtime.budgets.settling(exchange.identity.token_name) and time.monotonic() < deadline:
-            await asyncio.sleep(0.002)
+        await self.runtime.budgets.until_settled(exchange.identity.token_name, SETTLING_WAIT)
         if (admitting := self._admit(flow, exchange, headers, credentials, settled=True)) is not None:
             await admitting
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -288,6 +289,46 @@ def test_budgets_settle_a_row_once_and_only_after_the_request_finished() -> None
     assert not budgets.settling("app") and not budgets.waits_for(row)
     assert state is not None and (state.spent_nanousd, state.reserved_nanousd) == (21_000, 0)
     assert budgets.settle(row) is None  # a retried write does not settle twice
+
+
+def test_a_refusal_waiting_for_settlement_wakes_when_the_writer_settles_and_sees_the_settled_counters() -> None:
+    async def scenario() -> None:
+        counters = MemoryBudgetCounters()
+        budgets = Budgets({"app": TokenBudget(NANO, "refuse")}, counters, PRICER, context_window)
+        body = {"model": "gpt-4o", "max_tokens": 10, "messages": [USER]}
+        hold = budgets.admit("app", 1_795_000_000.0, route("openai"), "POST", json.dumps(body).encode(),
+                             RequestBody("gpt-4o", False, body))
+        assert hold is not None and hold.reservation is not None
+        budgets.track("flow-1", hold)
+        budgets.finish("flow-1", complete=True)
+        row = RequestRecord(ts=TS, token_name="app", requester=None, provider="openai", model="gpt-4o", path="/",
+                            method="POST", stream=False, status=200, usage_source="provider", cost_usd=0.000021,
+                            flow_id="flow-1")
+        seen: list[int] = []
+
+        def writer() -> None:  # the writer thread settles the row a little later
+            time.sleep(0.05)
+            budgets.settle(row)
+
+        thread = threading.Thread(target=writer)
+        started = time.monotonic()
+        thread.start()
+        await budgets.until_settled("other", timeout=5)  # nothing of that token to wait for: at once
+        assert time.monotonic() - started < 0.04
+        await budgets.until_settled("app", timeout=5)
+        waited = time.monotonic() - started
+        seen.append(counters.state("app", "2026-11").reserved_nanousd)
+        thread.join()
+        assert 0.04 < waited < 1, waited  # woken by the settle, not by the timeout
+        assert seen == [0] and not budgets.settling("app")  # the counters held the cost when it woke
+
+        budgets.track("flow-2", hold)
+        budgets.finish("flow-2", complete=True)  # finished, but its row never comes
+        started = time.monotonic()
+        await budgets.until_settled("app", timeout=0.1)
+        assert 0.09 < time.monotonic() - started < 1 and budgets._waiting == []  # gave up, left no waiter behind
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize(("nano", "text"), [(0, "0.000000"), (1_999, "0.000001"), (5 * NANO, "5.000000"),
