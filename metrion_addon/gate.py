@@ -1,5 +1,5 @@
 """The request's way up: route it, check who sends it, reserve its budget and count its limits (locally, or on
-Redis in one awaited round trip), answer it from the response cache, then forward it or refuse it.
+Redis in one awaited round trip), answer it from the response cache, then send it on (forwarding.py) or refuse it.
 
 A refusal is a provider-shaped error; whatever happens, the exchange is in the recorder so its row is written.
 """
@@ -11,22 +11,22 @@ import dataclasses
 from collections.abc import Callable, Coroutine
 
 from mitmproxy import http
-from mitmproxy.net.http.url import hostport
 
 from metrion_addon import cache
 from metrion_addon.auth import Upstream, authenticate, forbid_stray_metrion_token, lift_query_key, requester
 from metrion_addon.budgets import COMMIT_WAIT, SETTLING_WAIT, Hold, needs_disk
 from metrion_addon.errors import MetrionError
 from metrion_addon.forward_proxy import ForwardProxy
+from metrion_addon.forwarding import Forwarding
 from metrion_addon.guard import guarded_coroutine
-from metrion_addon.headers import lowercase, redact_request, rewrite
+from metrion_addon.headers import lowercase, redact_request
 from metrion_addon.limits import Admission
 from metrion_addon.metering import Exchange
 from metrion_addon.recording import Recorder
 from metrion_addon.redact import redact_query, request_secrets
-from metrion_addon.request_body import inspect_body, needs_stream_usage, with_stream_usage
+from metrion_addon.request_body import inspect_body
 from metrion_addon.responses import answer_with_error, error_response, replayed
-from metrion_addon.routes import Route, is_metrion_path, route_metrion_path, route_provider_host, upstream_target
+from metrion_addon.routes import Route, is_metrion_path, route_metrion_path, route_provider_host
 from metrion_addon.shared_budgets import admit_on_redis
 from metrion_addon.shared_limits import SharedLimits
 from metrion_addon.timeouts import Timeouts
@@ -38,7 +38,7 @@ class Gate:
         self.runtime = recorder.runtime
         self.recorder = recorder
         self.forward_proxy = forward_proxy
-        self.timeouts = timeouts
+        self.forwarding = Forwarding(self.runtime, timeouts)
         self.contain = contain  # guard.py hands a failure of the coroutines below to the addon's containment
 
     def request(self, flow: http.HTTPFlow) -> Coroutine[None, None, None] | None:
@@ -138,7 +138,7 @@ class Gate:
             return None
         if needs_disk(hold):
             return self._let_through_on_disk(flow, exchange, admission, hold, headers, credentials)
-        self._let_through(flow, exchange, admission, hold, headers, credentials)
+        self.forwarding.let_through(flow, exchange, admission, hold, headers, credentials)
         return None
 
     @guarded_coroutine("request")
@@ -163,7 +163,8 @@ class Gate:
                 f"Metrion could not store this request's budget reservation within {COMMIT_WAIT:g} s; "
                 "request not forwarded.")))
             return
-        self._let_through(flow, exchange, admission, dataclasses.replace(hold, saved=None), headers, credentials)
+        self.forwarding.let_through(flow, exchange, admission, dataclasses.replace(hold, saved=None), headers,
+                                    credentials)
 
     @guarded_coroutine("request")
     async def _request_cached(self, flow: http.HTTPFlow, entries: cache.CacheStore, exchange: Exchange,
@@ -204,7 +205,7 @@ class Gate:
         except MetrionError as e:
             self._refuse(flow, exchange, e)
             return
-        self._let_through(flow, exchange, admission, hold, headers, credentials)
+        self.forwarding.let_through(flow, exchange, admission, hold, headers, credentials)
 
     def _hold(self, flow: http.HTTPFlow, exchange: Exchange, now: float) -> Hold | None:
         """Reserve the most the request can cost from the token's dollar budget (raise 429 if it does not fit)."""
@@ -222,65 +223,3 @@ class Gate:
         exchange.failure = error
         answer_with_error(flow, exchange.route.format, error, exchange)
         redact_request(flow.request)
-
-    def _let_through(self, flow: http.HTTPFlow, exchange: Exchange, admission: Admission, hold: Hold | None,
-                     headers: dict[str, str], credentials: Upstream | None) -> None:
-        assert self.runtime.writer is not None
-        exchange.limit_headers = {**admission.headers, **hold.headers} if hold else admission.headers
-        for state in (*admission.saved, hold.saved) if hold and hold.saved else admission.saved:
-            self.runtime.writer.put(state)
-        if hold:
-            self.runtime.budgets.track(flow.id, hold)
-        drop, replace = upstream_header_changes(headers, credentials)
-        if credentials is not None:
-            exchange.secrets += request_secrets(credentials.set_headers or {})
-        rewrite(flow.request.headers, drop, replace)
-        self._forward(flow, exchange)
-
-    def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
-        config = self.runtime.config
-        assert config is not None
-        request, route = flow.request, exchange.route
-        asks = config.providers[route.provider].include_usage
-        if exchange.request and exchange.request.parsed is not None and needs_stream_usage(
-            route, exchange.request, asks
-        ):
-            request.content = with_stream_usage(request.raw_content or b"", exchange.request.parsed)
-            exchange.hide_usage_chunk = True
-        point_at(request, route.upstream_url)
-        exchange.forwarded = True
-        self.timeouts.start(flow, config.timeout)
-        token = exchange.identity.token_name if exchange.identity else None
-        flow.metadata["metrion"] = {"provider": route.provider, "token": token}
-
-
-def upstream_header_changes(headers: dict[str, str], credentials: Upstream | None) -> tuple[set[str], dict[str, str]]:
-    """The request headers to drop and to set before a request goes to its provider (`headers` lower-cased)."""
-    drop = {name for name in headers if name.startswith("x-metrion-")}
-    drop.add("proxy-authorization")  # sent by forward-proxy clients, for Metrion only
-    replace = {"accept-encoding": "identity"}  # the meter must read plain text
-    if credentials is not None:
-        drop.update(credentials.drop_headers)
-        replace.update(credentials.set_headers or {})
-    return drop, replace
-
-
-def point_at(request: http.Request, url: str) -> None:
-    """Send `request` to `url`: what setting mitmproxy's scheme, host, port and path does (the first Host header
-    and an HTTP/2 authority follow), with the Host header rewritten once instead of after each field's setter
-    (those setters were a third of the request hook's time)."""
-    scheme, host, port, path = upstream_target(url)
-    data = request.data
-    data.scheme, data.host, data.port = scheme.encode(), host, port
-    data.path = path.encode("utf-8", "surrogateescape")
-    authority = hostport(scheme, host, port)
-    fields, seen = [], False
-    for name, value in data.headers.fields:
-        if name.lower() == b"host":
-            if seen:
-                continue  # mitmproxy's setter keeps one Host header too
-            value, seen = authority.encode("utf-8", "surrogateescape"), True
-        fields.append((name, value))
-    data.headers.fields = tuple(fields)
-    if data.authority:
-        request.authority = authority

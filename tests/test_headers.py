@@ -6,7 +6,6 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tutils
 
-from metrion_addon.gate import point_at
 from metrion_addon.headers import drop_metrion_headers, lowercase, redact, redact_request, rewrite
 from metrion_addon.routes import upstream_target
 
@@ -65,22 +64,3 @@ def test_a_sent_request_keeps_no_credential_header_or_query_key() -> None:
 def test_upstream_target_splits_the_url_into_the_fields_a_forwarded_request_sets(
         url: str, expected: tuple[str, str, int, str]) -> None:
     assert upstream_target(url) == expected
-
-
-@pytest.mark.parametrize("http_version", ["HTTP/1.1", "HTTP/2.0"])
-@pytest.mark.parametrize("host_headers", [(), (b"127.0.0.1:8080",), (b"a", b"b")])
-@pytest.mark.parametrize("url", ["https://api.openai.com/v1/chat/completions", "http://127.0.0.1:9000/v1/m?beta=true",
-                                 "https://[::1]:8443/v1"])
-def test_point_at_sets_what_mitmproxys_setters_set(http_version: str, host_headers: tuple[bytes, ...],
-                                                  url: str) -> None:
-    def request() -> http.Request:
-        fields = ((b"accept", b"*/*"), *((b"Host", h) for h in host_headers), (b"content-type", b"application/json"))
-        req = tutils.treq(path=b"/api/proxy/openai/v1/chat/completions", http_version=http_version.encode(),
-                          headers=http.Headers(fields), host="127.0.0.1", port=8080)
-        req.authority = "127.0.0.1:8080" if http_version == "HTTP/2.0" else ""
-        return req
-
-    by_setters, by_point_at = request(), request()
-    by_setters.scheme, by_setters.host, by_setters.port, by_setters.path = upstream_target(url)
-    point_at(by_point_at, url)
-    assert by_point_at.data == by_setters.data  # url, headers (in order), authority: every field
