@@ -196,12 +196,23 @@ class Gate:
     @guarded_coroutine("request")
     async def _request_shared(self, flow: http.HTTPFlow, shared: SharedLimits, exchange: Exchange,
                               headers: dict[str, str], credentials: Upstream | None, now: float) -> None:
-        identity = exchange.identity
+        """Admit on Redis; a budget refusal while this instance's finished requests of the token still hold their
+        whole reservation asks again once they settled (the script refuses a budget before counting the limits)."""
+        identity, budgets = exchange.identity, self.runtime.budgets
         assert identity is not None
+
+        def admit(now: float) -> Coroutine[None, None, tuple[Hold | None, Admission]]:
+            return admit_on_redis(budgets, shared, identity.token_name, identity.plan, now, exchange.route,
+                                  flow.request.method, flow.request.raw_content or b"", exchange.request)
+
         try:
-            hold, admission = await admit_on_redis(
-                self.runtime.budgets, shared, identity.token_name, identity.plan, now, exchange.route,
-                flow.request.method, flow.request.raw_content or b"", exchange.request)
+            try:
+                hold, admission = await admit(now)
+            except MetrionError as e:
+                if e.code != "budget_exceeded" or not budgets.settling(identity.token_name):
+                    raise
+                await budgets.until_settled(identity.token_name, SETTLING_WAIT)
+                hold, admission = await admit(self.runtime.clock())
         except MetrionError as e:
             self._refuse(flow, exchange, e)
             return

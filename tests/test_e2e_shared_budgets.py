@@ -12,12 +12,13 @@ import sqlite3
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
 from click.testing import CliRunner
-from harness import Proxy
+from harness import Proxy, base_config
 from test_e2e_budgets import BUDGETED, CHAT, OPEN, budget_config, chat_body, headers, reservation
 
 from metrion_addon.budgets import NANO
@@ -205,3 +206,27 @@ def test_redis_killed_mid_load_never_lets_the_budget_overshoot(start_proxy, star
     wait_rows(proxies, statuses.count(200))
     assert sum(marker.encode() in r.body for r in mock.received) == statuses.count(200)
     assert spent_of(rows(proxies, "1")) <= limit / NANO  # the budget held through the loss of Redis and its data
+
+
+def test_back_to_back_requests_on_redis_are_refused_only_once_finished_ones_have_settled(
+        mock: MockProvider, start_redis, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """As with the budget in SQLite (test_e2e_budgets.py): a refusal while this instance's finished requests still
+    hold their whole reservation waits for them to settle and asks Redis again."""
+    server = start_redis()
+    body = chat_body("back to back on redis")
+    reserve = reservation(CHAT, body)
+    limit = 20 * reserve
+    workdir = tmp_path_factory.mktemp("late-settlement-redis")
+    proxy = Proxy(workdir, base_config(mock.base_url, workdir / "metrion.db",
+                                       **shared_budget_config(server.url, limit / NANO)),
+                  scripts=(Path(__file__).parent / "slow_settlement.py",)).start()
+    try:
+        forwarded = 0
+        with httpx.Client(timeout=30) as client:  # at full speed: each request as soon as the previous answered
+            while (response := client.post(f"{proxy.url}{CHAT}", content=body, headers=headers())).status_code == 200:
+                forwarded += 1
+        assert response.json()["error"]["code"] == "budget_exceeded"
+        spent = spent_of(wait_rows([proxy], forwarded + 1))
+        assert (limit - reserve) / NANO < spent <= limit / NANO, (forwarded, spent)  # not refused early
+    finally:
+        proxy.stop()
