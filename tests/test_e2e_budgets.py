@@ -136,20 +136,31 @@ def test_200_concurrent_requests_never_overshoot_and_use_the_budget(start_proxy,
     assert abs(stored["spent_nanousd"] - spent * NANO) < 500  # integer counter == sum of the rows' costs
 
 
+def late_writer_proxy(mock: MockProvider, workdir: Path, **config: object) -> Proxy:
+    """A proxy whose writer takes each row 20 ms late (tests/slow_settlement.py)."""
+    return Proxy(workdir, base_config(mock.base_url, workdir / "metrion.db", **config),
+                 scripts=(Path(__file__).parent / "slow_settlement.py",)).start()
+
+
+def back_to_back(proxy: Proxy, body: bytes) -> int:
+    """Send `body` at full speed, each request as soon as the previous answered, until the budget refuses one;
+    how many were forwarded."""
+    forwarded = 0
+    with httpx.Client(timeout=30) as client:
+        while (response := client.post(f"{proxy.url}{CHAT}", content=body, headers=headers())).status_code == 200:
+            forwarded += 1
+    assert response.json()["error"]["code"] == "budget_exceeded"
+    return forwarded
+
+
 def test_back_to_back_requests_are_refused_only_once_finished_ones_have_settled(
         mock: MockProvider, tmp_path_factory: pytest.TempPathFactory) -> None:
     body = chat_body("back to back")
     reserve = reservation(CHAT, body)
     limit = 20 * reserve
-    workdir = tmp_path_factory.mktemp("late-settlement")
-    proxy = Proxy(workdir, base_config(mock.base_url, workdir / "metrion.db", **budget_config(limit / NANO)),
-                  scripts=(Path(__file__).parent / "slow_settlement.py",)).start()
+    proxy = late_writer_proxy(mock, tmp_path_factory.mktemp("late-settlement"), **budget_config(limit / NANO))
     try:
-        forwarded = 0
-        with httpx.Client(timeout=30) as client:  # at full speed: each request as soon as the previous answered
-            while (response := client.post(f"{proxy.url}{CHAT}", content=body, headers=headers())).status_code == 200:
-                forwarded += 1
-        assert response.json()["error"]["code"] == "budget_exceeded"
+        forwarded = back_to_back(proxy, body)
         proxy.rows("token_name = 'metered' AND status = 200", n=forwarded)
         assert (limit - reserve) / NANO < forwarded_cost(proxy) <= limit / NANO  # not refused early
     finally:

@@ -12,14 +12,23 @@ import sqlite3
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
 import redis
 from click.testing import CliRunner
-from harness import Proxy, base_config
-from test_e2e_budgets import BUDGETED, CHAT, OPEN, budget_config, chat_body, headers, reservation
+from harness import Proxy
+from test_e2e_budgets import (
+    BUDGETED,
+    CHAT,
+    OPEN,
+    back_to_back,
+    budget_config,
+    chat_body,
+    headers,
+    late_writer_proxy,
+    reservation,
+)
 
 from metrion_addon.budgets import NANO
 from metrion_addon.cli import main
@@ -216,16 +225,10 @@ def test_back_to_back_requests_on_redis_are_refused_only_once_finished_ones_have
     body = chat_body("back to back on redis")
     reserve = reservation(CHAT, body)
     limit = 20 * reserve
-    workdir = tmp_path_factory.mktemp("late-settlement-redis")
-    proxy = Proxy(workdir, base_config(mock.base_url, workdir / "metrion.db",
-                                       **shared_budget_config(server.url, limit / NANO)),
-                  scripts=(Path(__file__).parent / "slow_settlement.py",)).start()
+    proxy = late_writer_proxy(mock, tmp_path_factory.mktemp("late-settlement-redis"),
+                              **shared_budget_config(server.url, limit / NANO))
     try:
-        forwarded = 0
-        with httpx.Client(timeout=30) as client:  # at full speed: each request as soon as the previous answered
-            while (response := client.post(f"{proxy.url}{CHAT}", content=body, headers=headers())).status_code == 200:
-                forwarded += 1
-        assert response.json()["error"]["code"] == "budget_exceeded"
+        forwarded = back_to_back(proxy, body)
         spent = spent_of(wait_rows([proxy], forwarded + 1))
         assert (limit - reserve) / NANO < spent <= limit / NANO, (forwarded, spent)  # not refused early
     finally:
