@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,15 +41,24 @@ def chat_flow(stream: bool = False) -> http.HTTPFlow:
     return tflow.tflow(req=request)
 
 
+@contextlib.contextmanager
+def configured(tmp_path: Path, addon: Metrion | None = None, *others: object) -> Iterator[Metrion]:
+    """`addon` (a new Metrion by default) configured with write_config(tmp_path), in a taddons context whose other
+    addons `others` come before it."""
+    addon = addon or Metrion()
+    with taddons.context(*others, addon) as tctx:
+        tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
+        yield addon
+
+
 def run(coroutine_function) -> None:
     asyncio.run(coroutine_function())
 
 
 def test_metered_flow_is_annotated_for_mitmweb_and_its_secrets_redacted(tmp_path: Path) -> None:
     async def scenario() -> None:
-        addon = Metrion(clock=lambda: 1_795_000_000.0)
-        with taddons.context(View(), addon) as tctx:  # mitmweb's flow view: the cost is shown once priced
-            tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
+        # with mitmweb's flow view: the cost is shown once priced
+        with configured(tmp_path, Metrion(clock=lambda: 1_795_000_000.0), View()) as addon:
             addon.running()
             flow = chat_flow()
             addon.request(flow)
@@ -73,9 +84,7 @@ def test_metered_flow_is_annotated_for_mitmweb_and_its_secrets_redacted(tmp_path
 
 def test_rejected_flow_is_marked_and_the_token_never_shown(tmp_path: Path) -> None:
     async def scenario() -> None:
-        addon = Metrion()
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
+        with configured(tmp_path) as addon:
             flow = chat_flow()
             flow.request.headers["authorization"] = "Bearer sk-metrion-" + "d" * 32
             addon.request(flow)
@@ -92,9 +101,7 @@ def test_rejected_flow_is_marked_and_the_token_never_shown(tmp_path: Path) -> No
 
 def test_a_failing_database_refuses_new_requests_with_503_and_counts_them_without_rows(tmp_path: Path) -> None:
     async def scenario() -> None:
-        addon = Metrion()
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
+        with configured(tmp_path) as addon:
             writer = addon.runtime.writer
             writer.error = "database or disk is full"
             flow = chat_flow()
@@ -115,9 +122,7 @@ def test_sqlite_and_pricing_never_run_on_the_event_loop_thread(tmp_path: Path) -
     threads: set[int] = set()
 
     async def scenario() -> None:
-        addon = Metrion()
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
+        with configured(tmp_path) as addon:
             addon.running()
             addon.runtime.writer._backend._conn.set_trace_callback(lambda sql: threads.add(threading.get_ident()))
             price = addon.runtime.writer._price
@@ -151,9 +156,7 @@ def test_bad_config_stops_start_up_with_one_line(tmp_path: Path) -> None:
 
 def test_shutdown_records_requests_still_in_flight(tmp_path: Path) -> None:
     async def scenario() -> None:
-        addon = Metrion(clock=lambda: 1_795_000_000.0)
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
+        with configured(tmp_path, Metrion(clock=lambda: 1_795_000_000.0)) as addon:
             addon.request(chat_flow())
             addon.done()
 

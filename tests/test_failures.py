@@ -3,20 +3,13 @@ a note mid-answer; 504 for a silent provider, 502 for an unreachable one."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 from pathlib import Path
 
 from mitmproxy import http
-from mitmproxy.test import taddons, tutils
-from test_addon import TOKEN, chat_flow, write_config
-
-from metrion_addon.addon import Metrion
-
-
-def run(scenario) -> None:
-    asyncio.run(scenario())
+from mitmproxy.test import tutils
+from test_addon import TOKEN, chat_flow, configured, run
 
 
 def rows(tmp_path: Path) -> list[tuple]:
@@ -27,9 +20,7 @@ def rows(tmp_path: Path) -> list[tuple]:
 def test_a_failure_before_forwarding_is_a_provider_shaped_500_without_metrion_headers_or_secrets(
         tmp_path: Path) -> None:
     async def scenario() -> None:
-        addon = Metrion()
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
+        with configured(tmp_path) as addon:
             flow = chat_flow()
             flow.request.path += "?key=AIza-secret-123456"
             addon.failures.contain("request", flow, "KeyError at gate.py:1")
@@ -49,9 +40,7 @@ def test_a_failure_before_forwarding_is_a_provider_shaped_500_without_metrion_he
 
 def test_a_failure_in_the_final_hook_still_leaves_the_row(tmp_path: Path) -> None:
     async def scenario() -> None:
-        addon = Metrion()
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
+        with configured(tmp_path) as addon:
             flow = chat_flow()
             addon.request(flow)
             flow.response = tutils.tresp(content=b"{}", headers=http.Headers(content_type="application/json"))
@@ -66,9 +55,7 @@ def test_a_failure_in_the_final_hook_still_leaves_the_row(tmp_path: Path) -> Non
 
 def test_a_failure_mid_answer_is_noted_and_the_answer_goes_on(tmp_path: Path) -> None:
     async def scenario() -> None:
-        addon = Metrion()
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
+        with configured(tmp_path) as addon:
             flow = chat_flow()
             addon.request(flow)
             addon.failures.contain("responseheaders", flow, "TypeError at sse.py:1")
@@ -80,9 +67,7 @@ def test_a_failure_mid_answer_is_noted_and_the_answer_goes_on(tmp_path: Path) ->
 
 def test_a_silent_provider_gets_504_and_an_unreachable_one_502(tmp_path: Path) -> None:
     async def scenario() -> None:
-        addon = Metrion()
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, metrion_config=str(write_config(tmp_path)))
+        with configured(tmp_path) as addon:
             silent, unreachable, unknown = chat_flow(), chat_flow(), chat_flow()
             addon.request(silent)
             addon.request(unreachable)
