@@ -72,8 +72,23 @@ def install_portkey() -> None:
                     f"@portkey-ai/gateway@{PORTKEY_VERSION}"], check=True, capture_output=True, timeout=600)
 
 
+class Running:
+    """What every started peer offers: its pid, and a stop that ends its `process` (gently first)."""
+
+    process: subprocess.Popen | None
+
+    def stop(self) -> None:
+        stop_process(self.process)
+        self.process = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+
 @dataclass
-class Portkey:
+class Portkey(Running):
     """`@portkey-ai/gateway` in one Node process on loopback (its CLI binds every address; the preload narrows it).
 
     Requests name the upstream per call (`x-portkey-provider: openai`, `x-portkey-custom-host`), as its docs
@@ -97,18 +112,9 @@ class Portkey:
         wait_for_port(self.port, self.process, log)
         return self
 
-    def stop(self) -> None:
-        stop_process(self.process)
-        self.process = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
 
 @dataclass
-class HAProxy:
+class HAProxy(Running):
     """deploy/haproxy.cfg in front of the given instance ports (two: the file names METRION_1 and METRION_2)."""
 
     workdir: Path
@@ -129,14 +135,5 @@ class HAProxy:
         wait_for_port(self.port, self.process, log)
         return self
 
-    def stop(self) -> None:
-        stop_process(self.process)
-        self.process = None
 
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-
-__all__ = ["HAProxy", "Portkey", "PostgresServer", "RedisServer", "peers_missing"]
+__all__ = ["HAProxy", "Portkey", "PostgresServer", "RedisServer", "Running", "peers_missing"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from peers import HAProxy, Portkey, PostgresServer, RedisServer, peers_missing, stop_process
+from peers import HAProxy, Portkey, PostgresServer, RedisServer, Running, peers_missing
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -109,7 +109,7 @@ class Upstream:
 
 
 @dataclass
-class Proxy:
+class Proxy(Running):
     """A mitmdump in regular mode on loopback: `bare` (no Metrion) or `metrion`, same options otherwise."""
 
     kind: str
@@ -162,15 +162,6 @@ class Proxy:
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"{self.kind} mitmdump not ready:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        stop_process(self.process)
-        self.process = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
 
 
 @dataclass
