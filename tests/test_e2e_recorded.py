@@ -58,15 +58,29 @@ def expected_cost(row: dict, provider: str) -> float | None:
     return float(price.total_price)
 
 
+def replay(mock: MockProvider, name: str, prefix: str = "") -> tuple[dict, str]:
+    """The recording `name`, and the key under which the mock now answers with it (also the requester to filter on)."""
+    recording = json.loads((RECORDINGS / f"{name}.json").read_text(encoding="utf-8"))
+    key = f"{prefix}{name}-{uuid.uuid4().hex[:8]}"
+    mock.replay(key, recording["status"], {"content-type": recording["content_type"]},
+                chunks_of(recording["body"].encode(), recording["content_type"]))
+    return recording, key
+
+
+def metered_as_recorded(proxy: Proxy, key: str, recording: dict) -> dict:
+    """The one row of the request sent with requester `key`, checked against the recording's expected row."""
+    (row,) = proxy.rows("requester = ?", (key,))
+    assert {field: row[field] for field in ROW_FIELDS} == recording["expected_row"]
+    assert (row["status"], row["error"], row["provider"]) == (recording["status"], None, recording["provider"])
+    return row
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_recorded_exchange_is_relayed_unchanged_and_metered_exactly(
     recorded_proxy: Proxy, mock: MockProvider, name: str
 ) -> None:
-    recording = json.loads((RECORDINGS / f"{name}.json").read_text(encoding="utf-8"))
+    recording, key = replay(mock, name)
     body = recording["body"].encode()
-    key = f"{name}-{uuid.uuid4().hex[:8]}"
-    mock.replay(key, recording["status"], {"content-type": recording["content_type"]},
-                chunks_of(body, recording["content_type"]))
     sent = json.dumps(recording["request"]).encode()
     credential = ({"x-api-key": APP_TOKEN, "anthropic-version": "2023-06-01"} if recording["provider"] == "anthropic"
                   else {"x-goog-api-key": APP_TOKEN} if recording["provider"] == "gemini"
@@ -84,9 +98,7 @@ def test_recorded_exchange_is_relayed_unchanged_and_metered_exactly(
         assert recording["provider"] in ("openai", "grok", "groq") and request.get("stream") is True
         assert json.loads(upstream.body) == {**request, "stream_options": {"include_usage": True}}
         assert upstream.body.replace(b'"stream_options":{"include_usage":true},', b"", 1) == sent
-    (row,) = recorded_proxy.rows("requester = ?", (key,))
-    assert {field: row[field] for field in ROW_FIELDS} == recording["expected_row"]
-    assert (row["status"], row["error"], row["provider"]) == (recording["status"], None, recording["provider"])
+    row = metered_as_recorded(recorded_proxy, key, recording)
     assert row["total_tokens"] == row["input_tokens"] + row["output_tokens"]
     cost = expected_cost(row, recording["provider"])
     assert row["cost_usd"] == (None if cost is None else pytest.approx(cost, rel=1e-9, abs=1e-12))
@@ -101,10 +113,7 @@ def test_recorded_stream_read_by_the_openai_sdk_that_closes_on_done_is_complete(
     recorded_proxy: Proxy, mock: MockProvider, name: str
 ) -> None:
     # The body stays open 5 s after the recorded [DONE]; the SDK stops reading at [DONE] and closes.
-    recording = json.loads((RECORDINGS / f"{name}.json").read_text(encoding="utf-8"))
-    key = f"sdk-{name}-{uuid.uuid4().hex[:8]}"
-    mock.replay(key, recording["status"], {"content-type": recording["content_type"]},
-                chunks_of(recording["body"].encode(), recording["content_type"]))
+    recording, key = replay(mock, name, "sdk-")
     request = dict(recording["request"])
     client = openai.OpenAI(base_url=recorded_proxy.url + recording["path"].removesuffix("/chat/completions"),
                            api_key=APP_TOKEN, max_retries=0, timeout=10)
@@ -112,9 +121,7 @@ def test_recorded_stream_read_by_the_openai_sdk_that_closes_on_done_is_complete(
         model=request.pop("model"), messages=request.pop("messages"), stream=request.pop("stream"), extra_body=request,
         extra_headers={"x-mock-replay": key, "x-mock-scenario": "hold-end:5", "x-metrion-user": key}))
     assert chunks and chunks[0].model
-    (row,) = recorded_proxy.rows("requester = ?", (key,))
-    assert {field: row[field] for field in ROW_FIELDS} == recording["expected_row"]
-    assert (row["status"], row["error"]) == (200, None)
+    assert metered_as_recorded(recorded_proxy, key, recording)["status"] == 200
 
 
 def sdk_stream(proxy: Proxy, recording: dict, headers: dict[str, str]) -> int:
@@ -140,14 +147,10 @@ def sdk_stream(proxy: Proxy, recording: dict, headers: dict[str, str]) -> int:
 def test_recorded_stream_read_by_its_official_sdk_is_metered_as_recorded(
     recorded_proxy: Proxy, mock: MockProvider, name: str
 ) -> None:
-    recording = json.loads((RECORDINGS / f"{name}.json").read_text(encoding="utf-8"))
-    key = f"sdk-{name}-{uuid.uuid4().hex[:8]}"
-    mock.replay(key, recording["status"], {"content-type": recording["content_type"]},
-                chunks_of(recording["body"].encode(), recording["content_type"]))
+    recording, key = replay(mock, name, "sdk-")
     assert sdk_stream(recorded_proxy, recording, {"x-mock-replay": key, "x-metrion-user": key}) > 1
-    (row,) = recorded_proxy.rows("requester = ?", (key,))
-    assert {field: row[field] for field in ROW_FIELDS} == recording["expected_row"]
-    assert (row["status"], row["error"]) == (200, None)
+    row = metered_as_recorded(recorded_proxy, key, recording)
+    assert row["status"] == 200
     assert row["path"].rsplit("/", 1)[1] == recording["path"].rsplit("/", 1)[1]  # google-genai may say v1, not v1beta
 
 
