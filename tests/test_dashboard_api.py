@@ -75,18 +75,32 @@ def config_file(tmp_path: Path, db: Path, **dashboard: str) -> Path:
     return path
 
 
+def dashboard(tmp_path: Path) -> TestClient:
+    """The dashboard over tmp_path/m.db, its clock at NOW."""
+    return TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
     tmp_path = tmp_path_factory.mktemp("dash")
     write(tmp_path / "m.db", ROWS)
-    config = load_config(config_file(tmp_path, tmp_path / "m.db"))
-    return TestClient(create_app(config, clock=NOW.timestamp))
+    return dashboard(tmp_path)
 
 
 def get(client: TestClient, page: str, **params: str) -> dict:
     response = client.get(f"/api/{page}", params=params)
     assert response.status_code == 200, response.text
     return response.json()["data"]
+
+
+def log_pages(client: TestClient, **filters: str) -> list[dict]:
+    """Every page of the Logs endpoint, newest first, following each page's `older` link."""
+    pages, params = [], dict(filters)
+    while True:
+        pages.append(page := get(client, "logs", **params))
+        if not page["older"]:
+            return pages
+        params = {**filters, "older": page["older"], "from": str(page["last"])}
 
 
 @pytest.mark.parametrize(
@@ -241,15 +255,9 @@ def test_logs_pages_by_50_newest_first_without_gaps_or_repeats(tmp_path: Path) -
     rows = [row(f"11-20T{10 + i // 60:02d}:{i % 60:02d}:00", input_tokens=i) for i in range(120)]
     rows += [row("11-20T11:59:00", input_tokens=1000 + i) for i in range(3)]  # same ts: the id breaks the tie
     write(tmp_path / "m.db", rows)
-    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
-    seen, params, pages = [], {}, []
-    while True:
-        page = get(client, "logs", **params)
-        pages.append(page)
-        seen += [r["id"] for r in page["rows"]]
-        if not page["older"]:
-            break
-        params = {"older": page["older"], "from": str(page["last"])}
+    client = dashboard(tmp_path)
+    pages = log_pages(client)
+    seen = [r["id"] for page in pages for r in page["rows"]]
     assert [len(p["rows"]) for p in pages] == [50, 50, 23] and all(p["total"] == 123 for p in pages)
     assert (pages[1]["first"], pages[1]["last"]) == (51, 100)
     assert len(set(seen)) == 123
@@ -279,7 +287,7 @@ def test_every_page_shows_what_metrion_report_says_for_the_same_period(tmp_path:
 
     write(tmp_path / "m.db", realistic(3000, 5, NOW, random.Random(3)))
     conn = sqlite3.connect(tmp_path / "m.db")
-    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    client = dashboard(tmp_path)
     for since, until in [("2026-11-15T00:00:00.000Z", "2026-11-20T12:30:00.000Z"), ("2026-11-17T03:17:42.250Z",
                          "2026-11-19T22:05:00.000Z"), ("2026-11-18T10:20:00.000Z", "2026-11-18T10:40:00.000Z"),
                          ("2026-11-18T04:10:00.000Z", "2026-11-19T10:00:00.000Z")]:
@@ -325,7 +333,7 @@ def test_a_model_filter_matches_the_model_asked_for_or_answered_like_metrion_log
     rows += [row("11-20T10:20:00", status=429, requested_model="gpt-4o", error="provider: rate limited"),
              row("11-20T12:20:00", "gpt-4o-mini-2024-07-18", requested_model="gpt-4o-mini", input_tokens=7)]
     write(tmp_path / "m.db", rows)
-    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    client = dashboard(tmp_path)
     conn = sqlite3.connect(tmp_path / "m.db")
     # 09:30 to 12:25: raw rows at both edges, hourly aggregates between them
     since, until = "2026-11-20T09:30:00.000Z", "2026-11-20T12:25:00.000Z"
@@ -353,18 +361,12 @@ def test_logs_filtered_by_a_model_page_through_the_rows_asked_for_or_answered(tm
             rows.append(row(ts, "gpt-4o-2024-08-06", requested_model="gpt-4o"))
     rows.append(row("11-20T11:59:00", "gpt-4o", requested_model=None))  # an older row: no requested_model
     write(tmp_path / "m.db", rows)
-    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    client = dashboard(tmp_path)
     conn = sqlite3.connect(tmp_path / "m.db")
     expected = [id_ for (id_,) in conn.execute(
         "SELECT id FROM requests WHERE model = 'gpt-4o' OR requested_model = 'gpt-4o' ORDER BY ts DESC, id DESC")]
-    seen, pages, params = [], [], {"model": "gpt-4o"}
-    while True:
-        page = get(client, "logs", **params)
-        pages.append(page)
-        seen += [r["id"] for r in page["rows"]]
-        if not page["older"]:
-            break
-        params = {"model": "gpt-4o", "older": page["older"], "from": str(page["last"])}
+    pages = log_pages(client, model="gpt-4o")
+    seen = [r["id"] for page in pages for r in page["rows"]]
     assert seen == expected and len(expected) == 105 and pages[0]["total"] == 105
     back = get(client, "logs", model="gpt-4o", newer=pages[2]["newer"], **{"from": "50"})
     assert [r["id"] for r in back["rows"]] == [r["id"] for r in pages[1]["rows"]]
@@ -421,7 +423,7 @@ def test_aggregates_of_an_older_metrion_are_a_503_until_the_proxy_rebuilds_them(
     with sqlite3.connect(tmp_path / "m.db") as conn:  # keyed without requested_model, as before it existed
         conn.execute("DROP TABLE hourly_usage")
         conn.execute("CREATE TABLE hourly_usage (hour TEXT, provider TEXT, model TEXT)")
-    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    client = dashboard(tmp_path)
     response = client.get("/api/overview")
     assert response.status_code == 503 and "start the proxy once (it rebuilds them)" in response.json()["error"]
     assert client.get("/logs").status_code == 503
@@ -433,6 +435,6 @@ def test_logs_read_a_database_from_an_older_metrion_that_lacks_a_column(tmp_path
     write(tmp_path / "m.db", ROWS[:2])
     with sqlite3.connect(tmp_path / "m.db") as conn:
         conn.execute("ALTER TABLE requests DROP COLUMN auth_mode")  # the dashboard never alters the database
-    client = TestClient(create_app(load_config(config_file(tmp_path, tmp_path / "m.db")), clock=NOW.timestamp))
+    client = dashboard(tmp_path)
     rows = get(client, "logs")["rows"]
     assert [r["model"] for r in rows] == ["claude-sonnet-4", "gpt-4o"] and rows[0]["auth_mode"] is None
