@@ -29,6 +29,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent / "tests"))
 
 from harness import Proxy, base_config, token  # noqa: E402
+from run import write_results_section  # noqa: E402
 
 from metrion_addon.mock_provider import MockProvider, output_tokens, reply_text  # noqa: E402
 
@@ -175,11 +176,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        path = BENCH / "RESULTS.md"
-        start, end = "<!-- budgets:start -->", "<!-- budgets:end -->"
-        head, _, rest = path.read_text().partition(start)
-        _, _, tail = rest.partition(end)
-        path.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+        write_results_section("budgets", text)
 
 
 def reserved_usd(proxy: Proxy, profile: Profile) -> float:

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import BENCH, Proxy, Upstream, cpu_seconds, fmt, job_for, machine, med, pct, run_load
+from run import Proxy, Upstream, cpu_seconds, fmt, job_for, machine, med, pct, run_load, write_results_section
 
 TARGETS = ("direct", "bare", "metrion", "metrion hit")
 CACHE = {"x-metrion-cache": "true"}
@@ -91,11 +91,7 @@ def main() -> None:
     text = "\n".join(body)
     print(text)
     if not args.no_write:
-        path = BENCH / "RESULTS.md"
-        start, end = "<!-- cache:start -->", "<!-- cache:end -->"
-        head, _, rest = path.read_text().partition(start)
-        _, _, tail = rest.partition(end)
-        path.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+        write_results_section("cache", text)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import BENCH, PYTHON, TOKEN, Proxy, Upstream, job_for, machine
+from run import BENCH, PYTHON, TOKEN, Proxy, Upstream, job_for, machine, write_results_section
 
 CONNS = 8
 
@@ -114,14 +114,7 @@ def write_table(results: list[dict[str, float]], command: str, elapsed: float, s
         lines.append(f"| {n} | " + " | ".join(_fmt(result[c]) for c in columns) + " |")
     for name, pick in (("median", statistics.median), ("max", max)):
         lines.append(f"| **{name}** | " + " | ".join(_fmt(pick(r[c] for r in results)) for c in columns) + " |")
-    path = BENCH / "RESULTS.md"
-    start, end = "<!-- crash:start -->", "<!-- crash:end -->"
-    text = path.read_text()
-    if start not in text:
-        text += f"\n{start}\n{end}\n"
-    head, _, rest = text.partition(start)
-    _, _, tail = rest.partition(end)
-    path.write_text(f"{head}{start}\n" + "\n".join(lines) + f"\n{end}{tail}")
+    write_results_section("crash", "\n".join(lines))
 
 
 def _fmt(value: float) -> str:

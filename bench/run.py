@@ -585,12 +585,20 @@ def write_tables(results: dict[int, Table], sizes: Sizes, command: str, elapsed:
     for s, data in sorted(results.items()):
         body += [table(TITLES[s], data), ""]
     body += [verdicts(results), ""]
+    write_results_section("tables", "\n".join(body))
+
+
+def write_results_section(name: str, text: str) -> None:
+    """Put `text` between RESULTS.md's `<!-- name:start -->` and `<!-- name:end -->` (added at the end if missing);
+    the hand-written analysis around the markers stays."""
     path = BENCH / "RESULTS.md"
-    start, end = "<!-- tables:start -->", "<!-- tables:end -->"
-    text = path.read_text() if path.exists() else f"# Metrion benchmark results\n\n{start}\n{end}\n"
-    head, _, rest = text.partition(start)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    current = path.read_text() if path.exists() else "# Metrion benchmark results\n"
+    if start not in current:
+        current += f"\n{start}\n{end}\n"
+    head, _, rest = current.partition(start)
     _, _, tail = rest.partition(end)
-    path.write_text(f"{head}{start}\n" + "\n".join(body) + f"\n{end}{tail}")
+    path.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
 if __name__ == "__main__":
