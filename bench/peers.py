@@ -10,10 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,30 +19,12 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from servers import PG_BIN, PostgresServer, RedisServer  # noqa: E402  (the tests' private servers on free ports)
+from harness import free_port  # noqa: E402
+from servers import PG_BIN, PostgresServer, RedisServer, wait_for_port  # noqa: E402  (the tests' private servers on free ports)
 
 PORTKEY_VERSION = "1.15.2"
 PORTKEY_DIR = BENCH / ".portkey"
 PORTKEY_SERVER = PORTKEY_DIR / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}:\n{log.read_text()[-3000:]}")
 
 
 def stop_process(process: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
@@ -109,7 +89,7 @@ class Portkey(Running):
                 ["node", "--import", str(BENCH / "loopback.mjs"), str(PORTKEY_SERVER), f"--port={self.port}",
                  "--headless"], cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, "NODE_ENV": "production"})
-        wait_for_port(self.port, self.process, log)
+        wait_for_port(self.port, 30, self.process, log)
         return self
 
 
@@ -132,8 +112,8 @@ class HAProxy(Running):
         with log.open("ab") as out:
             self.process = subprocess.Popen(["haproxy", "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")],
                                             env=env, stdout=out, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, self.process, log)
+        wait_for_port(self.port, 30, self.process, log)
         return self
 
 
-__all__ = ["HAProxy", "Portkey", "PostgresServer", "RedisServer", "Running", "peers_missing"]
+__all__ = ["HAProxy", "Portkey", "PostgresServer", "RedisServer", "Running", "free_port", "peers_missing"]

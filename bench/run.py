@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from peers import HAProxy, Portkey, PostgresServer, RedisServer, Running, peers_missing
+from peers import HAProxy, Portkey, PostgresServer, RedisServer, Running, free_port, peers_missing
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -58,12 +57,6 @@ QUICK = Sizes(rounds=3, s1_seconds=0.7, s2_seconds=1, s3_streams=2, s4_streams=1
               s5_counts=(500, 2_000), s6_seconds=1.5)
 SMOKE = Sizes(rounds=1, s1_seconds=0.3, s2_seconds=0.3, s3_streams=1, s4_streams=10, s4_events=3,
               s5_counts=(50, 100), s6_seconds=0.5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float:

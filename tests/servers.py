@@ -21,17 +21,23 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_USER = "postgres"  # initdb refuses root: the cluster belongs to this system user
 
 
-def _wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Until something listens on 127.0.0.1:`port`; raise if `process` exits first or `timeout` passes (quoting the
+    end of its `log`, when there is one)."""
+
+    def said() -> str:
+        return f":\n{log.read_text()[-3000:]}" if log is not None and log.exists() else ""
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before listening on {port}")
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before listening on {port}{said()}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s{said()}")
 
 
 @dataclass
@@ -55,7 +61,7 @@ class RedisServer:
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
-        _wait_for_port(self.port, 10, self.process)
+        wait_for_port(self.port, 10, self.process)
         return self
 
     def kill(self) -> None:
@@ -101,7 +107,7 @@ class PostgresServer:
                   "-c full_page_writes=off -c max_connections=50",
             "start",
         )
-        _wait_for_port(self.port, 10)
+        wait_for_port(self.port, 10)
         return self
 
     def kill(self) -> None:
