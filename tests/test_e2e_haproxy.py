@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from harness import ROOT, Proxy, base_config, free_port, token
 from psycopg.rows import dict_row
-from servers import PostgresServer, RedisServer, _wait_for_port
+from servers import PostgresServer, RedisServer, wait_for_port
 
 from metrion_addon.mock_provider import MockProvider
 
@@ -120,7 +120,7 @@ def deployment(mock: MockProvider, postgres_cluster: PostgresServer,
         with log_path.open("wb") as log:  # -db: foreground, state changes on stderr
             process = subprocess.Popen(["haproxy", "-db", "-f", str(CONFIG)], env=env, stdout=log,
                                        stderr=subprocess.STDOUT)
-        _wait_for_port(port, 10, process)
+        wait_for_port(port, 10, process)
         haproxy = HAProxy(process, port, workdir / "haproxy.sock", log_path)
         haproxy.wait_for({"metrion1": "UP", "metrion2": "UP"}, timeout=10)
         yield Deployment(haproxy, instances, redis, database)
@@ -246,9 +246,11 @@ def test_an_instance_stopped_without_drain_costs_only_the_moment_of_its_stop(
 def test_without_redis_haproxy_answers_a_json_503_and_the_instances_come_back(deployment: Deployment) -> None:
     """`on_failure: closed`: every instance's health turns 503, so none is left; HAProxy's own 503 is JSON.
 
-    The previous test stopped instance 2: instance 1 stands for every instance here.
+    Instance 1 stands for every instance here: instance 2 is stopped (already, when the previous test ran on this
+    pytest worker; xdist may run this one elsewhere, on a deployment of its own).
     """
     client = deployment.client(UNCAPPED, f"redis-{uuid.uuid4()}")
+    deployment.instances[1].stop()
     deployment.haproxy.wait_for({"metrion1": "UP", "metrion2": "DOWN"}, timeout=8)
     deployment.redis.kill()
     deployment.haproxy.wait_for({"metrion1": "DOWN"}, timeout=5)
