@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import anthropic
@@ -30,13 +31,16 @@ def entry_keys(proxy: Proxy) -> set[str]:
         return {key for (key,) in conn.execute("SELECT key FROM cache_entries")}
 
 
-def wait_for_new_entry(proxy: Proxy, before: set[str], timeout: float = 5.0) -> str:
-    """The key of the entry the last request stored (the writer stores it within a batch)."""
+def wait_for_entry(proxy: Proxy, mock: MockProvider, answer: Mapping[str, str], timeout: float = 5.0) -> str:
+    """The key of the entry stored for `answer` (a MISS's response headers): the one holding the first event the
+    mock sent for it (or its whole body), which carries the reply's random id. The writer stores entries within a
+    batch, so an earlier test's entry may land after this one began: a new key alone does not say whose it is."""
+    first_event = mock.sent[answer["x-mock-id"]].split(b"\n\n", 1)[0]  # a usage chunk Metrion hid is not stored
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if new := entry_keys(proxy) - before:
-            (key,) = new
-            return key
+        with sqlite3.connect(proxy.db_path) as conn:
+            if row := conn.execute("SELECT key FROM cache_entries WHERE instr(body, ?)", (first_event,)).fetchone():
+                return row[0]
         time.sleep(0.02)
     raise AssertionError("no cache entry was stored")
 
@@ -75,9 +79,8 @@ def test_repeated_sdk_request_is_a_hit_that_never_reaches_the_provider(
 ) -> None:
     who = label()
     client = client_for(proxy, provider, who)
-    before = entry_keys(proxy)
     first_headers, first = sdk_call(client, provider, f"cache me {who}", stream)
-    wait_for_new_entry(proxy, before)
+    wait_for_entry(proxy, mock, first_headers)
     second_headers, second = sdk_call(client, provider, f"cache me {who}", stream)
 
     assert (first_headers["x-metrion-cache"], second_headers["x-metrion-cache"]) == ("MISS", "HIT")
@@ -96,13 +99,12 @@ def test_repeated_sdk_request_is_a_hit_that_never_reaches_the_provider(
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_stream_hit_is_a_real_event_stream_with_the_same_bytes(proxy: Proxy, provider: str) -> None:
+def test_stream_hit_is_a_real_event_stream_with_the_same_bytes(proxy: Proxy, mock: MockProvider, provider: str) -> None:
     path, body, headers = request_for(provider, stream=True)
     headers = {**headers, **CACHE}
-    before = entry_keys(proxy)
     with httpx.stream("POST", f"{proxy.url}{path}", json=body, headers=headers) as response:
         first = response.read()
-    wait_for_new_entry(proxy, before)
+    wait_for_entry(proxy, mock, response.headers)
     decoder, events = SSEDecoder(), []
     with httpx.stream("POST", f"{proxy.url}{path}", json=body, headers=headers) as response:
         assert response.headers["x-metrion-cache"] == "HIT"
@@ -129,9 +131,8 @@ def test_geminis_own_sdk_on_the_native_api_gets_hits_too(proxy: Proxy, mock: Moc
         reply = gemini.models.generate_content(model=MODELS["gemini"], contents=f"native {who}")
         return dict(reply.sdk_http_response.headers), reply.model_dump(exclude={"sdk_http_response"})
 
-    before = entry_keys(proxy)
     first_headers, first = ask()
-    wait_for_new_entry(proxy, before)
+    wait_for_entry(proxy, mock, first_headers)
     second_headers, second = ask()
     assert (first_headers["x-metrion-cache"], second_headers["x-metrion-cache"]) == ("MISS", "HIT")
     assert second == first and first
@@ -146,21 +147,21 @@ def test_geminis_streamed_json_array_is_replayed_as_sent(proxy: Proxy, mock: Moc
     url = f"{proxy.url}/api/proxy/gemini/v1beta/models/{MODELS['gemini']}:streamGenerateContent"
     body = {"contents": [{"role": "user", "parts": [{"text": f"array {who}"}]}]}
     headers = {"x-goog-api-key": APP_TOKEN, "x-metrion-user": who, **CACHE}
-    before = entry_keys(proxy)
     first = httpx.post(url, json=body, headers=headers)
-    wait_for_new_entry(proxy, before)
+    wait_for_entry(proxy, mock, first.headers)
     second = httpx.post(url, json=body, headers=headers)
     assert second.headers["x-metrion-cache"] == "HIT" and second.content == first.content
     assert second.headers["content-type"] == first.headers["content-type"]
     assert len(received_for(mock, who)) == 1
 
 
-def test_usage_chunk_the_client_asked_for_is_replayed_to_a_client_that_asks_for_it(proxy: Proxy) -> None:
+def test_usage_chunk_the_client_asked_for_is_replayed_to_a_client_that_asks_for_it(proxy: Proxy,
+                                                                                   mock: MockProvider) -> None:
     path, body, headers = request_for("openai", stream=True, stream_options={"include_usage": True})
     headers = {**headers, **CACHE}
-    before = entry_keys(proxy)
-    first = httpx.post(f"{proxy.url}{path}", json=body, headers=headers).content
-    wait_for_new_entry(proxy, before)
+    answer = httpx.post(f"{proxy.url}{path}", json=body, headers=headers)
+    wait_for_entry(proxy, mock, answer.headers)
+    first = answer.content
     hidden = httpx.post(f"{proxy.url}{path}", json={**body, "stream_options": {"include_usage": False}},
                         headers=headers)
     shown = httpx.post(f"{proxy.url}{path}", json=body, headers=headers)
@@ -191,9 +192,9 @@ def test_a_change_that_matters_is_a_miss(proxy: Proxy, mock: MockProvider, chang
     question = {"role": "user", "content": f"key test {who}"}
     if "system" in change:
         change = {"messages": [{"role": "system", "content": change["system"]}, question]}
-    before = entry_keys(proxy)
-    assert chat(proxy, who).headers["x-metrion-cache"] == "MISS"
-    wait_for_new_entry(proxy, before)
+    first = chat(proxy, who)
+    assert first.headers["x-metrion-cache"] == "MISS"
+    wait_for_entry(proxy, mock, first.headers)
     assert chat(proxy, who, **change).headers["x-metrion-cache"] == "MISS"
     assert len(received_for(mock, who)) == 2
     assert [row["cache_status"] for row in proxy.rows("requester = ?", (who,), n=2)] == ["MISS", "MISS"]
@@ -201,9 +202,8 @@ def test_a_change_that_matters_is_a_miss(proxy: Proxy, mock: MockProvider, chang
 
 def test_fields_that_cannot_change_the_answer_and_key_order_still_hit(proxy: Proxy, mock: MockProvider) -> None:
     who = label()
-    before = entry_keys(proxy)
-    chat(proxy, who, temperature=0.5, user="alice")
-    wait_for_new_entry(proxy, before)
+    first = chat(proxy, who, temperature=0.5, user="alice")
+    wait_for_entry(proxy, mock, first.headers)
     text = f'{{"temperature":0.5,   "messages":[{{"role":"user","content":"key test {who}"}}], "model":"gpt-4o",' \
            '"user":"bob","metadata":{"run":"2"}}'
     again = httpx.post(f"{proxy.url}/api/proxy/openai/v1/chat/completions", content=text.encode(),
@@ -214,9 +214,8 @@ def test_fields_that_cannot_change_the_answer_and_key_order_still_hit(proxy: Pro
 
 def test_another_token_does_not_share_entries(proxy: Proxy, mock: MockProvider) -> None:
     who = label()
-    before = entry_keys(proxy)
-    chat(proxy, who)
-    wait_for_new_entry(proxy, before)
+    first = chat(proxy, who)
+    wait_for_entry(proxy, mock, first.headers)
     other = chat(proxy, who, key="sk-client-key", headers={"x-metrion-token": PASS_TOKEN})
     assert other.headers["x-metrion-cache"] == "MISS"
     assert chat(proxy, who).headers["x-metrion-cache"] == "HIT"
@@ -226,9 +225,8 @@ def test_another_token_does_not_share_entries(proxy: Proxy, mock: MockProvider) 
 def test_a_client_with_its_own_provider_key_only_reads_entries_made_with_that_key(proxy: Proxy,
                                                                                    mock: MockProvider) -> None:
     who = label()
-    before = entry_keys(proxy)
-    chat(proxy, who, key="sk-client-one", headers={"x-metrion-token": PASS_TOKEN})
-    wait_for_new_entry(proxy, before)
+    first = chat(proxy, who, key="sk-client-one", headers={"x-metrion-token": PASS_TOKEN})
+    wait_for_entry(proxy, mock, first.headers)
     # the same Metrion token with another (say, wrong or revoked) provider key: the provider must see it
     other = chat(proxy, who, key="sk-client-two", headers={"x-metrion-token": PASS_TOKEN})
     same = chat(proxy, who, key="sk-client-one", headers={"x-metrion-token": PASS_TOKEN})
@@ -265,9 +263,8 @@ def test_requests_without_the_header_are_neither_served_nor_stored(proxy: Proxy,
 
 def test_refresh_forwards_and_overwrites_the_entry(proxy: Proxy, mock: MockProvider) -> None:
     who = label()
-    before = entry_keys(proxy)
     first = chat(proxy, who)
-    key = wait_for_new_entry(proxy, before)
+    key = wait_for_entry(proxy, mock, first.headers)
     refreshed = chat(proxy, who, headers={"x-metrion-cache": "refresh"})
     assert refreshed.headers["x-metrion-cache"] == "REFRESH" and refreshed.content != first.content
     deadline = time.monotonic() + 5
@@ -350,16 +347,16 @@ def set_clock(path: Path, when: str) -> None:
     path.write_text(when)
 
 
-def test_max_age_sets_the_lifetime_and_is_clamped_to_a_year(start_proxy, tmp_path: Path) -> None:
+def test_max_age_sets_the_lifetime_and_is_clamped_to_a_year(start_proxy, mock: MockProvider, tmp_path: Path) -> None:
     clock = tmp_path / "clock"
     set_clock(clock, "2026-01-01T00:00:00Z")
     proxy = start_proxy(env={"METRION_CLOCK_FILE": str(clock)})
     who = label()
     short, default, clamped = ({"cache-control": "max-age=60"}, {}, {"cache-control": "max-age=999999999999"})
     for n, headers in enumerate((short, default, clamped)):
-        before = entry_keys(proxy)
-        assert chat(proxy, f"{who}-{n}", headers=headers).headers["x-metrion-cache"] == "MISS"
-        wait_for_new_entry(proxy, before)
+        miss = chat(proxy, f"{who}-{n}", headers=headers)
+        assert miss.headers["x-metrion-cache"] == "MISS"
+        wait_for_entry(proxy, mock, miss.headers)
 
     def outcomes() -> list[str]:
         return [chat(proxy, f"{who}-{n}").headers["x-metrion-cache"] for n in range(3)]
@@ -385,9 +382,9 @@ def test_a_hit_counts_against_the_rate_limit_but_not_the_monthly_cap(start_proxy
                         plans={"two": {"monthly_requests": 2}},
                         tokens=[{"name": "capped", "token": capped, "plan": "two", "keys": {"openai": "k"}}])
     who = label()
-    before = entry_keys(proxy)
-    assert chat(proxy, who, key=capped).headers["x-metrion-cache"] == "MISS"
-    wait_for_new_entry(proxy, before)
+    first = chat(proxy, who, key=capped)
+    assert first.headers["x-metrion-cache"] == "MISS"
+    wait_for_entry(proxy, mock, first.headers)
     answers = [chat(proxy, who, key=capped) for _ in range(4)]
     assert [a.status_code for a in answers] == [200, 200, 200, 429]  # a runaway loop is throttled: 4 a minute
     assert answers[-1].json()["error"]["code"] == "rate_limit_exceeded"
@@ -409,7 +406,7 @@ def test_entries_survive_a_restart_and_the_least_recently_used_go_at_the_size_bo
     proxy = start_proxy()
     who = label()
     first = chat(proxy, f"{who}-0")
-    key = wait_for_new_entry(proxy, set())
+    key = wait_for_entry(proxy, mock, first.headers)
     with sqlite3.connect(proxy.db_path) as conn:
         (size,) = conn.execute("SELECT size FROM cache_entries WHERE key = ?", (key,)).fetchone()
     proxy.config["cache"] = {"max_mb": 9.5 * size / 1024 / 1024}  # nine of these replies fit, ten do not
@@ -418,21 +415,17 @@ def test_entries_survive_a_restart_and_the_least_recently_used_go_at_the_size_bo
     assert again.headers["x-metrion-cache"] == "HIT" and again.content == first.content  # kept across the restart
     assert len(received_for(mock, f"{who}-0")) == 1
     for n in range(1, 9):
-        before = entry_keys(proxy)
-        chat(proxy, f"{who}-{n}")
-        wait_for_new_entry(proxy, before)
+        wait_for_entry(proxy, mock, chat(proxy, f"{who}-{n}").headers)
     assert chat(proxy, f"{who}-0").headers["x-metrion-cache"] == "HIT"  # 0 is now the most recently used
     time.sleep(0.2)  # the touch is written in the writer's next batch
-    before = entry_keys(proxy)
-    chat(proxy, f"{who}-9")
-    wait_for_new_entry(proxy, before)
+    wait_for_entry(proxy, mock, chat(proxy, f"{who}-9").headers)
     with sqlite3.connect(proxy.db_path) as conn:
         assert conn.execute("SELECT count(*), total(size) FROM cache_entries").fetchone() == (9, 9 * size)
     assert [chat(proxy, f"{who}-{n}").headers["x-metrion-cache"] for n in (0, *range(2, 10))] == ["HIT"] * 9
     assert chat(proxy, f"{who}-1").headers["x-metrion-cache"] == "MISS"
 
 
-def test_metrics_count_cache_outcomes_and_savings(proxy: Proxy) -> None:
+def test_metrics_count_cache_outcomes_and_savings(proxy: Proxy, mock: MockProvider) -> None:
     def figures() -> tuple[float, float, float]:
         text = httpx.get(f"{proxy.url}/metrion/metrics", timeout=10).text
         found = {(s.name, s.labels.get("outcome")): s.value for family in text_string_to_metric_families(text)
@@ -442,9 +435,8 @@ def test_metrics_count_cache_outcomes_and_savings(proxy: Proxy) -> None:
 
     hits, misses, saved = figures()
     who = label()
-    before = entry_keys(proxy)
-    chat(proxy, who)
-    wait_for_new_entry(proxy, before)
+    first = chat(proxy, who)
+    wait_for_entry(proxy, mock, first.headers)
     assert chat(proxy, who).headers["x-metrion-cache"] == "HIT"
     miss, _ = proxy.rows("requester = ?", (who,), n=2)
     deadline = time.monotonic() + 5
