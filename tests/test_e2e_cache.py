@@ -5,6 +5,7 @@ A repeated request is answered by Metrion byte for byte (streams event for event
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from collections.abc import Mapping
@@ -33,9 +34,11 @@ def entry_keys(proxy: Proxy) -> set[str]:
 
 def wait_for_entry(proxy: Proxy, mock: MockProvider, answer: Mapping[str, str], timeout: float = 5.0) -> str:
     """The key of the entry stored for `answer` (a MISS's response headers): the one holding the first event the
-    mock sent for it (or its whole body), which carries the reply's random id. The writer stores entries within a
-    batch, so an earlier test's entry may land after this one began: a new key alone does not say whose it is."""
-    first_event = mock.sent[answer["x-mock-id"]].split(b"\n\n", 1)[0]  # a usage chunk Metrion hid is not stored
+    mock sent for it that is not a comment (or its whole body), which carries the reply's random id. The writer
+    stores entries within a batch, so an earlier test's entry may land after this one began: a new key alone does
+    not say whose it is. (Not the whole stream: a usage chunk Metrion hid from the client is not stored.)"""
+    events = re.split(rb"\r?\n\r?\n", mock.sent[answer["x-mock-id"]])
+    first_event = next(event for event in events if not event.startswith(b":"))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with sqlite3.connect(proxy.db_path) as conn:
