@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import json
 import re
+import signal
 import struct
 import threading
 import time
@@ -1122,6 +1123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve the mock providers on 127.0.0.1 until interrupted.")
     parser.add_argument("--port", type=int, default=9000)
     args = parser.parse_args(argv)
+    # Ctrl-C stops it even when started from a shell that ignores SIGINT (a background job): Python would inherit that.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     mock = MockProvider(args.port)
     mock.start()
     for provider in PREFIXES:

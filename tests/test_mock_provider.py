@@ -296,5 +296,5 @@ def test_runs_alone_as_the_readme_says() -> None:
             reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
         assert reply.choices[0].message.content == reply_text({"messages": [{"role": "user", "content": "hi"}]})
     finally:
-        process.send_signal(signal.SIGINT)  # Ctrl-C: it stops at once (~0.1 s); the margin is for a loaded machine
-        assert process.wait(30) == 0
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        assert process.wait(10) == 0
