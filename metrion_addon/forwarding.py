@@ -11,7 +11,6 @@ from metrion_addon.budgets import Hold
 from metrion_addon.headers import rewrite
 from metrion_addon.limits import Admission
 from metrion_addon.metering import Exchange
-from metrion_addon.redact import request_secrets
 from metrion_addon.request_body import needs_stream_usage, with_stream_usage
 from metrion_addon.routes import upstream_target
 from metrion_addon.runtime import Runtime
@@ -33,8 +32,8 @@ class Forwarding:
         if hold:
             self.runtime.budgets.track(flow.id, hold)
         drop, replace = upstream_header_changes(headers, credentials)
-        if credentials is not None:
-            exchange.secrets += request_secrets(credentials.set_headers or {})
+        if credentials is not None and credentials.set_headers:
+            exchange.secret_sources += ((credentials.set_headers, ""),)
         rewrite(flow.request.headers, drop, replace)
         self._point_upstream(flow, exchange)
 

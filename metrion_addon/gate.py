@@ -23,7 +23,7 @@ from metrion_addon.headers import lowercase, redact_request
 from metrion_addon.limits import Admission
 from metrion_addon.metering import Exchange
 from metrion_addon.recording import Recorder
-from metrion_addon.redact import redact_query, request_secrets
+from metrion_addon.redact import redact_query
 from metrion_addon.request_body import inspect_body
 from metrion_addon.responses import answer_with_error, error_response, replayed
 from metrion_addon.routes import Route, is_metrion_path, route_metrion_path, route_provider_host
@@ -58,7 +58,7 @@ class Gate:
                 flow.request.headers["x-goog-api-key"] = query_key
         headers = lowercase(flow.request.headers)
         exchange = Exchange(route, redact_query(path), flow.request.method, started=self.runtime.clock(),
-                            secrets=request_secrets(headers, original_path))
+                            secret_sources=((headers, original_path),))
         self.recorder.exchanges[flow.id] = exchange
         try:
             credentials = self._check(flow, exchange, headers)

@@ -6,7 +6,7 @@ Pure code over plain data; the addon feeds it mitmproxy's flow facts and times.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from .auth import Identity
@@ -14,7 +14,7 @@ from .cache import CacheEntry, CachePlan, Outcome
 from .clock import iso_utc
 from .errors import MetrionError
 from .json_array import JSONArrayDecoder
-from .redact import scrub
+from .redact import request_secrets, scrub
 from .request_body import RequestBody, prompt_chars
 from .routes import Route
 from .sse import SSEDecoder
@@ -46,7 +46,14 @@ class Exchange:
     cache_hit: CacheEntry | None = None  # ... and was answered from it
     cache_told: Outcome | None = None  # the x-metrion-cache header the client was sent
     internal_error: str | None = None  # Metrion's own code failed while metering the answer (guard.describe)
-    secrets: tuple[str, ...] = field(default=(), repr=False)  # the request's credentials, scrubbed from errors
+    # Where the request's credentials are, as (headers, path): worked out (secrets()) only when an error must be
+    # scrubbed of them, which few requests need.
+    secret_sources: tuple[tuple[Mapping[str, str], str], ...] = field(default=(), repr=False)
+
+    def secrets(self) -> tuple[str, ...]:
+        """The request's credentials (the client's and the stored key it was sent with), longest first."""
+        found = {secret for headers, path in self.secret_sources for secret in request_secrets(headers, path)}
+        return tuple(sorted(found, key=len, reverse=True))
 
 
 class StreamTap:
@@ -185,7 +192,7 @@ def build_record(
     if exchange.internal_error:
         error = _internal(exchange.internal_error) + (f"; {error}" if error else "")
     if error:
-        error = scrub(error, exchange.secrets)  # providers quote the rejected key back
+        error = scrub(error, exchange.secrets())  # providers quote the rejected key back
     requested = (exchange.request.model if exchange.request else None) or exchange.route.model
     stream = exchange.stream is not None or bool(exchange.request and exchange.request.stream)
     return RequestRecord(

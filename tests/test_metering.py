@@ -97,3 +97,14 @@ def test_gemini_json_array_is_tapped_and_complete_at_its_closing_bracket() -> No
     assert stream_tap(exchange(GEMINI_ARRAY), 400, "application/json", lambda: None) is None  # errors: plain JSON
 
 
+
+
+def test_an_error_row_is_scrubbed_of_the_clients_credentials_and_of_the_key_metrion_sent() -> None:
+    ex = exchange()
+    client_key, stored_key = "sk-client-0123456789", "sk-stored-0123456789-longer"
+    ex.secret_sources = (({"authorization": f"Bearer {client_key}"}, "/p?key=query-key-0123"),
+                         ({"authorization": f"Bearer {stored_key}"}, ""))
+    assert ex.secrets() == (stored_key, client_key, "query-key-0123")  # longest first: no secret left half-scrubbed
+    error = f"provider: bad keys {client_key}, {stored_key} and query-key-0123"
+    row = build_record(ex, status=401, body=None, latency_ms=1.0, ttfb_ms=1.0, error=error)
+    assert row.error == "provider: bad keys [redacted], [redacted] and [redacted]"
