@@ -54,6 +54,13 @@ class HAProxy:
                 data += chunk
         return data.decode()
 
+    def wait_for_socket(self, timeout: float) -> None:
+        """Until the runtime API socket exists: HAProxy listens on its port a moment before it creates the socket."""
+        deadline = time.monotonic() + timeout
+        while not self.socket_path.exists():
+            assert time.monotonic() < deadline and self.process.poll() is None, self.log_path.read_text()
+            time.sleep(0.02)
+
     def servers(self) -> dict[str, str]:
         """Each instance's state as HAProxy's health checks see it: UP, DOWN, MAINT, ... (`show stat`)."""
         return {name: row["status"] for name, row in self._stats().items()}
@@ -122,6 +129,7 @@ def deployment(mock: MockProvider, postgres_cluster: PostgresServer,
                                        stderr=subprocess.STDOUT)
         wait_for_port(port, 10, process)
         haproxy = HAProxy(process, port, workdir / "haproxy.sock", log_path)
+        haproxy.wait_for_socket(timeout=10)
         haproxy.wait_for({"metrion1": "UP", "metrion2": "UP"}, timeout=10)
         yield Deployment(haproxy, instances, redis, database)
     finally:
