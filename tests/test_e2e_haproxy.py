@@ -22,6 +22,7 @@ import psycopg
 import pytest
 from harness import ROOT, Proxy, base_config, free_port, token
 from psycopg.rows import dict_row
+from receivers import wait_for
 from servers import PostgresServer, RedisServer, wait_for_port
 
 from metrion_addon.mock_provider import MockProvider
@@ -245,8 +246,8 @@ def test_an_instance_stopped_without_drain_costs_only_the_moment_of_its_stop(
     assert len(load.failures) <= 4, load.failures  # 2 clients: at most one in flight and one connection each
     assert all(t_stop <= t <= stopped + 0.5 for t, _ in load.failures), (t_stop, stopped, load.failures)
     assert detected <= 3.5
-    time.sleep(0.3)  # the other writer's last batch
     forwarded = sum(user.encode() in r.body for r in mock.received)
+    wait_for(lambda: len(deployment.rows(user)) >= forwarded)  # the other writer's last batch
     rows = deployment.rows(user)
     answered = [r for r in rows if r["status"] == 200 and r["error"] is None]
     assert len(rows) == len({r["uid"] for r in rows})

@@ -18,6 +18,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 from harness import Proxy
+from receivers import wait_for
 from test_e2e_budgets import (
     BUDGETED,
     CHAT,
@@ -143,7 +144,12 @@ def test_restarting_an_instance_mid_load_counts_nothing_twice(start_proxy, start
     restarter.join()
     statuses += burst(proxies, 30, body)
     wait_rows(proxies, statuses.count(200))
-    time.sleep(0.5)  # the last settlements
+
+    def settled_rows() -> list[tuple]:
+        return [row for row in rows(proxies, "1") if row[2] == "provider"]
+
+    # the last settlements reach Redis
+    wait_for(lambda: abs(redis_budget(server.url).get("spent", 0) - spent_of(settled_rows()) * NANO) < 1000)
     found = rows(proxies, "1")
     settled = [row for row in found if row[2] == "provider"]
     cut = [row for row in found if row[2] != "provider"]  # "shut down before the request finished"
@@ -167,7 +173,7 @@ def test_without_redis_budgets_follow_on_failure_and_resume_where_they_were(
     local = start_proxy(**shared_budget_config(server.url, limit / NANO, on_failure="local"))
     assert burst([closed, local], 20, body) == [200] * 20
     wait_rows([closed, local], 20)
-    time.sleep(0.3)  # the settlements of the last rows
+    wait_for(lambda: redis_budget(server.url).get("reserved") == 0)  # the settlements of the last rows
     before = redis_budget(server.url)
     assert before["reserved"] == 0 and before["spent"] > 0
     server.kill()

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from harness import Proxy
+from receivers import wait_for
 from test_e2e_limits import TINY, tiny_plan
 
 from metrion_addon import store
@@ -121,7 +122,7 @@ def test_a_second_process_on_the_same_database_refuses_to_start_and_names_the_fi
     assert said[0].endswith("keep limits in a shared store (`shared: {redis: ...}` in the config) to run several.")
 
     assert [chat(first).status_code for _ in range(CAP + 1)] == [200] * CAP + [429]
-    time.sleep(0.3)  # more than a batch: the last counter is written
+    assert wait_for(lambda: monthly(first) == [("tiny", CAP)])  # the last counter is written (within a batch)
     first.process.kill()  # kill -9: the operating system releases the lock
     first.process.wait()
     first.process = None
