@@ -434,6 +434,7 @@ class Budgets:
         self._models: dict[tuple[str, str, str], tuple[TokenRates | None, int | None]] = {}
         self._pending: dict[str, tuple[Reservation, bool | None]] = {}  # flow id -> (reservation, complete?)
         self._waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # refusals waiting for a settle
+        self._settlements: dict[str, int] = {}  # token -> reservations settled so far (see settling())
         self._lock = threading.Lock()
         self._month = CalendarMonth()
 
@@ -504,11 +505,18 @@ class Budgets:
             if (entry := self._pending.get(flow_id)) is not None:
                 self._pending[flow_id] = (entry[0], complete)
 
-    def settling(self, name: str) -> bool:
-        """Whether finished requests of token `name` still wait for their rows to settle: their reservations are
-        about to shrink to their cost, so a refusal now may be premature."""
+    def settling(self, name: str, settled_before: int | None = None) -> bool:
+        """Whether a budget refusal of token `name` may be premature: finished requests of the token still wait for
+        their rows to settle (their reservations are about to shrink to their cost), or, given `settled_before`
+        (settlements(name) taken before the refusal read the counters), one settled since: the counters it read
+        may predate that."""
         with self._lock:
-            return self._settling(name)
+            moved = settled_before is not None and self._settlements.get(name, 0) != settled_before
+            return moved or self._settling(name)
+
+    def settlements(self, name: str) -> int:
+        """How many reservations of token `name` have settled so far."""
+        return self._settlements.get(name, 0)
 
     def _settling(self, name: str) -> bool:
         return any(reservation.token_name == name and complete is not None
@@ -563,7 +571,9 @@ class Budgets:
         """The reservation of `flow_id` holds its cost now (or stays, if settling failed): no longer pending, and
         the refusals waiting in until_settled() look again."""
         with self._lock:
-            self._pending.pop(flow_id, None)
+            if (entry := self._pending.pop(flow_id, None)) is not None:
+                name = entry[0].token_name
+                self._settlements[name] = self._settlements.get(name, 0) + 1
             waiting, self._waiting = self._waiting, []
         for loop, event in waiting:
             with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits there any more

@@ -119,20 +119,21 @@ class Gate:
         """Reserve the budget and count the limits, then forward; a coroutine when the limits live on Redis, when
         the reservation must reach the disk first, or when a budget refusal waits for finished requests to settle
         (`settled`: that wait is over)."""
+        assert exchange.identity is not None
+        name, budgets = exchange.identity.token_name, self.runtime.budgets
+        settled_before = budgets.settlements(name)  # a settle after this may make the refusal below premature
         try:
             now = self.runtime.clock()
             if self.runtime.shared is not None:
                 return self._request_shared(flow, self.runtime.shared, exchange, headers, credentials, now)
             hold = self._hold(flow, exchange, now)
-            assert exchange.identity is not None
             try:
-                admission = self.runtime.limits.admit(exchange.identity.token_name, exchange.identity.plan, now)
+                admission = self.runtime.limits.admit(name, exchange.identity.plan, now)
             except MetrionError:
                 self._release(hold)
                 raise
         except MetrionError as e:
-            if not settled and e.code == "budget_exceeded" and exchange.identity is not None \
-                    and self.runtime.budgets.settling(exchange.identity.token_name):
+            if not settled and e.code == "budget_exceeded" and budgets.settling(name, settled_before):
                 return self._admit_once_settled(flow, exchange, headers, credentials)
             self._refuse(flow, exchange, e)
             return None
@@ -206,10 +207,11 @@ class Gate:
                                   flow.request.method, flow.request.raw_content or b"", exchange.request)
 
         try:
+            settled_before = budgets.settlements(identity.token_name)
             try:
                 hold, admission = await admit(now)
             except MetrionError as e:
-                if e.code != "budget_exceeded" or not budgets.settling(identity.token_name):
+                if e.code != "budget_exceeded" or not budgets.settling(identity.token_name, settled_before):
                     raise
                 await budgets.until_settled(identity.token_name, SETTLING_WAIT)
                 hold, admission = await admit(self.runtime.clock())

@@ -291,6 +291,25 @@ def test_budgets_settle_a_row_once_and_only_after_the_request_finished() -> None
     assert budgets.settle(row) is None  # a retried write does not settle twice
 
 
+def test_a_refusal_that_read_the_counters_before_a_settle_counts_as_premature() -> None:
+    """The writer may settle the last finished request between the counters' answer and the refusal's check: the
+    refusal is then asked again, though nothing is pending any more (seen on Redis under load: refused one early)."""
+    budgets = Budgets({"app": TokenBudget(NANO, "refuse")}, MemoryBudgetCounters(), PRICER, context_window)
+    body = {"model": "gpt-4o", "max_tokens": 10, "messages": [USER]}
+    hold = budgets.admit("app", 1_795_000_000.0, route("openai"), "POST", json.dumps(body).encode(),
+                         RequestBody("gpt-4o", False, body))
+    assert hold is not None
+    budgets.track("flow-1", hold)
+    budgets.finish("flow-1", complete=True)
+    before = budgets.settlements("app")  # the refusal reads the counters now...
+    budgets.settle(RequestRecord(ts=TS, token_name="app", requester=None, provider="openai", model="gpt-4o",
+                                 path="/", method="POST", stream=False, status=200, usage_source="provider",
+                                 cost_usd=0.000021, flow_id="flow-1"))  # ...the writer settles...
+    assert not budgets.settling("app")  # ...and nothing is pending when the refusal looks
+    assert budgets.settling("app", before) and budgets.settlements("app") == before + 1
+    assert not budgets.settling("app", budgets.settlements("app")) and not budgets.settling("other", 0)
+
+
 def test_a_refusal_waiting_for_settlement_wakes_when_the_writer_settles_and_sees_the_settled_counters() -> None:
     async def scenario() -> None:
         counters = MemoryBudgetCounters()
